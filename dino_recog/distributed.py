@@ -1,0 +1,213 @@
+"""Everything that touches process groups lives here.
+
+Every function works in a plain single process (not launched by torchrun, no process group), so tests, notebooks and
+`python train_dino.py` need no special case. Under torchrun the backend is nccl on CUDA and gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import random
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "init",
+    "shutdown",
+    "launched",
+    "is_initialized",
+    "get_rank",
+    "get_world_size",
+    "get_local_rank",
+    "is_main_process",
+    "barrier",
+    "all_reduce_mean",
+    "all_gather_variable",
+    "broadcast_object",
+    "seed_everything",
+    "setup_logging",
+    "session",
+]
+
+log = logging.getLogger(__name__)
+
+
+def launched() -> bool:
+    """True when the process was started by torchrun (the environment carries a world size)."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def get_local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def init(device: str = "auto", timeout_minutes: int = 30) -> torch.device:
+    """Join the torchrun process group (if launched by torchrun) and pick this process's device.
+
+    Args:
+        device: "auto" (cuda when available), "cuda" or "cpu".
+        timeout_minutes: how long a collective may wait before the job fails instead of hanging.
+
+    Returns:
+        The device this process computes on.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device is cuda but CUDA is not available; use run.device=cpu (or auto)")
+    if device == "cuda":
+        torch.cuda.set_device(get_local_rank())
+        dev = torch.device("cuda", get_local_rank())
+    else:
+        dev = torch.device("cpu")
+    if launched() and not is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs)
+        log.debug("rank %d/%d joined (%s on %s)", get_rank(), get_world_size(), backend, dev)
+    return dev
+
+
+def shutdown() -> None:
+    """Leave the process group; safe to call when there is none."""
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+@contextmanager
+def session(device: str = "auto") -> Iterator[torch.device]:
+    """`with session(cfg.run.device) as dev:` joins the group and always leaves it, also on an exception.
+
+    An exception on one rank is logged with its rank before the group is torn down, so the others fail at their
+    next collective (after the timeout at worst) instead of waiting forever, and torchrun reports which rank failed.
+    """
+    dev = init(device)
+    try:
+        yield dev
+    except BaseException:
+        if get_world_size() > 1:
+            log.error("rank %d failed; shutting down the process group", get_rank(), exc_info=True)
+        raise
+    finally:
+        shutdown()
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of `tensor` over all processes (a new tensor; the input is not changed)."""
+    out = tensor.clone()
+    if is_initialized():
+        dist.all_reduce(out)
+        out /= get_world_size()
+    return out
+
+
+def all_gather_variable(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Gather tensors whose first dimension differs per rank.
+
+    Each rank contributes a (n_r, ...) tensor; every rank receives the list [t_0, ..., t_{W-1}] in rank order.
+    Used to gather evaluation features, where the last shard is shorter. Other dimensions and dtype must agree.
+
+    Args:
+        tensor: (n_r, ...) on this rank's device.
+
+    Returns:
+        The per-rank tensors, trimmed to their true lengths.
+    """
+    if not is_initialized():
+        return [tensor]
+    world = get_world_size()
+    size = torch.tensor([tensor.shape[0]], device=tensor.device, dtype=torch.long)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    lengths = [int(s.item()) for s in sizes]
+    # all_gather needs equal shapes: pad every shard to the longest, then cut each back.
+    padded = tensor.new_zeros((max(lengths), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    out = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded.contiguous())
+    return [t[:n] for t, n in zip(out, lengths)]
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Send a picklable object from rank `src` to all ranks (e.g. a path decided on rank 0)."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def seed_everything(seed: int, per_rank: bool = True) -> int:
+    """Seed python, numpy and torch; with `per_rank`, rank r uses seed + r so augmentations differ across ranks.
+
+    Returns:
+        The seed used on this process.
+    """
+    s = seed + (get_rank() if per_rank else 0)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+    return s
+
+
+class _RankFilter(logging.Filter):
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # Other ranks stay quiet except for warnings and errors, which carry their rank.
+        record.rank = self.rank
+        return self.rank == 0 or record.levelno >= logging.WARNING
+
+
+def setup_logging(output_dir: str | None = None, level: int = logging.INFO) -> None:
+    """Log to stderr (rank 0, plus warnings from every rank) and to OUTPUT/log.txt on rank 0.
+
+    Called once by the entry scripts after `init`. Nothing overrides `print`.
+    """
+    root = logging.getLogger("dino_recog")
+    root.setLevel(level)
+    root.propagate = False
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    rank = get_rank()
+    prefix = f"[rank {rank}] " if get_world_size() > 1 else ""
+    fmt = logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(fmt)
+    stream.addFilter(_RankFilter(rank))
+    root.addHandler(stream)
+    if output_dir and rank == 0:
+        os.makedirs(output_dir, exist_ok=True)
+        fh = logging.FileHandler(os.path.join(output_dir, "log.txt"))
+        fh.setFormatter(fmt)
+        root.addHandler(fh)

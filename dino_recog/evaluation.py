@@ -1,0 +1,112 @@
+"""Evaluation: the re-identification protocol (CMC, mAP, mINP) and distances between features."""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["evaluate_rank", "pairwise_distance"]
+
+
+def pairwise_distance(query: np.ndarray, gallery: np.ndarray, metric: str = "cosine") -> np.ndarray:
+    """Distance matrix between two feature sets.
+
+    Args:
+        query: (Q, D) features.
+        gallery: (G, D) features.
+        metric: "cosine" (1 - cosine similarity) or "euclidean" (squared L2 distance; same ranking as L2).
+
+    Returns:
+        (Q, G) float32 distances.
+    """
+    q = np.asarray(query, dtype=np.float32)
+    g = np.asarray(gallery, dtype=np.float32)
+    if metric == "cosine":
+        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        g = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
+        return 1.0 - q @ g.T
+    if metric == "euclidean":
+        d = (q * q).sum(1)[:, None] + (g * g).sum(1)[None, :] - 2.0 * (q @ g.T)
+        return np.maximum(d, 0.0)
+    raise ValueError(f"metric {metric!r}: expected 'cosine' or 'euclidean'")
+
+
+def evaluate_rank(
+    distmat: np.ndarray,
+    q_pids: np.ndarray,
+    g_pids: np.ndarray,
+    q_camids: np.ndarray,
+    g_camids: np.ndarray,
+    max_rank: int = 50,
+    chunk_size: int | None = None,
+) -> dict:
+    """The Market-1501 / MSMT17 protocol as fast-reid and torchreid compute it.
+
+    For each query the gallery is sorted by distance (ties keep gallery order); entries with the query's identity
+    *and* camera are removed, junk (pid -1) is removed, distractors (pid 0) stay as negatives. A query with no true
+    match left is skipped and counted. With the filtered ranks r_1 < ... < r_|G| of the |G| true matches:
+
+        CMC@k = fraction of valid queries with r_1 <= k
+        AP    = (1/|G|) * sum_j j / r_j               (non-interpolated; the official Market MATLAB code
+                                                       interpolates precision and differs slightly)
+        INP   = |G| / r_|G|                            (Ye et al. 2021, "Deep Learning for Person Re-identification")
+
+    Queries are processed in chunks so peak memory is bounded whatever the gallery size.
+
+    Args:
+        distmat: (Q, G) distances, smaller is closer.
+        q_pids, q_camids: (Q,) identities and cameras of the queries.
+        g_pids, g_camids: (G,) identities and cameras of the gallery.
+        max_rank: length of the CMC curve (shortened to the gallery size).
+        chunk_size: queries per chunk; default keeps each chunk near 16 M matrix entries.
+
+    Returns:
+        {"cmc": (max_rank,) float array, "mAP": float, "mINP": float, "num_valid": int, "num_skipped": int}.
+    """
+    distmat = np.asarray(distmat)
+    q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
+    q_camids, g_camids = np.asarray(q_camids), np.asarray(g_camids)
+    num_q, num_g = distmat.shape
+    if len(q_pids) != num_q or len(q_camids) != num_q or len(g_pids) != num_g or len(g_camids) != num_g:
+        raise ValueError(
+            f"distmat is {num_q}x{num_g} but got {len(q_pids)} query pids, {len(q_camids)} query camids, "
+            f"{len(g_pids)} gallery pids and {len(g_camids)} gallery camids"
+        )
+    max_rank = min(max_rank, num_g)
+    chunk = chunk_size or max(1, (1 << 24) // max(num_g, 1))
+
+    hits_at = np.zeros(max_rank, dtype=np.int64)  # valid queries whose first match is at rank k+1
+    ap_sum = inp_sum = 0.0
+    num_valid = 0
+    for start in range(0, num_q, chunk):
+        stop = min(start + chunk, num_q)
+        order = np.argsort(distmat[start:stop], axis=1, kind="stable")  # (c, G)
+        pid_sorted = g_pids[order]
+        same_pid = pid_sorted == q_pids[start:stop, None]
+        same_cam = g_camids[order] == q_camids[start:stop, None]
+        keep = ~(same_pid & same_cam) & (pid_sorted != -1)
+        match = same_pid & keep
+        rank = np.cumsum(keep, axis=1)  # 1-based rank in the filtered list, valid where keep
+        n_match = match.sum(1)
+        valid = n_match > 0
+        if not valid.any():
+            continue
+        match, rank, n_match = match[valid], rank[valid], n_match[valid]
+        num_valid += int(valid.sum())
+
+        first = np.where(match, rank, np.iinfo(np.int64).max).min(1)
+        np.add.at(hits_at, first[first <= max_rank] - 1, 1)
+        j = np.cumsum(match, axis=1)  # j-th true match
+        precision = np.divide(j, rank, out=np.zeros(match.shape), where=match)  # j / r_j at the true matches
+        ap_sum += float((precision.sum(1) / n_match).sum())
+        last = np.where(match, rank, 0).max(1)
+        inp_sum += float((n_match / last).sum())
+
+    if num_valid == 0:
+        raise ValueError("no query has a true match in the gallery (after removing same-camera matches and junk)")
+    return {
+        "cmc": np.cumsum(hits_at) / num_valid,
+        "mAP": ap_sum / num_valid,
+        "mINP": inp_sum / num_valid,
+        "num_valid": num_valid,
+        "num_skipped": num_q - num_valid,
+    }

@@ -1,0 +1,130 @@
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dino_recog import config as C
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def leaf_keys(obj, prefix=""):
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            yield from leaf_keys(v, f"{prefix}{f.name}.")
+        elif isinstance(v, list) and v and dataclasses.is_dataclass(v[0]):
+            yield from leaf_keys(v[0], f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name
+
+
+@pytest.mark.parametrize("name, cls", [("cfg_dino.yaml", C.DinoConfig), ("cfg_recog.yaml", C.RecogConfig)])
+def test_top_level_files_hold_every_key_with_a_comment_and_equal_the_defaults(name, cls):
+    path = ROOT / name
+    assert C.load(path, cls=cls) == cls()  # the file and the dataclass defaults cannot drift apart
+    text = path.read_text()
+    for key in leaf_keys(cls()):
+        leaf = key.rsplit(".", 1)[-1]
+        lines = [ln for ln in text.splitlines() if re.match(rf"\s*(- )?{leaf}:", ln)]
+        assert lines, f"{name} lacks {key}"
+        assert all("  # " in ln for ln in lines), f"{name}: {key} has no comment"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")))
+def test_presets_load(path):
+    cls = C.DinoConfig if "dino" in path.name else C.RecogConfig
+    C.load(path, cls=cls)
+
+
+def test_unknown_key_in_file_names_path_and_suggestion(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(C.ConfigError, match=r"c\.yaml: unknown key train\.epoch; did you mean train\.epochs\?"):
+        C.load(f, cls=C.DinoConfig)
+
+
+def test_unknown_key_on_command_line():
+    with pytest.raises(C.ConfigError, match=r"command line: unknown key train\.epoch; did you mean train\.epochs\?"):
+        C.load(None, ["train.epoch=3"], cls=C.DinoConfig)
+    with pytest.raises(C.ConfigError, match=r"unknown key modle\.arch; did you mean model\.arch\?"):
+        C.load(None, ["modle.arch=vit_base"], cls=C.RecogConfig)
+    with pytest.raises(C.ConfigError, match=r"unknown key data\.train\[0\]\.rot; did you mean data\.train\.root\?"):
+        C.load(None, ["data.train[0].rot=/x"], cls=C.RecogConfig)
+
+
+def test_wrong_type_names_key_value_and_type(tmp_path):
+    with pytest.raises(C.ConfigError, match=r"train\.lr: expected float, got 'fast' \(str\)"):
+        C.load(None, ["train.lr=fast"], cls=C.DinoConfig)
+    with pytest.raises(C.ConfigError, match=r"train\.epochs: expected int, got 1\.5 \(float\)"):
+        C.load(None, ["train.epochs=1.5"], cls=C.DinoConfig)
+    with pytest.raises(C.ConfigError, match=r"model\.norm_last_layer: expected bool, got 'maybe' \(str\)"):
+        C.load(None, ["model.norm_last_layer=maybe"], cls=C.DinoConfig)
+    with pytest.raises(C.ConfigError, match=r"crops\.global_crops_size: expected a list of 2 values, got \[256\]"):
+        C.load(None, ["crops.global_crops_size=[256]"], cls=C.DinoConfig)
+    f = tmp_path / "c.yaml"
+    f.write_text("model: vit_small\n")
+    with pytest.raises(C.ConfigError, match=r"c\.yaml: model: expected a mapping of DinoModelConfig keys"):
+        C.load(f, cls=C.DinoConfig)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lr=-0.1", r"train\.lr: -0\.1; expected a value > 0"),
+        ("crops.local_crops_size=[300,64]", r"crops\.local_crops_size: \[300, 64\] is larger than global_crops_size"),
+        ("crops.global_crops_scale=[0.9,0.4]", r"crops\.global_crops_scale: \[0\.9, 0\.4\] is not a range"),
+        ("model.arch=vit_huge", r"model\.arch: 'vit_huge' is not one of 'vit_tiny'"),
+        ("train.warmup_epochs=200", r"train\.warmup_epochs: 200 is more than epochs 100"),
+        ("dino.center_momentum=1.5", r"dino\.center_momentum: 1\.5; expected a value in \[0, 1\]"),
+        ("data.train.name=imagenet", r"data\.train\.name: 'imagenet' is not one of"),
+    ],
+)
+def test_impossible_values_are_refused_at_load(override, message):
+    with pytest.raises(C.ConfigError, match=message):
+        C.load(None, [override], cls=C.DinoConfig)
+
+
+def test_recog_value_checks():
+    with pytest.raises(C.ConfigError, match=r"loss: every loss weight is 0"):
+        C.load(None, ["loss.ce_weight=0", "loss.triplet_weight=0"], cls=C.RecogConfig)
+    with pytest.raises(C.ConfigError, match=r"model\.feature: 'cls' is not one of 'avg', 'gem'"):
+        C.load(None, ["model.arch=resnet50"], cls=C.RecogConfig)
+    with pytest.raises(C.ConfigError, match=r"loss\.distill_teacher: empty while distill_weight > 0"):
+        C.load(None, ["loss.distill_weight=1"], cls=C.RecogConfig)
+    with pytest.raises(C.ConfigError, match=r"data\.train\[1\]: index out of range; data\.train has 1 entries"):
+        C.load(None, ["data.train[1].root=/x"], cls=C.RecogConfig)
+
+
+def test_precedence_defaults_then_file_then_command_line(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: 1e-3\n  epochs: 17\n")  # 1e-3 is a string to PyYAML; accepted as float
+    cfg = C.load(f, ["train.epochs=9", "train.warmup_epochs=2", "data.train.root=/data/lup"], cls=C.DinoConfig)
+    assert cfg.train.lr == 1e-3 and cfg.train.epochs == 9 and cfg.data.train.root == "/data/lup"
+    assert cfg.train.min_lr == C.DinoTrainConfig().min_lr  # untouched keys keep their defaults
+    cfg = C.load(None, ["data.train=[{name: msmt17, root: /a}, {name: market1501, root: /b}]",
+                        "data.train[1].root=/c"], cls=C.RecogConfig)
+    assert [(s.name, s.root) for s in cfg.data.train] == [("msmt17", "/a"), ("market1501", "/c")]
+    cfg = C.load(None, ["data.eval_train.name=market1501", "data.eval_train.root=/m"], cls=C.DinoConfig)
+    assert cfg.data.eval_train == C.DatasetSpec(name="market1501", root="/m")
+
+
+def test_save_round_trip(tmp_path):
+    cfg = C.load(None, ["train.epochs=3", "train.warmup_epochs=1", "crops.local_crops_number=6"], cls=C.DinoConfig)
+    C.save(cfg, tmp_path / "out" / "config.yaml")
+    assert C.load(tmp_path / "out" / "config.yaml", cls=C.DinoConfig) == cfg
+    assert not list((tmp_path / "out").glob(".*tmp*"))
+    assert yaml.safe_load(C.dump(cfg))["crops"]["local_crops_number"] == 6
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(C.ConfigError, match=r"nope\.yaml: config file not found"):
+        C.load(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(C.ConfigError, match=r"bad\.yaml: not valid YAML"):
+        C.load(bad)
+    with pytest.raises(C.ConfigError, match=r"override 'train\.lr': expected key\.sub=value"):
+        C.load(None, ["train.lr"])

@@ -1,0 +1,73 @@
+import numpy as np
+import pytest
+
+from dino_recog.evaluation import evaluate_rank, pairwise_distance
+
+
+def brute_force(distmat, q_pids, g_pids, q_camids, g_camids, max_rank):
+    """The protocol written plainly, one query at a time."""
+    cmc_hits, aps, inps = np.zeros(max_rank), [], []
+    for i in range(len(q_pids)):
+        order = sorted(range(len(g_pids)), key=lambda g: (distmat[i, g], g))
+        ranked = [g for g in order if g_pids[g] != -1 and not (g_pids[g] == q_pids[i] and g_camids[g] == q_camids[i])]
+        good = [r + 1 for r, g in enumerate(ranked) if g_pids[g] == q_pids[i]]
+        if not good:
+            continue
+        if good[0] <= max_rank:
+            cmc_hits[good[0] - 1:] += 1
+        aps.append(sum((j + 1) / r for j, r in enumerate(good)) / len(good))
+        inps.append(len(good) / good[-1])
+    n = len(aps)
+    return cmc_hits / n, float(np.mean(aps)), float(np.mean(inps)), n
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_matches_brute_force_with_ties_junk_distractors(seed):
+    rng = np.random.default_rng(seed)
+    nq, ng = 23, 61
+    q_pids = rng.integers(1, 8, nq)
+    g_pids = rng.integers(-1, 9, ng)  # includes junk (-1) and distractors (0)
+    q_cams, g_cams = rng.integers(0, 3, nq), rng.integers(0, 3, ng)
+    distmat = rng.integers(0, 6, (nq, ng)).astype(np.float32)  # many ties
+    cmc, m_ap, m_inp, n = brute_force(distmat, q_pids, g_pids, q_cams, g_cams, 10)
+    for chunk in (None, 1, 7):
+        out = evaluate_rank(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=10, chunk_size=chunk)
+        np.testing.assert_allclose(out["cmc"], cmc, atol=1e-12)
+        assert out["mAP"] == pytest.approx(m_ap, abs=1e-12)
+        assert out["mINP"] == pytest.approx(m_inp, abs=1e-12)
+        assert out["num_valid"] == n and out["num_skipped"] == nq - n
+
+
+def test_hand_worked_example():
+    # One query (pid 1, cam 0). Gallery sorted by distance: [1/cam0 (removed), 2, 1/cam1, 0 (distractor), 1/cam2].
+    distmat = np.array([[0.1, 0.2, 0.3, 0.4, 0.5]])
+    g_pids = np.array([1, 2, 1, 0, 1])
+    g_cams = np.array([0, 1, 1, 1, 2])
+    out = evaluate_rank(distmat, np.array([1]), g_pids, np.array([0]), g_cams, max_rank=4)
+    # Filtered list: 2, 1, 0, 1 -> true matches at ranks 2 and 4.
+    np.testing.assert_allclose(out["cmc"], [0, 1, 1, 1])
+    assert out["mAP"] == pytest.approx((1 / 2 + 2 / 4) / 2)
+    assert out["mINP"] == pytest.approx(2 / 4)
+
+
+def test_query_without_match_is_skipped_and_counted():
+    distmat = np.array([[0.1, 0.2], [0.3, 0.1]])
+    out = evaluate_rank(distmat, np.array([1, 5]), np.array([1, 2]), np.array([0, 0]), np.array([1, 1]))
+    assert out["num_skipped"] == 1 and out["mAP"] == 1.0
+
+
+def test_shape_mismatch_is_named():
+    with pytest.raises(ValueError, match="2x3 but got 1 query pids"):
+        evaluate_rank(np.zeros((2, 3)), [1], [1, 2, 3], [0, 0], [0, 0, 0])
+
+
+def test_pairwise_distance_against_definitions():
+    rng = np.random.default_rng(0)
+    q, g = rng.normal(size=(4, 5)), rng.normal(size=(6, 5))
+    eu = pairwise_distance(q, g, "euclidean")
+    np.testing.assert_allclose(eu, ((q[:, None] - g[None]) ** 2).sum(-1), rtol=1e-4, atol=1e-4)
+    cos = pairwise_distance(q, g, "cosine")
+    ref = 1 - (q @ g.T) / np.linalg.norm(q, axis=1)[:, None] / np.linalg.norm(g, axis=1)[None]
+    np.testing.assert_allclose(cos, ref, atol=1e-5)
+    with pytest.raises(ValueError, match="metric 'l1'"):
+        pairwise_distance(q, g, "l1")
