@@ -96,12 +96,12 @@ class DinoDataConfig:
     keys_file: str = ""  # LMDB only: plain-text key list (never keys.pkl); empty = list the LMDB once and cache
     batch_size_per_gpu: int = 64  # images per process; official DINO 64, TransReID-SSL 8 GPUs x 64
     num_workers: int = 10  # DataLoader workers per process (official DINO 10)
-    eval_train: DatasetSpec | None = None  # labeled set for kNN / rank-1 monitoring (None = no evaluation)
+    eval_set: DatasetSpec | None = None  # labeled set whose query/gallery monitor kNN / rank-1 (null = none)
 
     def validate(self, path: str) -> None:
         self.train.validate(path + ".train", DATASETS_UNLABELED)
-        if self.eval_train is not None:
-            self.eval_train.validate(path + ".eval_train", DATASETS_LABELED)
+        if self.eval_set is not None:
+            self.eval_set.validate(path + ".eval_set", DATASETS_LABELED)
         _positive(path + ".batch_size_per_gpu", self.batch_size_per_gpu)
         _non_negative(path + ".num_workers", self.num_workers)
 
@@ -111,6 +111,9 @@ class DinoModelConfig:
     arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | resnet50
     patch_size: int = 16  # ViT patch size (16 or 8)
     drop_path_rate: float = 0.1  # stochastic depth, student only (official 0.1)
+    depth: int = 0  # ViT blocks; 0 = the architecture's (12)
+    embed_dim: int = 0  # ViT width; 0 = the architecture's (tiny 192, small 384, base 768)
+    num_heads: int = 0  # ViT attention heads; 0 = the architecture's (tiny 3, small 6, base 12)
     out_dim: int = 65536  # K, prototypes of the DINO head (official 65536)
     hidden_dim: int = 2048  # DINO head MLP width
     bottleneck_dim: int = 256  # DINO head bottleneck before the weight-normalised last layer
@@ -121,6 +124,7 @@ class DinoModelConfig:
         _choice(path + ".arch", self.arch, ARCHS)
         _choice(path + ".patch_size", self.patch_size, (8, 14, 16))
         _unit_interval(path + ".drop_path_rate", self.drop_path_rate, closed_right=False)
+        _check_vit_size(path, self)
         for key in ("out_dim", "hidden_dim", "bottleneck_dim"):
             _positive(f"{path}.{key}", getattr(self, key))
 
@@ -296,6 +300,9 @@ class RecogModelConfig:
     arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | resnet50
     patch_size: int = 16  # ViT patch size
     drop_path_rate: float = 0.1  # stochastic depth (TransReID 0.1)
+    depth: int = 0  # ViT blocks; 0 = the architecture's (12)
+    embed_dim: int = 0  # ViT width; 0 = the architecture's (tiny 192, small 384, base 768)
+    num_heads: int = 0  # ViT attention heads; 0 = the architecture's (tiny 3, small 6, base 12)
     pretrained: str = "output/dino/teacher_backbone.pth"  # stage-1 export/checkpoint, DINO or timm weights; "" = none
     pretrained_key: str = "teacher"  # which network of a stage-1 / official DINO checkpoint: teacher | student
     feature: str = "cls"  # ViT: cls | cls_mean (CLS + mean patch token); ResNet: avg | gem
@@ -307,6 +314,7 @@ class RecogModelConfig:
         _choice(path + ".arch", self.arch, ARCHS)
         _choice(path + ".patch_size", self.patch_size, (8, 14, 16))
         _unit_interval(path + ".drop_path_rate", self.drop_path_rate, closed_right=False)
+        _check_vit_size(path, self)
         _choice(path + ".pretrained_key", self.pretrained_key, ("teacher", "student"))
         allowed = ("cls", "cls_mean") if self.arch in VIT_ARCHS else ("avg", "gem")
         _choice(path + ".feature", self.feature, allowed)
@@ -438,6 +446,13 @@ class RecogConfig:
 def _choice(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def _check_vit_size(path: str, model: DinoModelConfig | RecogModelConfig) -> None:
+    for key in ("depth", "embed_dim", "num_heads"):
+        _non_negative(f"{path}.{key}", getattr(model, key))
+    if model.embed_dim and model.num_heads and model.embed_dim % model.num_heads:
+        raise ConfigError(f"{path}.embed_dim: {model.embed_dim} is not divisible by num_heads {model.num_heads}")
 
 
 def _positive(key: str, value: float) -> None:

@@ -29,8 +29,10 @@ __all__ = [
     "is_main_process",
     "barrier",
     "all_reduce_mean",
+    "all_reduce_sum",
     "all_gather_variable",
     "broadcast_object",
+    "fingerprints",
     "seed_everything",
     "setup_logging",
     "session",
@@ -129,6 +131,14 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of `tensor` over all processes (a new tensor; the input is not changed)."""
+    out = tensor.clone()
+    if is_initialized():
+        dist.all_reduce(out)
+    return out
+
+
 def all_gather_variable(tensor: torch.Tensor) -> list[torch.Tensor]:
     """Gather tensors whose first dimension differs per rank.
 
@@ -163,6 +173,19 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+@torch.no_grad()
+def fingerprints(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A (world, 3) summary of `tensors` from every rank, to check that replicated state is identical everywhere.
+
+    Each row holds the sum, the sum of squares and a position-weighted sum of all values (float64), so a drift of a
+    single value on one rank changes that rank's row. Rows are in rank order.
+    """
+    flat = torch.cat([t.detach().double().flatten() for t in tensors])
+    weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64) / flat.numel()
+    row = torch.stack([flat.sum(), (flat * flat).sum(), (flat * weights).sum()]).unsqueeze(0)
+    return torch.cat(all_gather_variable(row))
 
 
 def seed_everything(seed: int, per_rank: bool = True) -> int:

@@ -104,11 +104,14 @@ def test_precedence_defaults_then_file_then_command_line(tmp_path):
     cfg = C.load(f, ["train.epochs=9", "train.warmup_epochs=2", "data.train.root=/data/lup"], cls=C.DinoConfig)
     assert cfg.train.lr == 1e-3 and cfg.train.epochs == 9 and cfg.data.train.root == "/data/lup"
     assert cfg.train.min_lr == C.DinoTrainConfig().min_lr  # untouched keys keep their defaults
-    cfg = C.load(None, ["data.train=[{name: msmt17, root: /a}, {name: market1501, root: /b}]",
-                        "data.train[1].root=/c"], cls=C.RecogConfig)
+    cfg = C.load(
+        None,
+        ["data.train=[{name: msmt17, root: /a}, {name: market1501, root: /b}]", "data.train[1].root=/c"],
+        cls=C.RecogConfig,
+    )
     assert [(s.name, s.root) for s in cfg.data.train] == [("msmt17", "/a"), ("market1501", "/c")]
-    cfg = C.load(None, ["data.eval_train.name=market1501", "data.eval_train.root=/m"], cls=C.DinoConfig)
-    assert cfg.data.eval_train == C.DatasetSpec(name="market1501", root="/m")
+    cfg = C.load(None, ["data.eval_set.name=market1501", "data.eval_set.root=/m"], cls=C.DinoConfig)
+    assert cfg.data.eval_set == C.DatasetSpec(name="market1501", root="/m")
 
 
 def test_save_round_trip(tmp_path):

@@ -14,8 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def launch(*args, env=None, timeout=120):
     e = {k: v for k, v in os.environ.items() if k not in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")}
     e.update(env or {})
-    return subprocess.run(["bash", str(ROOT / "train.sh"), *map(str, args)], cwd=ROOT, env=e,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        ["bash", str(ROOT / "train.sh"), *map(str, args)],
+        cwd=ROOT,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_two_cpu_processes_run_collectives(tmp_path):
@@ -36,7 +42,10 @@ def test_two_cpu_processes_run_collectives(tmp_path):
     "args, message",
     [
         (("0,1", 3, "tests/scripts/dist_check.py"), "NPROC=3 is larger than the 2 GPU id(s) given in '0,1'"),
-        (("gpu", 1, "tests/scripts/dist_check.py"), "GPUS must be comma-separated GPU ids like 0,1,2,3 or 'cpu', got 'gpu'"),
+        (
+            ("gpu", 1, "tests/scripts/dist_check.py"),
+            "GPUS must be comma-separated GPU ids like 0,1,2,3 or 'cpu', got 'gpu'",
+        ),
         (("0,,1", 1, "tests/scripts/dist_check.py"), "GPUS must be comma-separated GPU ids"),
         (("cpu", 0, "tests/scripts/dist_check.py"), "NPROC must be a positive integer, got '0'"),
         (("cpu", 2, "no_such_script.py"), "script not found: no_such_script.py"),
@@ -62,12 +71,31 @@ def test_gpus_without_cuda_suggest_cpu(tmp_path):
 def test_multi_node_variables(tmp_path):
     script = tmp_path / "s.py"
     script.write_text("")
-    r = launch("cpu", 2, script, "a=1", env={"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1",
-                                              "MASTER_PORT": "1234", "DRY_RUN": "1", "MAX_RESTARTS": "3"})
+    r = launch(
+        "cpu",
+        2,
+        script,
+        "a=1",
+        env={
+            "NNODES": "2",
+            "NODE_RANK": "1",
+            "MASTER_ADDR": "10.0.0.1",
+            "MASTER_PORT": "1234",
+            "DRY_RUN": "1",
+            "MAX_RESTARTS": "3",
+        },
+    )
     assert r.returncode == 0, r.stderr
     cmd = r.stdout.strip()
-    for part in ("--nproc_per_node 2", "--nnodes 2", "--node_rank 1", "--master_addr 10.0.0.1",
-                 "--master_port 1234", "--max_restarts 3", f"{script} a=1"):
+    for part in (
+        "--nproc_per_node 2",
+        "--nnodes 2",
+        "--node_rank 1",
+        "--master_addr 10.0.0.1",
+        "--master_port 1234",
+        "--max_restarts 3",
+        f"{script} a=1",
+    ):
         assert part in cmd
     assert "--standalone" not in cmd
     r = launch("cpu", 2, script, env={"NNODES": "2", "DRY_RUN": "1"})

@@ -14,7 +14,7 @@ def brute_force(distmat, q_pids, g_pids, q_camids, g_camids, max_rank):
         if not good:
             continue
         if good[0] <= max_rank:
-            cmc_hits[good[0] - 1:] += 1
+            cmc_hits[good[0] - 1 :] += 1
         aps.append(sum((j + 1) / r for j, r in enumerate(good)) / len(good))
         inps.append(len(good) / good[-1])
     n = len(aps)

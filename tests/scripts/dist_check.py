@@ -19,8 +19,15 @@ def main(out_dir: str) -> None:
         seed = D.seed_everything(7)
         picked = D.broadcast_object({"from": rank} if rank == 0 else None)
         D.barrier()
-        result = {"rank": rank, "world": world, "sum": summed.item(), "gathered": gathered, "seed": seed,
-                  "broadcast": picked, "threads": torch.get_num_threads()}
+        result = {
+            "rank": rank,
+            "world": world,
+            "sum": summed.item(),
+            "gathered": gathered,
+            "seed": seed,
+            "broadcast": picked,
+            "threads": torch.get_num_threads(),
+        }
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
 
 
