@@ -1,10 +1,97 @@
-"""Evaluation: the re-identification protocol (CMC, mAP, mINP) and distances between features."""
+"""Evaluation: feature extraction, weighted kNN, the re-identification protocol (CMC, mAP, mINP)."""
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
 
-__all__ = ["evaluate_rank", "pairwise_distance"]
+from . import distributed as dist
+
+__all__ = ["evaluate_rank", "pairwise_distance", "extract_features", "knn_classify"]
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module,
+    dataset: Dataset,
+    device: torch.device,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    flip: bool = False,
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """L2-normalised features of every image of `dataset`, in dataset order.
+
+    Under torchrun each rank extracts a contiguous shard and the shards are gathered (shards may differ in length),
+    so every rank returns the full result. The dataset yields (image, pid, camid, index) as `ImageDataset` does.
+
+    Args:
+        model: maps (B, 3, H, W) to (B, D); put in eval mode here and restored afterwards.
+        flip: average with the features of the horizontally mirrored images.
+
+    Returns:
+        (N, D) float32 CPU features, (N,) pids, (N,) camids.
+    """
+    n, rank, world = len(dataset), dist.get_rank(), dist.get_world_size()
+    shard = Subset(dataset, range(rank * n // world, (rank + 1) * n // world))
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    was_training = model.training
+    model.eval()
+    feats, pids, camids = [], [], []
+    amp = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    for img, pid, camid, _ in tqdm(loader, desc="features", disable=not dist.is_main_process(), leave=False):
+        img = img.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            f = model(img).float()
+            if flip:
+                f = f + model(torch.flip(img, dims=[3])).float()
+        feats.append(F.normalize(f, dim=1))
+        pids.append(pid)
+        camids.append(camid)
+    model.train(was_training)
+    d = feats[0].shape[1] if feats else 0
+    local = torch.cat(feats) if feats else torch.zeros(0, d, device=device)
+    meta = (
+        torch.stack([torch.cat(pids), torch.cat(camids)], 1).to(device)
+        if pids
+        else torch.zeros(0, 2, device=device, dtype=torch.long)
+    )
+    features = torch.cat(dist.all_gather_variable(local)).cpu()
+    meta = torch.cat(dist.all_gather_variable(meta)).cpu().numpy()
+    return features, meta[:, 0], meta[:, 1]
+
+
+def knn_classify(
+    train_features: np.ndarray | torch.Tensor,
+    train_labels: np.ndarray,
+    test_features: np.ndarray | torch.Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+) -> np.ndarray:
+    """Weighted k-nearest-neighbour classification as in DINO's `eval_knn.py` (Wu et al. 2018).
+
+    Neighbours by cosine similarity (features are L2-normalised here); each of the k nearest training samples votes
+    for its label with weight exp(sim / temperature); the class with the largest total wins.
+
+    Returns:
+        (N_test,) predicted labels.
+    """
+    train = F.normalize(torch.as_tensor(train_features).float(), dim=1).numpy()
+    test = F.normalize(torch.as_tensor(test_features).float(), dim=1).numpy()
+    labels = np.asarray(train_labels)
+    k = min(k, len(train))
+    index = faiss.IndexFlatIP(train.shape[1])
+    index.add(np.ascontiguousarray(train))
+    sims, nn_idx = index.search(np.ascontiguousarray(test), k)  # (N, k)
+    classes = num_classes or int(labels.max()) + 1
+    votes = np.zeros((len(test), classes), dtype=np.float64)
+    np.add.at(votes, (np.repeat(np.arange(len(test)), k), labels[nn_idx].ravel()), np.exp(sims / temperature).ravel())
+    return votes.argmax(1)
 
 
 def pairwise_distance(query: np.ndarray, gallery: np.ndarray, metric: str = "cosine") -> np.ndarray:

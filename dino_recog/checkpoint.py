@@ -1,0 +1,240 @@
+"""Checkpoints: atomic saves, safe loads, auto-resume, and backbone weights from any of the usual sources.
+
+A checkpoint is one dict of tensors and plain values with a `format_version`. It is written to a temporary file in
+the same directory, flushed and fsynced, then renamed, so a crash never leaves a half-written file under the real
+name; it is read with `torch.load(..., weights_only=True)`, which never unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from timm.layers import resample_abs_pos_embed
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "prune_checkpoints",
+    "rng_state",
+    "set_rng_state",
+    "extract_backbone_state",
+    "load_backbone_weights",
+]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CKPT_RE = re.compile(r"^checkpoint_(\d{4,})\.pth$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and what is wrong."""
+
+
+def save_checkpoint(state: Mapping, path: str | os.PathLike) -> Path:
+    """Write `state` (plus `format_version`) atomically to `path`.
+
+    If writing fails (disk full, no permission), the temporary file is removed and any previous file at `path` is
+    left untouched; the error names the path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save({"format_version": FORMAT_VERSION, **state}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, f"could not write checkpoint {path}: {e.strerror}; the previous one is intact") from e
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load with `weights_only=True` on the CPU; a missing, truncated or foreign file is a CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for truncated / foreign files
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
+    return obj
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """`checkpoint_NNNN.pth` files in `output_dir`, newest epoch first."""
+    d = Path(output_dir)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := CKPT_RE.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def latest_checkpoint(output_dir: str | os.PathLike, required: tuple[str, ...] = ()) -> tuple[Path, dict] | None:
+    """The newest checkpoint in `output_dir` that loads and has the `required` keys; corrupt ones are reported and
+    skipped so that a crash during the last save costs one epoch, not the run."""
+    for path in list_checkpoints(output_dir):
+        try:
+            state = load_checkpoint(path)
+            missing = [k for k in required if k not in state]
+            if missing:
+                raise CheckpointError(f"{path}: lacks {', '.join(missing)}")
+            return path, state
+        except CheckpointError as e:
+            log.warning("skipping unusable checkpoint: %s", e)
+    return None
+
+
+def prune_checkpoints(output_dir: str | os.PathLike, keep_last: int, keep_every: int = 0) -> None:
+    """Delete all but the newest `keep_last` checkpoints, keeping every epoch that is a multiple of `keep_every`."""
+    for path in list_checkpoints(output_dir)[keep_last:]:
+        epoch = int(CKPT_RE.match(path.name).group(1))
+        if not (keep_every and epoch % keep_every == 0):
+            path.unlink(missing_ok=True)
+
+
+def rng_state() -> dict:
+    """Python, NumPy and torch RNG states as tensors and plain values (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "key": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` saved."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Backbone weights from our checkpoints and exports, official DINO checkpoints and timm state dicts
+
+
+def extract_backbone_state(obj: Mapping, key: str = "teacher") -> dict[str, torch.Tensor]:
+    """The backbone's state dict out of any supported container.
+
+    Accepts: our stage-1 checkpoint (`teacher` / `student` networks with `backbone.` and `head.` keys), an official
+    DINO checkpoint (`teacher` / `student`, `module.` and `backbone.` prefixes), a stage-2 model (`backbone.`
+    prefix), a `{"model": ...}` or `{"state_dict": ...}` wrapper, or a plain timm / torchvision state dict.
+
+    Args:
+        obj: the loaded file.
+        key: which network of a student/teacher checkpoint to take.
+    """
+    if key in obj and isinstance(obj[key], Mapping):
+        obj = obj[key]
+    else:
+        for wrapper in ("model", "state_dict", "backbone"):
+            if wrapper in obj and isinstance(obj[wrapper], Mapping):
+                obj = obj[wrapper]
+                break
+    state = {}
+    for k, v in obj.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        k = k.removeprefix("module.")
+        if k.startswith("head.") or k.startswith("neck.") or k.startswith("classifier."):
+            continue  # the DINO head or a recognition head, not backbone weights
+        state[k.removeprefix("backbone.")] = v
+    return state
+
+
+def _resize_pos_embed(pos_embed: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """Interpolate a ViT position embedding to the model's patch grid (e.g. 224x224 DINO weights to 256x128)."""
+    grid = tuple(model.patch_embed.grid_size)  # (gh, gw) of the model
+    prefix = model.num_prefix_tokens
+    n_old = pos_embed.shape[1] - prefix
+    side = math.isqrt(n_old)
+    if side * side == n_old:
+        old = (side, side)
+    else:  # non-square: assume the model's aspect (our own 256x128 exports)
+        gh = math.isqrt(round(n_old * grid[0] / grid[1]))
+        if gh == 0 or n_old % gh:
+            raise CheckpointError(
+                f"pos_embed has {n_old} patch positions, which is neither a square grid nor "
+                f"of the model's aspect {grid[0]}x{grid[1]}"
+            )
+        old = (gh, n_old // gh)
+    log.info("interpolating position embeddings from a %dx%d to a %dx%d patch grid", *old, *grid)
+    return resample_abs_pos_embed(pos_embed, new_size=list(grid), old_size=list(old), num_prefix_tokens=prefix)
+
+
+def load_backbone_weights(model: nn.Module, path: str | os.PathLike, key: str = "teacher") -> dict[str, list[str]]:
+    """Load backbone weights into `model` from any supported file (see `extract_backbone_state`).
+
+    Position embeddings are interpolated to the model's input size. Missing and unexpected keys are logged and
+    returned; a tensor whose shape differs (another architecture) is an error listing every mismatched key with both
+    shapes, and so is a file that shares no key with the model.
+
+    Returns:
+        {"missing": [...], "unexpected": [...]}
+    """
+    state = extract_backbone_state(load_checkpoint(path), key)
+    own = model.state_dict()
+    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
+        state["pos_embed"] = _resize_pos_embed(state["pos_embed"], model)
+    mismatched = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if mismatched:
+        raise CheckpointError(
+            f"{path}: weights are for another architecture; mismatched keys:\n  " + "\n  ".join(mismatched)
+        )
+    shared = [k for k in state if k in own]
+    if not shared:
+        raise CheckpointError(
+            f"{path}: no key matches the model ({len(state)} tensors in the file, e.g. "
+            f"{', '.join(list(state)[:3]) or 'none'}); is this a backbone checkpoint?"
+        )
+    result = model.load_state_dict(state, strict=False)
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    log.info("loaded %d backbone tensors from %s (key %r)", len(shared), path, key)
+    if missing:
+        log.warning("%d model keys missing from %s: %s", len(missing), path, ", ".join(missing[:20]))
+    if unexpected:
+        log.warning("%d keys of %s not used: %s", len(unexpected), path, ", ".join(unexpected[:20]))
+    return {"missing": missing, "unexpected": unexpected}

@@ -1,0 +1,163 @@
+"""Training loop bodies. No engine class, no hooks: one function per stage, called once per epoch."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from . import distributed as dist
+from .losses.dino import DINOLoss, collapse_stats
+from .models.dino import update_teacher
+from .optim import set_schedule
+from .runlog import RunLog
+
+__all__ = ["DinoStep", "NonFiniteLossError", "autocast_context", "train_one_epoch_dino"]
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; nothing is saved from this state."""
+
+
+@dataclass
+class DinoStep:
+    """The scheduled values of one DINO iteration."""
+
+    lr: float
+    weight_decay: float
+    momentum: float
+    teacher_temp: float
+    freeze_last_layer: bool
+
+
+def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast where the device supports it, fp16 when asked, fp32 otherwise (and always on the CPU)."""
+    if device.type != "cuda" or amp == "fp32":
+        return contextlib.nullcontext()
+    if amp == "bf16" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cuda", dtype=torch.float16)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def train_one_epoch_dino(
+    student: nn.Module,
+    teacher: nn.Module,
+    loss_fn: DINOLoss,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    schedule: Callable[[int], DinoStep],
+    epoch: int,
+    steps_per_epoch: int,
+    device: torch.device,
+    amp: str,
+    clip_grad: float,
+    runlog: RunLog,
+    log_every: int = 50,
+    max_steps: int | None = None,
+) -> dict[str, float]:
+    """One epoch of DINO (Caron et al. 2021, Algorithm 1).
+
+    For each batch of multi-crop views: teacher on the 2 global crops, student on all crops, DINO loss (which updates
+    the centre), backward, gradient clipping, the head's last layer frozen in the first epochs, optimiser step, then
+    the teacher takes an EMA step towards the student. lr, weight decay, teacher momentum and temperature come from
+    `schedule(iteration)`.
+
+    Args:
+        student: the DDP-wrapped (or plain) student MultiCropNet.
+        teacher: the teacher MultiCropNet (never DDP-wrapped, no gradients).
+        loader: yields ((crops, pids, camids, index), n_skipped) as `collate_skip_none` makes them.
+        max_steps: stop after this many iterations of the epoch (tests, benchmarks).
+
+    Returns:
+        Epoch averages: loss, and the number of skipped (undecodable) images.
+    """
+    student.train()
+    teacher.eval()
+    net = _unwrap(student)
+    last_layer = [p for n, p in net.head.named_parameters() if n.startswith("last_layer")]
+    loss_sum, n_loss, skipped = torch.zeros((), device=device), 0, 0
+    t_start, images = time.perf_counter(), 0
+    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not dist.is_main_process(), leave=False)
+    for i, (batch, n_bad) in enumerate(loader):
+        if max_steps is not None and i >= max_steps:
+            break
+        skipped += n_bad
+        if batch is None:  # every image of the batch was undecodable
+            continue
+        it = epoch * steps_per_epoch + i
+        s = schedule(it)
+        set_schedule(optimizer, s.lr, s.weight_decay)
+        crops = [c.to(device, non_blocking=True) for c in batch[0]]
+
+        with autocast_context(device, amp):
+            with torch.no_grad():
+                teacher_out = teacher(crops[: loss_fn.n_global_crops])  # (2B, K)
+            student_out = student(crops)  # (n_crops * B, K)
+            loss = loss_fn(student_out, teacher_out, s.teacher_temp)
+
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"non-finite DINO loss {loss.item()} at epoch {epoch}, iteration {it}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if clip_grad > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(net.parameters(), clip_grad)
+        if s.freeze_last_layer:
+            for p in last_layer:
+                p.grad = None
+        scaler.step(optimizer)
+        scaler.update()
+        update_teacher(net, teacher, s.momentum)
+
+        loss_sum += loss.detach()
+        n_loss += 1
+        images += crops[0].shape[0] * dist.get_world_size()
+        if it % log_every == 0:
+            stats = collapse_stats(
+                student_out.detach(), teacher_out, loss_fn.center, loss_fn.student_temp, s.teacher_temp
+            )
+            value = loss.item()  # one sync every log_every iterations only
+            rate = images / (time.perf_counter() - t_start)
+            runlog.write(
+                "train", it, epoch=epoch, loss=value, lr=s.lr, weight_decay=s.weight_decay, momentum=s.momentum,
+                teacher_temp=s.teacher_temp, images_per_s=rate, **stats,
+            )  # fmt: skip
+            _warn_collapse(value, stats, it, epoch, teacher_out.shape[-1])
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{s.lr:.2e}", img_s=f"{rate:.0f}")
+        bar.update(1)
+    bar.close()
+    loss_avg = dist.all_reduce_mean(loss_sum / max(n_loss, 1)).item()
+    skipped = int(dist.all_reduce_sum(torch.tensor([skipped], device=device)).item())
+    if skipped:
+        log.warning("epoch %d: skipped %d undecodable training images (see the warnings above)", epoch, skipped)
+    return {"loss": loss_avg, "skipped_images": skipped, "images_per_s": images / (time.perf_counter() - t_start)}
+
+
+def _warn_collapse(loss: float, stats: dict[str, float], it: int, epoch: int, out_dim: int) -> None:
+    """Warn about the two collapse modes of the paper's section 5.3 (after the first epoch, when start-up is over)."""
+    if epoch < 1:
+        return
+    if loss > 0.98 * math.log(out_dim) and stats["kl"] < 1e-3:
+        log.warning(
+            "iteration %d: loss %.4f is stuck near ln K = %.4f with KL(teacher||student) %.2e: uniform collapse "
+            "(try a lower teacher temperature or a larger momentum)", it, loss, math.log(out_dim), stats["kl"],
+        )  # fmt: skip
+    if stats["teacher_batch_entropy"] < 0.05:
+        log.warning(
+            "iteration %d: the teacher puts the whole batch on one prototype (batch entropy %.3f): one-dimension "
+            "collapse (check the centring)", it, stats["teacher_batch_entropy"],
+        )  # fmt: skip

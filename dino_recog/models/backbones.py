@@ -1,0 +1,104 @@
+"""Backbones: timm Vision Transformers and torchvision ResNets, as feature extractors.
+
+Every backbone returned by `build_backbone` maps (B, 3, H, W) images to (B, D) global features with `forward` and to
+the spatial features with `forward_features`: (B, 1 + N, D) tokens for a ViT (CLS first, after the final norm),
+(B, C, h, w) maps for a ResNet. Parameter names are those of timm / torchvision, so their weights load directly.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torchvision
+from timm.models.vision_transformer import VisionTransformer
+
+__all__ = ["build_backbone", "VIT_SPECS", "ResNetBackbone", "is_vit"]
+
+# name -> (embed_dim, depth, num_heads), as in DINO's vision_transformer.py and timm
+VIT_SPECS: dict[str, tuple[int, int, int]] = {
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+}
+RESNETS = ("resnet18", "resnet50", "resnet101")
+
+
+def is_vit(name: str) -> bool:
+    return name in VIT_SPECS
+
+
+class ResNetBackbone(torchvision.models.ResNet):
+    """A torchvision ResNet without its classifier; `forward` returns the globally average-pooled feature."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, C, h, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.avgpool(self.forward_features(x)), 1)  # (B, C)
+
+
+def _resnet(name: str, last_stride: int) -> tuple[nn.Module, int]:
+    block, layers = {
+        "resnet18": (torchvision.models.resnet.BasicBlock, [2, 2, 2, 2]),
+        "resnet50": (torchvision.models.resnet.Bottleneck, [3, 4, 6, 3]),
+        "resnet101": (torchvision.models.resnet.Bottleneck, [3, 4, 23, 3]),
+    }[name]
+    model = ResNetBackbone(block, layers)
+    dim = model.fc.in_features
+    model.fc = nn.Identity()
+    if last_stride == 1:
+        # "Bag of Tricks" (Luo et al. 2019): a 2x larger last feature map for re-identification.
+        first = model.layer4[0]
+        (first.conv2 if hasattr(first, "conv3") else first.conv1).stride = (1, 1)
+        first.downsample[0].stride = (1, 1)
+    return model, dim
+
+
+def build_backbone(
+    name: str,
+    img_size: tuple[int, int] = (256, 128),
+    patch_size: int = 16,
+    drop_path_rate: float = 0.0,
+    depth: int | None = None,
+    embed_dim: int | None = None,
+    num_heads: int | None = None,
+    last_stride: int = 2,
+) -> tuple[nn.Module, int]:
+    """Build a backbone by name.
+
+    Args:
+        name: vit_tiny | vit_small | vit_base | resnet18 | resnet50 | resnet101.
+        img_size: (height, width) the ViT position embeddings are made for; other sizes are interpolated at run time
+            (global and local crops go through the same network).
+        patch_size: ViT patch size (16 or 8).
+        drop_path_rate: ViT stochastic depth, linearly increasing over the blocks (DINO student 0.1).
+        depth, embed_dim, num_heads: override the ViT size (tests use a 2-block, 32-dim ViT).
+        last_stride: ResNet stride of the last stage (1 for re-identification, 2 as in ImageNet models).
+
+    Returns:
+        (module, feature dimension).
+    """
+    if name in VIT_SPECS:
+        dim0, depth0, heads0 = VIT_SPECS[name]
+        dim = embed_dim or dim0
+        model = VisionTransformer(
+            img_size=tuple(img_size),
+            patch_size=patch_size,
+            embed_dim=dim,
+            depth=depth or depth0,
+            num_heads=num_heads or heads0,
+            mlp_ratio=4.0,
+            qkv_bias=True,
+            num_classes=0,
+            global_pool="token",
+            dynamic_img_size=True,  # interpolate position embeddings for crops of another size
+            drop_path_rate=drop_path_rate,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        )
+        return model, dim
+    if name in RESNETS:
+        return _resnet(name, last_stride)
+    raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(list(VIT_SPECS) + list(RESNETS))}")

@@ -1,0 +1,54 @@
+"""Run records: metrics as JSON lines (`log.jsonl`) and tensorboard scalars, written by rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from . import distributed as dist
+
+__all__ = ["RunLog", "read_jsonl"]
+
+
+class RunLog:
+    """Append metric records to OUTPUT/log.jsonl and OUTPUT/tb/; a no-op on ranks other than 0.
+
+    Each record is one JSON object with `kind` (e.g. "train", "epoch", "eval"), `step` and plain numbers, so that
+    curves can be drawn from the file alone and a resumed run simply appends.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, tensorboard: bool = True) -> None:
+        self.active = dist.is_main_process()
+        self.path = Path(output_dir) / "log.jsonl"
+        self.writer = None
+        if self.active:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter  # imported lazily: slow, and rank 0 only
+
+                self.writer = SummaryWriter(str(Path(output_dir) / "tb"))
+
+    def write(self, kind: str, step: int, **values: float) -> None:
+        if not self.active:
+            return
+        record = {"kind": kind, "step": step, "time": round(time.time(), 3)}
+        record.update({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()})
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.writer.add_scalar(f"{kind}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_jsonl(path: str | os.PathLike, kind: str | None = None) -> list[dict]:
+    """The records of a log.jsonl, optionally only those of one `kind`."""
+    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [r for r in records if kind is None or r.get("kind") == kind]

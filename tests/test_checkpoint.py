@@ -1,0 +1,131 @@
+import os
+
+import pytest
+import torch
+
+from dino_recog import checkpoint as ckpt
+from dino_recog.models import DINOHead, MultiCropNet, build_backbone
+
+
+def tiny_vit(img_size=(32, 16)):
+    return build_backbone("vit_small", img_size=img_size, patch_size=8, depth=2, embed_dim=32, num_heads=2)[0]
+
+
+@pytest.fixture
+def trained():
+    torch.manual_seed(0)
+    net = MultiCropNet(tiny_vit(), DINOHead(32, 10, hidden_dim=16, bottleneck_dim=8))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # not the init, so loading is visible
+    return net
+
+
+def features(model, x):
+    return model.eval()(x)
+
+
+def test_export_and_official_dino_checkpoint_give_identical_features(tmp_path, trained):
+    x = torch.randn(3, 3, 32, 16)
+    ref = features(trained.backbone, x)
+    # our export: the teacher backbone as a plain state dict
+    ckpt.save_checkpoint(trained.backbone.state_dict(), tmp_path / "teacher_backbone.pth")
+    # an official DINO checkpoint: teacher with backbone./head. keys, student with module. prefix
+    official = {
+        "teacher": trained.state_dict(),
+        "student": {"module." + k: v + 1 for k, v in trained.state_dict().items()},
+        "epoch": 100,
+    }
+    torch.save(official, tmp_path / "dino_official.pth")
+    # our stage-1 checkpoint
+    ckpt.save_checkpoint(
+        {"teacher": trained.state_dict(), "student": trained.state_dict(), "epoch": 3}, tmp_path / "checkpoint_0003.pth"
+    )
+    for name in ("teacher_backbone.pth", "dino_official.pth", "checkpoint_0003.pth"):
+        model = tiny_vit()
+        report = ckpt.load_backbone_weights(model, tmp_path / name)
+        assert report == {"missing": [], "unexpected": []}, name
+        torch.testing.assert_close(features(model, x), ref)
+    student = tiny_vit()
+    ckpt.load_backbone_weights(student, tmp_path / "dino_official.pth", key="student")
+    assert not torch.allclose(features(student, x), ref)
+
+
+def test_position_embeddings_are_interpolated_to_another_input_size(tmp_path, trained):
+    ckpt.save_checkpoint(trained.backbone.state_dict(), tmp_path / "b.pth")  # a 4x2 patch grid
+    big = tiny_vit(img_size=(64, 32))  # an 8x4 grid
+    ckpt.load_backbone_weights(big, tmp_path / "b.pth")
+    assert big.pos_embed.shape == (1, 1 + 32, 32)
+    torch.testing.assert_close(big.pos_embed[:, 0], trained.backbone.pos_embed[:, 0])  # CLS position kept
+    square = tiny_vit(img_size=(16, 16))
+    square_state = square.state_dict()
+    torch.save({"model": square_state}, tmp_path / "timm.pth")  # a timm-style wrapper, square grid
+    ckpt.load_backbone_weights(tiny_vit(), tmp_path / "timm.pth")
+
+
+def test_other_architecture_is_refused_with_the_mismatched_keys(tmp_path):
+    other = build_backbone("vit_small", img_size=(32, 16), patch_size=8, depth=2, embed_dim=48, num_heads=2)[0]
+    torch.save(other.state_dict(), tmp_path / "other.pth")
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=r"another architecture.*\n.*cls_token: file \(1, 1, 48\) vs model "
+        r"\(1, 1, 32\)",
+    ):
+        ckpt.load_backbone_weights(tiny_vit(), tmp_path / "other.pth")
+    torch.save({"foo.weight": torch.zeros(2)}, tmp_path / "foreign.pth")
+    with pytest.raises(ckpt.CheckpointError, match="no key matches the model"):
+        ckpt.load_backbone_weights(tiny_vit(), tmp_path / "foreign.pth")
+
+
+def test_missing_keys_are_reported(tmp_path, trained, caplog):
+    state = trained.backbone.state_dict()
+    del state["norm.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "partial.pth")
+    report = ckpt.load_backbone_weights(tiny_vit(), tmp_path / "partial.pth")
+    assert report == {"missing": ["norm.weight"], "unexpected": ["extra.weight"]}
+
+
+def test_atomic_save_and_safe_load(tmp_path):
+    path = ckpt.save_checkpoint({"w": torch.ones(2), "epoch": 1}, tmp_path / "c.pth")
+    assert ckpt.load_checkpoint(path)["format_version"] == ckpt.FORMAT_VERSION
+    assert os.listdir(tmp_path) == ["c.pth"]  # no temp file left behind
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(ckpt.CheckpointError, match="evil.pth: not a readable checkpoint"):
+        ckpt.load_checkpoint(tmp_path / "evil.pth")
+    (tmp_path / "trunc.pth").write_bytes(path.read_bytes()[:50])
+    with pytest.raises(ckpt.CheckpointError, match="trunc.pth: not a readable checkpoint"):
+        ckpt.load_checkpoint(tmp_path / "trunc.pth")
+    with pytest.raises(ckpt.CheckpointError, match="nope.pth: checkpoint not found"):
+        ckpt.load_checkpoint(tmp_path / "nope.pth")
+
+
+def test_latest_skips_a_corrupt_newest_checkpoint_and_pruning(tmp_path, caplog):
+    for epoch in range(1, 6):
+        ckpt.save_checkpoint({"epoch": epoch}, tmp_path / f"checkpoint_{epoch:04d}.pth")
+    (tmp_path / "checkpoint_0005.pth").write_bytes(b"garbage")
+    path, state = ckpt.latest_checkpoint(tmp_path, required=("epoch",))
+    assert path.name == "checkpoint_0004.pth" and state["epoch"] == 4
+    assert "checkpoint_0005.pth" in caplog.text
+    ckpt.prune_checkpoints(tmp_path, keep_last=2, keep_every=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint_0002.pth",
+        "checkpoint_0004.pth",
+        "checkpoint_0005.pth",
+    ]
+
+
+def test_rng_state_round_trip(tmp_path):
+    import random
+
+    import numpy as np
+
+    ckpt.save_checkpoint({"rng": ckpt.rng_state()}, tmp_path / "r.pth")
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    ckpt.set_rng_state(ckpt.load_checkpoint(tmp_path / "r.pth")["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a

@@ -1,0 +1,86 @@
+import torch
+
+from dino_recog.engine import DinoStep, train_one_epoch_dino
+from dino_recog.losses import DINOLoss
+from dino_recog.models import DINOHead, MultiCropNet, build_backbone
+from dino_recog.optim import build_optimizer, param_groups
+from dino_recog.runlog import RunLog, read_jsonl
+
+
+def tiny_pair():
+    torch.manual_seed(0)
+
+    def net():
+        backbone = build_backbone("vit_small", img_size=(32, 16), patch_size=8, depth=2, embed_dim=32, num_heads=2)[0]
+        return MultiCropNet(backbone, DINOHead(32, 64, hidden_dim=32, bottleneck_dim=16))
+
+    student, teacher = net(), net()
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad = False
+    return student, teacher
+
+
+def batches(n=3, b=4):
+    g = torch.Generator().manual_seed(1)
+    crops = lambda: [torch.randn(b, 3, 32, 16, generator=g)] * 2 + [torch.randn(b, 3, 16, 8, generator=g)] * 2  # noqa: E731
+    return [((crops(), None, None, None), 0) for _ in range(n)]
+
+
+def run(student, teacher, tmp_path, momentum=0.996, freeze=False, steps=3):
+    loss_fn = DINOLoss(64)
+    opt = build_optimizer("adamw", param_groups(student), 1e-3, 0.04)
+    def schedule(it):
+        return DinoStep(
+            lr=1e-3,
+            weight_decay=0.04,
+            momentum=momentum,
+            teacher_temp=0.04,
+            freeze_last_layer=freeze,
+        )
+    log = RunLog(tmp_path, tensorboard=False)
+    stats = train_one_epoch_dino(
+        student,
+        teacher,
+        loss_fn,
+        batches(steps),
+        opt,
+        torch.amp.GradScaler("cpu", enabled=False),
+        schedule,
+        0,
+        steps,
+        torch.device("cpu"),
+        "fp32",
+        3.0,
+        log,
+        log_every=1,
+    )
+    return stats, loss_fn
+
+
+def test_last_layer_frozen_and_teacher_only_moves_by_ema(tmp_path):
+    student, teacher = tiny_pair()
+    last = [p.detach().clone() for n, p in student.head.named_parameters() if n.startswith("last_layer")]
+    mlp = student.head.mlp[0].weight.detach().clone()
+    teacher_before = [p.clone() for p in teacher.parameters()]
+    stats, loss_fn = run(student, teacher, tmp_path, momentum=1.0, freeze=True)
+    after = [p for n, p in student.head.named_parameters() if n.startswith("last_layer")]
+    assert all(torch.equal(a, b) for a, b in zip(last, after))  # frozen: no gradient, no weight decay
+    assert not torch.equal(mlp, student.head.mlp[0].weight)  # the rest of the student trains
+    assert all(torch.equal(a, b) for a, b in zip(teacher_before, teacher.parameters()))  # momentum 1: unchanged
+    assert all(p.grad is None for p in teacher.parameters())  # no gradient ever reaches the teacher
+    assert stats["skipped_images"] == 0 and torch.isfinite(torch.tensor(stats["loss"]))
+    assert loss_fn.center.abs().sum() > 0  # the centre was updated
+
+
+def test_unfrozen_last_layer_trains_and_teacher_follows_student(tmp_path):
+    student, teacher = tiny_pair()
+    last = student.head.last_layer.parametrizations.weight.original1.detach().clone()
+    teacher_w = teacher.head.mlp[0].weight.clone()
+    run(student, teacher, tmp_path, momentum=0.5, freeze=False)
+    assert not torch.equal(last, student.head.last_layer.parametrizations.weight.original1)
+    assert not torch.equal(teacher_w, teacher.head.mlp[0].weight)
+    records = read_jsonl(tmp_path / "log.jsonl", "train")
+    assert len(records) == 3
+    for key in ("loss", "lr", "weight_decay", "momentum", "teacher_temp", "teacher_entropy", "kl", "center_norm"):
+        assert key in records[0]

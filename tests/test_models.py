@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from dino_recog.models import DINOHead, MultiCropNet, build_backbone, update_teacher
+
+
+def tiny_vit(**kw):
+    return build_backbone("vit_small", img_size=(32, 16), patch_size=8, depth=2, embed_dim=32, num_heads=2, **kw)
+
+
+def test_vit_takes_rectangular_global_and_local_crops():
+    model, dim = tiny_vit()
+    assert dim == 32
+    assert model(torch.randn(2, 3, 32, 16)).shape == (2, 32)
+    assert model(torch.randn(3, 3, 16, 8)).shape == (3, 32)  # position embeddings interpolated
+    assert model.forward_features(torch.randn(2, 3, 32, 16)).shape == (2, 1 + 4 * 2, 32)
+
+
+def test_standard_sizes_and_resnet():
+    vit, dim = build_backbone("vit_small", img_size=(256, 128))
+    assert dim == 384 and sum(p.numel() for p in vit.parameters()) == pytest.approx(21.7e6, rel=0.02)
+    assert vit.pos_embed.shape == (1, 1 + 16 * 8, 384)
+    resnet, dim = build_backbone("resnet18", last_stride=1)
+    x = torch.randn(2, 3, 64, 32)
+    assert dim == 512 and resnet(x).shape == (2, 512)
+    assert resnet.forward_features(x).shape[-2:] == (4, 2)  # stride 16 with last stride 1
+    assert build_backbone("resnet18")[0].forward_features(x).shape[-2:] == (2, 1)
+    assert "fc.weight" not in resnet.state_dict()
+    with pytest.raises(ValueError, match="unknown backbone 'vit_huge'"):
+        build_backbone("vit_huge")
+
+
+def test_drop_path_only_where_asked():
+    student, _ = tiny_vit(drop_path_rate=0.1)
+    teacher, _ = tiny_vit()
+    assert student.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
+    assert not hasattr(teacher.blocks[-1].drop_path1, "drop_prob")
+
+
+def test_dino_head_shapes_and_frozen_magnitude():
+    head = DINOHead(32, out_dim=50, hidden_dim=64, bottleneck_dim=16)
+    assert head(torch.randn(4, 32)).shape == (4, 50)
+    g = head.last_layer.parametrizations.weight.original0
+    assert not g.requires_grad and torch.all(g == 1)
+    assert DINOHead(32, 50, norm_last_layer=False).last_layer.parametrizations.weight.original0.requires_grad
+    bn = DINOHead(32, 50, use_bn=True, hidden_dim=64, bottleneck_dim=16)
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in bn.modules()) == 2
+
+
+def test_multicrop_forward_is_crop_major_and_matches_separate_calls():
+    torch.manual_seed(0)
+    net = MultiCropNet(tiny_vit()[0], DINOHead(32, 10, hidden_dim=16, bottleneck_dim=8)).eval()
+    crops = [torch.randn(2, 3, 32, 16), torch.randn(2, 3, 32, 16), torch.randn(2, 3, 16, 8)]
+    out = net(crops)
+    assert out.shape == (6, 10)
+    for i, c in enumerate(crops):
+        torch.testing.assert_close(out[2 * i : 2 * i + 2], net(c), rtol=1e-4, atol=1e-5)
+
+
+def test_update_teacher_is_ema():
+    s, t = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    expected = 0.9 * t.weight.detach() + 0.1 * s.weight.detach()
+    update_teacher(s, t, 0.9)
+    torch.testing.assert_close(t.weight.detach(), expected)
+    with pytest.raises(ValueError, match="not the same architecture"):
+        update_teacher(s, torch.nn.Sequential(t, torch.nn.Linear(2, 2)), 0.9)

@@ -1,0 +1,266 @@
+"""Stage 1: DINO self-distillation pretraining (Caron et al. 2021) on unlabeled person images.
+
+    bash train.sh 0,1,2,3 4 train_dino.py [--config cfg_dino.yaml] [key.sub=value ...]
+    bash train.sh cpu 2 train_dino.py --config configs/demo/dino.yaml
+
+Reads top to bottom like the paper's Algorithm 1: build data, student and teacher, optimiser; then per epoch run
+`engine.train_one_epoch_dino`, checkpoint, export the teacher backbone, and evaluate it when a labeled set is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from dino_recog import checkpoint as ckpt
+from dino_recog import config as C
+from dino_recog import distributed as dist
+from dino_recog.data import datasets as ds
+from dino_recog.data.demo import ensure_demo
+from dino_recog.data.transforms import MultiCropTransform, reid_test_transform
+from dino_recog.engine import DinoStep, train_one_epoch_dino
+from dino_recog.evaluation import evaluate_rank, extract_features, knn_classify, pairwise_distance
+from dino_recog.losses import DINOLoss
+from dino_recog.models import DINOHead, MultiCropNet, build_backbone
+from dino_recog.optim import build_optimizer, param_groups
+from dino_recog.runlog import RunLog
+from dino_recog.schedules import cosine_schedule, linear_warmup, scaled_lr
+
+log = logging.getLogger("dino_recog.train_dino")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Builders: the only functions that read the config
+
+
+def unlabeled_items(spec: C.DatasetSpec, keys_file: str = "") -> list[str] | list[ds.Record] | ds.LMDBImages:
+    """The training images of a stage-1 data set (labels, if any, are ignored)."""
+    if spec.name == "demo":
+        return ds.list_image_folder(ensure_demo(spec.root) / "lup" / "images")
+    if spec.name in ("luperson", "image_folder"):
+        return ds.list_image_folder(spec.root)
+    if spec.name == "luperson_lmdb":
+        return ds.LMDBImages(spec.root, keys_file or None)
+    return load_labeled(spec).train
+
+
+def load_labeled(spec: C.DatasetSpec) -> ds.ReIDData:
+    """A labeled re-identification data set with train / query / gallery splits."""
+    if spec.name == "demo":
+        return ds.load_market1501(ensure_demo(spec.root) / "market")
+    if spec.name == "market1501":
+        return ds.load_market1501(spec.root)
+    if spec.name == "msmt17":
+        return ds.load_msmt17(spec.root, version=spec.version, use_val=spec.use_val)
+    raise ValueError(f"{spec.name!r} has no query/gallery split; expected market1501, msmt17 or demo")
+
+
+def build_data(cfg: C.DinoConfig) -> tuple[DataLoader, DistributedSampler]:
+    crops = cfg.crops
+    transform = MultiCropTransform(
+        crops.global_crops_size, crops.global_crops_scale, crops.local_crops_number, crops.local_crops_size,
+        crops.local_crops_scale, crops.part_aware_local_crops, crops.mean, crops.std,
+    )  # fmt: skip
+    items = unlabeled_items(cfg.data.train, cfg.data.keys_file) if dist.is_main_process() else None
+    items = dist.broadcast_object(items)  # list the folder once, not once per process
+    dataset = ds.ImageDataset(items, transform=transform, train=True)
+    if len(dataset) < cfg.data.batch_size_per_gpu * dist.get_world_size():
+        raise ValueError(
+            f"data.train: {len(dataset)} images in {cfg.data.train.root} is fewer than one batch "
+            f"({cfg.data.batch_size_per_gpu} per process x {dist.get_world_size()} processes)"
+        )
+    log.info(
+        "stage-1 data: %s, %d images, %d crops per image",
+        cfg.data.train.name,
+        len(dataset),
+        2 + crops.local_crops_number,
+    )
+    sampler = DistributedSampler(
+        dataset, dist.get_world_size(), dist.get_rank(), shuffle=True, seed=cfg.run.seed, drop_last=True
+    )
+    loader = DataLoader(
+        dataset, batch_size=cfg.data.batch_size_per_gpu, sampler=sampler, num_workers=cfg.data.num_workers,
+        pin_memory=torch.cuda.is_available(), drop_last=True, collate_fn=ds.collate_skip_none,
+        generator=torch.Generator(),
+    )  # fmt: skip
+    return loader, sampler
+
+
+def build_model(cfg: C.DinoConfig) -> tuple[MultiCropNet, MultiCropNet]:
+    """Student (with stochastic depth) and teacher (without); the teacher starts as a copy of the student."""
+    m = cfg.model
+
+    def net(drop_path: float) -> MultiCropNet:
+        backbone, dim = build_backbone(
+            m.arch, img_size=cfg.crops.global_crops_size, patch_size=m.patch_size, drop_path_rate=drop_path,
+            depth=m.depth or None, embed_dim=m.embed_dim or None, num_heads=m.num_heads or None,
+        )  # fmt: skip
+        head = DINOHead(dim, m.out_dim, m.use_bn_in_head, m.norm_last_layer, hidden_dim=m.hidden_dim,
+                        bottleneck_dim=m.bottleneck_dim)  # fmt: skip
+        return MultiCropNet(backbone, head)
+
+    student, teacher = net(m.drop_path_rate), net(0.0)
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad = False
+    return student, teacher
+
+
+def build_schedule(cfg: C.DinoConfig, steps_per_epoch: int):
+    """iteration -> DinoStep, from the pure schedule functions."""
+    t, d = cfg.train, cfg.dino
+    total = t.epochs * steps_per_epoch
+    lr = scaled_lr(t.lr, cfg.data.batch_size_per_gpu * dist.get_world_size())
+
+    def schedule(it: int) -> DinoStep:
+        return DinoStep(
+            lr=cosine_schedule(it, total, lr, t.min_lr, t.warmup_epochs * steps_per_epoch),
+            weight_decay=cosine_schedule(it, total, t.weight_decay, t.weight_decay_end),
+            momentum=cosine_schedule(it, total, d.momentum_teacher, 1.0),
+            teacher_temp=linear_warmup(
+                it, d.warmup_teacher_temp_epochs * steps_per_epoch, d.warmup_teacher_temp, d.teacher_temp
+            ),
+            freeze_last_layer=it < d.freeze_last_layer * steps_per_epoch,
+        )
+
+    return schedule
+
+
+def build_eval_sets(cfg: C.DinoConfig) -> tuple[ds.ImageDataset, ds.ImageDataset] | None:
+    if cfg.data.eval_set is None or cfg.eval.eval_every == 0:
+        return None
+    data = load_labeled(cfg.data.eval_set)
+    tf = reid_test_transform(cfg.crops.global_crops_size, cfg.crops.mean, cfg.crops.std)
+    return ds.ImageDataset(data.query, tf, train=False), ds.ImageDataset(data.gallery, tf, train=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def evaluate_backbone(backbone: nn.Module, eval_sets, device: torch.device, cfg: C.DinoConfig) -> dict[str, float]:
+    """kNN top-1 (query classified by its gallery neighbours, DINO's weighted vote) and rank-1 / mAP / mINP."""
+    query, gallery = eval_sets
+    qf, q_pids, q_cams = extract_features(backbone, query, device, num_workers=cfg.data.num_workers)
+    gf, g_pids, g_cams = extract_features(backbone, gallery, device, num_workers=cfg.data.num_workers)
+    bank = g_pids > 0  # distractors (pid 0) are no class
+    pred = knn_classify(gf[bank], g_pids[bank], qf, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
+    r = evaluate_rank(pairwise_distance(qf.numpy(), gf.numpy(), "cosine"), q_pids, g_pids, q_cams, g_cams)
+    return {"knn_top1": float((pred == q_pids).mean()), "rank1": float(r["cmc"][0]), "mAP": r["mAP"], "mINP": r["mINP"]}
+
+
+def main(cfg: C.DinoConfig) -> dict[str, float]:
+    out = Path(cfg.run.output_dir)
+    with dist.session(cfg.run.device) as device:
+        dist.setup_logging(str(out))
+        log.info("resolved config:\n%s", C.dump(cfg))
+        if dist.is_main_process():
+            C.save(cfg, out / "config.yaml")
+        dist.seed_everything(cfg.run.seed)
+
+        loader, sampler = build_data(cfg)
+        steps_per_epoch = len(loader)
+        student, teacher = build_model(cfg)
+        student, teacher = student.to(device), teacher.to(device)
+        if dist.get_world_size() > 1:
+            student = nn.parallel.DistributedDataParallel(
+                student, device_ids=[device.index] if device.type == "cuda" else None
+            )
+            teacher.load_state_dict(student.module.state_dict())  # DDP broadcast rank 0's student; copy it again
+        net = student.module if isinstance(student, nn.parallel.DistributedDataParallel) else student
+        loss_fn = DINOLoss(cfg.model.out_dim, 2, cfg.dino.student_temp, cfg.dino.center_momentum).to(device)
+        optimizer = build_optimizer(
+            cfg.train.optimizer, param_groups(net), 0.0, cfg.train.weight_decay, cfg.train.momentum
+        )
+        scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.run.amp == "fp16")
+        schedule = build_schedule(cfg, steps_per_epoch)
+        eval_sets = build_eval_sets(cfg)
+        runlog = RunLog(out)
+
+        start_epoch = 0
+        resume = _find_resume(cfg)
+        if resume is not None:
+            path, state = resume
+            net.load_state_dict(state["student"])
+            teacher.load_state_dict(state["teacher"])
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            loss_fn.load_state_dict(state["dino_loss"])
+            start_epoch = int(state["epoch"])
+            log.info("resumed from %s at epoch %d", path, start_epoch)
+        elif eval_sets is not None:
+            metrics = evaluate_backbone(teacher.backbone, eval_sets, device, cfg)
+            log.info("epoch 0 (random init): %s", _fmt(metrics))
+            runlog.write("eval", 0, epoch=0, **metrics)
+
+        metrics: dict[str, float] = {}
+        for epoch in range(start_epoch, cfg.train.epochs):
+            sampler.set_epoch(epoch)
+            # Augmentation randomness is a function of (seed, epoch, rank) alone, so a resumed run repeats it exactly.
+            dist.seed_everything(cfg.run.seed + 1000 * epoch)
+            loader.generator.manual_seed(cfg.run.seed + 1000 * epoch + dist.get_rank())
+            stats = train_one_epoch_dino(
+                student, teacher, loss_fn, loader, optimizer, scaler, schedule, epoch, steps_per_epoch, device,
+                cfg.run.amp, cfg.train.clip_grad, runlog, cfg.run.log_every,
+            )  # fmt: skip
+            done = epoch + 1
+            log.info("epoch %d/%d: %s", done, cfg.train.epochs, _fmt(stats))
+            runlog.write("epoch", done * steps_per_epoch, epoch=done, **stats)
+            # The teacher and the centre must be identical on every rank (DDP keeps the students in step).
+            prints = dist.fingerprints([*teacher.state_dict().values(), loss_fn.center])
+            if not torch.equal(prints, prints[:1].expand_as(prints)):
+                raise RuntimeError(f"epoch {done}: the teacher or the DINO centre differs across ranks:\n{prints}")
+            if dist.is_main_process():
+                state = {
+                    "student": net.state_dict(), "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(), "dino_loss": loss_fn.state_dict(), "epoch": done,
+                    "iteration": done * steps_per_epoch, "config": C.to_dict(cfg), "rng": ckpt.rng_state(),
+                    "teacher_fingerprints": prints.cpu(),
+                }  # fmt: skip
+                ckpt.save_checkpoint(state, out / f"checkpoint_{done:04d}.pth")
+                ckpt.prune_checkpoints(out, cfg.run.keep_last, cfg.eval.saveckp_freq)
+                if done == cfg.train.epochs or (cfg.eval.export_every and done % cfg.eval.export_every == 0):
+                    ckpt.save_checkpoint(teacher.backbone.state_dict(), out / "teacher_backbone.pth")
+            if eval_sets is not None and (done % cfg.eval.eval_every == 0 or done == cfg.train.epochs):
+                metrics = evaluate_backbone(teacher.backbone, eval_sets, device, cfg)
+                log.info("epoch %d teacher: %s", done, _fmt(metrics))
+                runlog.write("eval", done * steps_per_epoch, epoch=done, **metrics)
+            dist.barrier()
+        runlog.close()
+        return metrics
+
+
+def _find_resume(cfg: C.DinoConfig) -> tuple[Path, dict] | None:
+    if cfg.run.resume == "":
+        return None
+    if cfg.run.resume == "auto":
+        return ckpt.latest_checkpoint(cfg.run.output_dir, required=("student", "teacher", "optimizer", "epoch"))
+    return Path(cfg.run.resume), ckpt.load_checkpoint(cfg.run.resume)
+
+
+def _fmt(d: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items())
+
+
+def parse_args(argv: list[str] | None = None, default_config: str = "cfg_dino.yaml") -> tuple[str, list[str]]:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default=str(Path(__file__).with_name(default_config)), help="YAML config")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after the file")
+    args = parser.parse_args(argv)
+    return args.config, args.overrides
+
+
+if __name__ == "__main__":
+    config_path, overrides = parse_args()
+    try:
+        cfg = C.load(config_path, overrides, cls=C.DinoConfig)
+    except C.ConfigError as e:
+        sys.exit(f"config error: {e}")
+    main(cfg)
