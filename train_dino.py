@@ -9,9 +9,7 @@ Reads top to bottom like the paper's Algorithm 1: build data, student and teache
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from pathlib import Path
 
 import torch
@@ -21,15 +19,16 @@ from torch.utils.data import DataLoader, DistributedSampler
 from dino_recog import checkpoint as ckpt
 from dino_recog import config as C
 from dino_recog import distributed as dist
+from dino_recog.cli import load_config
 from dino_recog.data import datasets as ds
-from dino_recog.data.demo import ensure_demo
+from dino_recog.data.build import labeled_data, unlabeled_items
 from dino_recog.data.transforms import MultiCropTransform, reid_test_transform
 from dino_recog.engine import DinoStep, train_one_epoch_dino
-from dino_recog.evaluation import evaluate_rank, extract_features, knn_classify, pairwise_distance
+from dino_recog.evaluation import evaluate_query_gallery
 from dino_recog.losses import DINOLoss
 from dino_recog.models import DINOHead, MultiCropNet, build_backbone
 from dino_recog.optim import build_optimizer, param_groups
-from dino_recog.runlog import RunLog
+from dino_recog.runlog import RunLog, fmt_metrics
 from dino_recog.schedules import cosine_schedule, linear_warmup, scaled_lr
 
 log = logging.getLogger("dino_recog.train_dino")
@@ -37,28 +36,6 @@ log = logging.getLogger("dino_recog.train_dino")
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Builders: the only functions that read the config
-
-
-def unlabeled_items(spec: C.DatasetSpec, keys_file: str = "") -> list[str] | list[ds.Record] | ds.LMDBImages:
-    """The training images of a stage-1 data set (labels, if any, are ignored)."""
-    if spec.name == "demo":
-        return ds.list_image_folder(ensure_demo(spec.root) / "lup" / "images")
-    if spec.name in ("luperson", "image_folder"):
-        return ds.list_image_folder(spec.root)
-    if spec.name == "luperson_lmdb":
-        return ds.LMDBImages(spec.root, keys_file or None)
-    return load_labeled(spec).train
-
-
-def load_labeled(spec: C.DatasetSpec) -> ds.ReIDData:
-    """A labeled re-identification data set with train / query / gallery splits."""
-    if spec.name == "demo":
-        return ds.load_market1501(ensure_demo(spec.root) / "market")
-    if spec.name == "market1501":
-        return ds.load_market1501(spec.root)
-    if spec.name == "msmt17":
-        return ds.load_msmt17(spec.root, version=spec.version, use_val=spec.use_val)
-    raise ValueError(f"{spec.name!r} has no query/gallery split; expected market1501, msmt17 or demo")
 
 
 def build_data(cfg: C.DinoConfig) -> tuple[DataLoader, DistributedSampler]:
@@ -135,7 +112,7 @@ def build_schedule(cfg: C.DinoConfig, steps_per_epoch: int):
 def build_eval_sets(cfg: C.DinoConfig) -> tuple[ds.ImageDataset, ds.ImageDataset] | None:
     if cfg.data.eval_set is None or cfg.eval.eval_every == 0:
         return None
-    data = load_labeled(cfg.data.eval_set)
+    data = labeled_data(cfg.data.eval_set)
     tf = reid_test_transform(cfg.crops.global_crops_size, cfg.crops.mean, cfg.crops.std)
     return ds.ImageDataset(data.query, tf, train=False), ds.ImageDataset(data.gallery, tf, train=False)
 
@@ -144,14 +121,9 @@ def build_eval_sets(cfg: C.DinoConfig) -> tuple[ds.ImageDataset, ds.ImageDataset
 
 
 def evaluate_backbone(backbone: nn.Module, eval_sets, device: torch.device, cfg: C.DinoConfig) -> dict[str, float]:
-    """kNN top-1 (query classified by its gallery neighbours, DINO's weighted vote) and rank-1 / mAP / mINP."""
-    query, gallery = eval_sets
-    qf, q_pids, q_cams = extract_features(backbone, query, device, num_workers=cfg.data.num_workers)
-    gf, g_pids, g_cams = extract_features(backbone, gallery, device, num_workers=cfg.data.num_workers)
-    bank = g_pids > 0  # distractors (pid 0) are no class
-    pred = knn_classify(gf[bank], g_pids[bank], qf, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
-    r = evaluate_rank(pairwise_distance(qf.numpy(), gf.numpy(), "cosine"), q_pids, g_pids, q_cams, g_cams)
-    return {"knn_top1": float((pred == q_pids).mean()), "rank1": float(r["cmc"][0]), "mAP": r["mAP"], "mINP": r["mINP"]}
+    """Weighted kNN top-1 and rank-1/5/10, mAP, mINP of the backbone's features on the monitoring set."""
+    return evaluate_query_gallery(backbone, *eval_sets, device, num_workers=cfg.data.num_workers,
+                                  knn=(cfg.eval.knn_k, cfg.eval.knn_temperature))  # fmt: skip
 
 
 def main(cfg: C.DinoConfig) -> dict[str, float]:
@@ -168,6 +140,10 @@ def main(cfg: C.DinoConfig) -> dict[str, float]:
         student, teacher = build_model(cfg)
         student, teacher = student.to(device), teacher.to(device)
         if dist.get_world_size() > 1:
+            # BatchNorm statistics over the global batch, as the official code does (SyncBatchNorm needs CUDA).
+            if device.type == "cuda" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules()):
+                student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+                teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
             student = nn.parallel.DistributedDataParallel(
                 student, device_ids=[device.index] if device.type == "cuda" else None
             )
@@ -183,7 +159,7 @@ def main(cfg: C.DinoConfig) -> dict[str, float]:
         runlog = RunLog(out)
 
         start_epoch = 0
-        resume = _find_resume(cfg)
+        resume = ckpt.find_resume(cfg.run.resume, out, ("student", "teacher", "optimizer", "epoch"))
         if resume is not None:
             path, state = resume
             net.load_state_dict(state["student"])
@@ -195,7 +171,7 @@ def main(cfg: C.DinoConfig) -> dict[str, float]:
             log.info("resumed from %s at epoch %d", path, start_epoch)
         elif eval_sets is not None:
             metrics = evaluate_backbone(teacher.backbone, eval_sets, device, cfg)
-            log.info("epoch 0 (random init): %s", _fmt(metrics))
+            log.info("epoch 0 (random init): %s", fmt_metrics(metrics))
             runlog.write("eval", 0, epoch=0, **metrics)
 
         metrics: dict[str, float] = {}
@@ -209,7 +185,7 @@ def main(cfg: C.DinoConfig) -> dict[str, float]:
                 cfg.run.amp, cfg.train.clip_grad, runlog, cfg.run.log_every,
             )  # fmt: skip
             done = epoch + 1
-            log.info("epoch %d/%d: %s", done, cfg.train.epochs, _fmt(stats))
+            log.info("epoch %d/%d: %s", done, cfg.train.epochs, fmt_metrics(stats))
             runlog.write("epoch", done * steps_per_epoch, epoch=done, **stats)
             # The teacher and the centre must be identical on every rank (DDP keeps the students in step).
             prints = dist.fingerprints([*teacher.state_dict().values(), loss_fn.center])
@@ -228,39 +204,12 @@ def main(cfg: C.DinoConfig) -> dict[str, float]:
                     ckpt.save_checkpoint(teacher.backbone.state_dict(), out / "teacher_backbone.pth")
             if eval_sets is not None and (done % cfg.eval.eval_every == 0 or done == cfg.train.epochs):
                 metrics = evaluate_backbone(teacher.backbone, eval_sets, device, cfg)
-                log.info("epoch %d teacher: %s", done, _fmt(metrics))
+                log.info("epoch %d teacher: %s", done, fmt_metrics(metrics))
                 runlog.write("eval", done * steps_per_epoch, epoch=done, **metrics)
             dist.barrier()
         runlog.close()
         return metrics
 
 
-def _find_resume(cfg: C.DinoConfig) -> tuple[Path, dict] | None:
-    if cfg.run.resume == "":
-        return None
-    if cfg.run.resume == "auto":
-        return ckpt.latest_checkpoint(cfg.run.output_dir, required=("student", "teacher", "optimizer", "epoch"))
-    return Path(cfg.run.resume), ckpt.load_checkpoint(cfg.run.resume)
-
-
-def _fmt(d: dict) -> str:
-    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items())
-
-
-def parse_args(argv: list[str] | None = None, default_config: str = "cfg_dino.yaml") -> tuple[str, list[str]]:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", default=str(Path(__file__).with_name(default_config)), help="YAML config")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after the file")
-    args = parser.parse_args(argv)
-    return args.config, args.overrides
-
-
 if __name__ == "__main__":
-    config_path, overrides = parse_args()
-    try:
-        cfg = C.load(config_path, overrides, cls=C.DinoConfig)
-    except C.ConfigError as e:
-        sys.exit(f"config error: {e}")
-    main(cfg)
+    main(load_config(C.DinoConfig, "cfg_dino.yaml", __doc__.split("\n")[0]))

@@ -55,13 +55,25 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     qf = np.stack([histogram(r.path) for r in data.query])
     gf = np.stack([histogram(r.path) for r in data.gallery])
-    r = evaluate_rank(chi2(qf, gf), *(np.array([x.pid for x in s]) for s in (data.query, data.gallery)),
-                      *(np.array([x.camid for x in s]) for s in (data.query, data.gallery)))
-    result = {"method": "colour histogram (RGB 8^3 x 3 stripes, chi2)", "data": str(root),
-              "rank1": float(r["cmc"][0]), "rank5": float(r["cmc"][4]), "rank10": float(r["cmc"][9]),
-              "mAP": r["mAP"], "mINP": r["mINP"], "seconds": round(time.perf_counter() - t0, 1)}
-    print(f"colour-histogram baseline on {root}: rank-1 {100 * result['rank1']:.1f}  rank-5 "
-          f"{100 * result['rank5']:.1f}  mAP {100 * result['mAP']:.1f}  mINP {100 * result['mINP']:.1f}")
+    r = evaluate_rank(
+        chi2(qf, gf),
+        *(np.array([x.pid for x in s]) for s in (data.query, data.gallery)),
+        *(np.array([x.camid for x in s]) for s in (data.query, data.gallery)),
+    )
+    result = {
+        "method": "colour histogram (RGB 8^3 x 3 stripes, chi2)",
+        "data": str(root),
+        "rank1": float(r["cmc"][0]),
+        "rank5": float(r["cmc"][4]),
+        "rank10": float(r["cmc"][9]),
+        "mAP": r["mAP"],
+        "mINP": r["mINP"],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    print(
+        f"colour-histogram baseline on {root}: rank-1 {100 * result['rank1']:.1f}  rank-5 "
+        f"{100 * result['rank5']:.1f}  mAP {100 * result['mAP']:.1f}  mINP {100 * result['mINP']:.1f}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result

@@ -27,11 +27,14 @@ __all__ = [
     "load_checkpoint",
     "list_checkpoints",
     "latest_checkpoint",
+    "find_resume",
     "prune_checkpoints",
     "rng_state",
     "set_rng_state",
     "extract_backbone_state",
     "load_backbone_weights",
+    "save_reid_model",
+    "load_reid_model",
 ]
 
 log = logging.getLogger(__name__)
@@ -109,6 +112,19 @@ def latest_checkpoint(output_dir: str | os.PathLike, required: tuple[str, ...] =
         except CheckpointError as e:
             log.warning("skipping unusable checkpoint: %s", e)
     return None
+
+
+def find_resume(resume: str, output_dir: str | os.PathLike, required: tuple[str, ...]) -> tuple[Path, dict] | None:
+    """The checkpoint a run continues from: `resume` "" (none), "auto" (newest usable in output_dir) or a path."""
+    if resume == "":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(output_dir, required)
+    state = load_checkpoint(resume)
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise CheckpointError(f"{resume}: lacks {', '.join(missing)}; not a checkpoint of this stage")
+    return Path(resume), state
 
 
 def prune_checkpoints(output_dir: str | os.PathLike, keep_last: int, keep_every: int = 0) -> None:
@@ -238,3 +254,28 @@ def load_backbone_weights(model: nn.Module, path: str | os.PathLike, key: str = 
     if unexpected:
         log.warning("%d keys of %s not used: %s", len(unexpected), path, ", ".join(unexpected[:20]))
     return {"missing": missing, "unexpected": unexpected}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The exported recognition model (stage 2): weights + the plain description needed to rebuild it
+
+
+def save_reid_model(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write `model.pth`: {"format_version", "kind": "reid_model", "spec": {...}, "state_dict": {...}}."""
+    return save_checkpoint({"kind": "reid_model", "spec": dict(model.spec), "state_dict": model.state_dict()}, path)
+
+
+def load_reid_model(path: str | os.PathLike) -> nn.Module:
+    """Rebuild a ReIDModel from `model.pth` (or from a stage-2 training checkpoint, which carries the same keys)."""
+    from .models.reid import build_reid_model  # models import timm; keep checkpoint.py light for tooling
+
+    state = load_checkpoint(path)
+    if "spec" not in state or "state_dict" not in state:
+        raise CheckpointError(f"{path}: not a recognition model (expected 'spec' and 'state_dict', found "
+                              f"{', '.join(sorted(state)[:8])})")  # fmt: skip
+    model = build_reid_model(state["spec"])
+    try:
+        model.load_state_dict(state["state_dict"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the described model: {e}") from None
+    return model

@@ -34,7 +34,7 @@ __all__ = [
 T = TypeVar("T")
 
 VIT_ARCHS = ("vit_tiny", "vit_small", "vit_base")
-ARCHS = VIT_ARCHS + ("resnet50",)
+ARCHS = VIT_ARCHS + ("resnet18", "resnet50", "resnet101")
 DATASETS_LABELED = ("market1501", "msmt17", "labeled_folder", "demo")
 DATASETS_UNLABELED = ("luperson", "luperson_lmdb", "image_folder", "demo") + DATASETS_LABELED[:3]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -108,7 +108,7 @@ class DinoDataConfig:
 
 @dataclass
 class DinoModelConfig:
-    arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | resnet50
+    arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | resnet18 | resnet50 | resnet101
     patch_size: int = 16  # ViT patch size (16 or 8)
     drop_path_rate: float = 0.1  # stochastic depth, student only (official 0.1)
     depth: int = 0  # ViT blocks; 0 = the architecture's (12)
@@ -297,7 +297,7 @@ class ReIDAugConfig:
 
 @dataclass
 class RecogModelConfig:
-    arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | resnet50
+    arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | resnet18 | resnet50 | resnet101
     patch_size: int = 16  # ViT patch size
     drop_path_rate: float = 0.1  # stochastic depth (TransReID 0.1)
     depth: int = 0  # ViT blocks; 0 = the architecture's (12)
@@ -407,19 +407,10 @@ class RecogEvalConfig:
     eval_every: int = 10  # epochs between query/gallery evaluations (0 = only at the end)
     metric: str = "cosine"  # cosine | euclidean distance between embeddings (fast-reid default cosine)
     flip: bool = False  # average the features of the image and its mirror
-    rerank: bool = False  # k-reciprocal re-ranking (Zhong et al. 2017)
-    rerank_k1: int = 20  # (fast-reid, PASS 20; TransReID 50)
-    rerank_k2: int = 6  # (fast-reid, PASS 6; TransReID 15)
-    rerank_lambda: float = 0.3  # weight of the original distance (0.3 everywhere)
-    max_rank: int = 50  # length of the CMC curve
 
     def validate(self, path: str) -> None:
         _non_negative(path + ".eval_every", self.eval_every)
         _choice(path + ".metric", self.metric, ("cosine", "euclidean"))
-        _positive(path + ".rerank_k1", self.rerank_k1)
-        _positive(path + ".rerank_k2", self.rerank_k2)
-        _unit_interval(path + ".rerank_lambda", self.rerank_lambda)
-        _positive(path + ".max_rank", self.max_rank)
 
 
 @dataclass

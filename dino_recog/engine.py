@@ -19,7 +19,14 @@ from .models.dino import update_teacher
 from .optim import set_schedule
 from .runlog import RunLog
 
-__all__ = ["DinoStep", "NonFiniteLossError", "autocast_context", "train_one_epoch_dino"]
+__all__ = [
+    "DinoStep",
+    "NonFiniteLossError",
+    "RecogLosses",
+    "autocast_context",
+    "train_one_epoch_dino",
+    "train_one_epoch_recog",
+]
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +93,7 @@ def train_one_epoch_dino(
         Epoch averages: loss, and the number of skipped (undecodable) images.
     """
     student.train()
-    teacher.eval()
+    teacher.train()  # as in the official code: BatchNorm (ResNet, BN head) normalises with the batch statistics
     net = _unwrap(student)
     last_layer = [p for n, p in net.head.named_parameters() if n.startswith("last_layer")]
     loss_sum, n_loss, skipped = torch.zeros((), device=device), 0, 0
@@ -145,6 +152,124 @@ def train_one_epoch_dino(
     if skipped:
         log.warning("epoch %d: skipped %d undecodable training images (see the warnings above)", epoch, skipped)
     return {"loss": loss_avg, "skipped_images": skipped, "images_per_s": images / (time.perf_counter() - t_start)}
+
+
+@dataclass
+class RecogLosses:
+    """The stage-2 loss terms that are switched on, with their weights (a weight of 0 means the term is absent)."""
+
+    terms: dict[str, tuple[float, nn.Module]]  # name -> (weight, loss); see train_recog.build_losses
+    teacher: nn.Module | None = None  # frozen recognition model for distillation
+
+    def __call__(self, out: dict, labels: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Weighted sum of the terms. CE / distillation read the classifier logits, triplet / centre the feature
+        before the BN neck, CosFace / ArcFace the feature after it (they bring their own class weights)."""
+        values = {}
+        for name, (_weight, fn) in self.terms.items():
+            if name == "ce":
+                values[name] = fn(out["logits"], labels)
+            elif name == "distill":
+                with torch.no_grad():
+                    teacher_logits = self.teacher(images)["logits"]
+                values[name] = fn(out["logits"], labels, teacher_logits)
+            elif name in ("triplet", "center"):
+                values[name] = fn(out["feat"], labels)
+            else:  # cosface, arcface
+                values[name] = fn(out["neck"], labels)
+        total = sum(self.terms[k][0] * v for k, v in values.items())
+        return total, values
+
+
+def train_one_epoch_recog(
+    model: nn.Module,
+    losses: RecogLosses,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    schedule: Callable[[int], float],
+    epoch: int,
+    steps_per_epoch: int,
+    device: torch.device,
+    amp: str,
+    clip_grad: float,
+    runlog: RunLog,
+    log_every: int = 50,
+    center_optimizer: torch.optim.Optimizer | None = None,
+) -> dict[str, float]:
+    """One epoch of supervised re-identification training on P x K batches.
+
+    Args:
+        model: the DDP-wrapped (or plain) ReIDModel, in train mode returning {"feat", "neck", "logits"}.
+        schedule: iteration -> learning rate (times each group's lr_scale).
+        center_optimizer: the separate optimiser of the centre-loss centres (BoT), if that term is on.
+
+    Returns:
+        Epoch averages of the total loss and of each term, the batch accuracy of the classifier, skipped images.
+    """
+    model.train()
+    sums: dict[str, torch.Tensor] = {}
+    correct = seen = n = skipped = 0
+    t_start, images = time.perf_counter(), 0
+    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not dist.is_main_process(), leave=False)
+    for i, (batch, n_bad) in enumerate(loader):
+        skipped += n_bad
+        if batch is None:
+            continue
+        it = epoch * steps_per_epoch + i
+        lr = schedule(it)
+        set_schedule(optimizer, lr)
+        x, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        with autocast_context(device, amp):
+            out = model(x)
+            loss, values = losses(out, labels, x)
+        if not torch.isfinite(loss):
+            terms = ", ".join(f"{k} {v.item():.4g}" for k, v in values.items())
+            raise NonFiniteLossError(f"non-finite loss {loss.item()} at epoch {epoch}, iteration {it} ({terms})")
+        optimizer.zero_grad(set_to_none=True)
+        if center_optimizer is not None:
+            center_optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if clip_grad > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(_unwrap(model).parameters(), clip_grad)
+        scaler.step(optimizer)
+        if center_optimizer is not None:
+            # The centre loss is weighted in the total; undo that on the centres' own update (as BoT does).
+            weight = losses.terms["center"][0]
+            for p in center_optimizer.param_groups[0]["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(1.0 / (weight * scaler.get_scale()))
+            center_optimizer.step()
+        scaler.update()
+
+        for k, v in [("loss", loss), *values.items()]:
+            sums[k] = sums.get(k, 0.0) + v.detach().float()
+        if out["logits"] is not None:
+            correct += (out["logits"].argmax(1) == labels).sum()
+            seen += len(labels)
+        n += 1
+        images += len(labels) * dist.get_world_size()
+        if it % log_every == 0:
+            rate = images / (time.perf_counter() - t_start)
+            runlog.write(
+                "train",
+                it,
+                epoch=epoch,
+                lr=lr,
+                images_per_s=rate,
+                **{k: v.item() for k, v in [("loss", loss), *values.items()]},
+            )
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+        bar.update(1)
+    bar.close()
+    stats = {k: dist.all_reduce_mean(v / max(n, 1)).item() for k, v in sums.items()}
+    if seen:
+        stats["train_acc"] = float(correct) / seen
+    skipped = int(dist.all_reduce_sum(torch.tensor([skipped], device=device)).item())
+    if skipped:
+        log.warning("epoch %d: skipped %d undecodable training images (see the warnings above)", epoch, skipped)
+    stats.update(skipped_images=skipped, images_per_s=images / (time.perf_counter() - t_start))
+    return stats
 
 
 def _warn_collapse(loss: float, stats: dict[str, float], it: int, epoch: int, out_dim: int) -> None:

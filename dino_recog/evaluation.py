@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from . import distributed as dist
 
-__all__ = ["evaluate_rank", "pairwise_distance", "extract_features", "knn_classify"]
+__all__ = ["evaluate_rank", "pairwise_distance", "extract_features", "knn_classify", "evaluate_query_gallery"]
 
 
 @torch.no_grad()
@@ -197,3 +197,36 @@ def evaluate_rank(
         "num_valid": num_valid,
         "num_skipped": num_q - num_valid,
     }
+
+
+def evaluate_query_gallery(
+    model: nn.Module,
+    query: Dataset,
+    gallery: Dataset,
+    device: torch.device,
+    metric: str = "cosine",
+    flip: bool = False,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    knn: tuple[int, float] | None = None,
+) -> dict[str, float]:
+    """Extract query and gallery features with `model` and run the re-identification protocol.
+
+    Args:
+        knn: (k, temperature) to also report DINO's weighted-kNN top-1, each query classified by its gallery
+            neighbours (distractors, pid 0, are no class).
+
+    Returns:
+        rank1, rank5, rank10, mAP, mINP (fractions), num_skipped queries, and knn_top1 when asked.
+    """
+    qf, q_pids, q_cams = extract_features(model, query, device, batch_size, num_workers, flip)
+    gf, g_pids, g_cams = extract_features(model, gallery, device, batch_size, num_workers, flip)
+    r = evaluate_rank(pairwise_distance(qf.numpy(), gf.numpy(), metric), q_pids, g_pids, q_cams, g_cams)
+    cmc = r["cmc"]
+    out = {f"rank{k}": float(cmc[min(k, len(cmc)) - 1]) for k in (1, 5, 10)}
+    out.update(mAP=r["mAP"], mINP=r["mINP"], num_skipped=r["num_skipped"])
+    if knn is not None:
+        bank = g_pids > 0
+        pred = knn_classify(gf[bank], g_pids[bank], qf, k=knn[0], temperature=knn[1])
+        out["knn_top1"] = float((pred == q_pids).mean())
+    return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = ["param_groups", "build_optimizer", "set_schedule"]
+__all__ = ["param_groups", "reid_param_groups", "vit_layer_id", "build_optimizer", "set_schedule"]
 
 
 def param_groups(model: nn.Module) -> list[dict]:
@@ -20,6 +20,44 @@ def param_groups(model: nn.Module) -> list[dict]:
             continue
         (no_decay if name.endswith(".bias") or p.ndim <= 1 else decay).append(p)
     return [{"params": decay, "apply_wd": True}, {"params": no_decay, "weight_decay": 0.0, "apply_wd": False}]
+
+
+def vit_layer_id(name: str, num_layers: int) -> int:
+    """Depth of a timm ViT parameter for layer-wise lr decay (BEiT, MAE): embeddings 0, block i -> i + 1, rest L + 1."""
+    if name.startswith(("cls_token", "pos_embed", "reg_token", "patch_embed")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return num_layers + 1
+
+
+def reid_param_groups(model: nn.Module, bias_lr_factor: float = 1.0, head_lr_factor: float = 1.0,
+                      layer_decay: float = 1.0) -> list[dict]:  # fmt: skip
+    """Parameter groups of a ReIDModel (`backbone` + `head`) with per-group `lr_scale`.
+
+    - biases get lr x `bias_lr_factor` (the TransReID family uses 2) and, like 1-D parameters, no weight decay;
+    - the new head (neck, classifier, embedding) gets lr x `head_lr_factor`;
+    - with `layer_decay` < 1 a ViT backbone's parameter at depth l gets lr x layer_decay^(L + 1 - l).
+    """
+    blocks = getattr(model.backbone, "blocks", None)
+    num_layers = len(blocks) if blocks is not None else 0
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = 1.0
+        if name.startswith("backbone.") and layer_decay < 1.0 and num_layers:
+            scale *= layer_decay ** (num_layers + 1 - vit_layer_id(name.removeprefix("backbone."), num_layers))
+        if not name.startswith("backbone."):
+            scale *= head_lr_factor
+        no_decay = name.endswith(".bias") or p.ndim <= 1
+        if name.endswith(".bias"):
+            scale *= bias_lr_factor
+        groups.setdefault((scale, not no_decay), []).append(p)
+    return [
+        {"params": ps, "lr_scale": scale, "apply_wd": decay, **({} if decay else {"weight_decay": 0.0})}
+        for (scale, decay), ps in groups.items()
+    ]
 
 
 def build_optimizer(

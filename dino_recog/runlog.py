@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import distributed as dist
 
-__all__ = ["RunLog", "read_jsonl"]
+__all__ = ["RunLog", "read_jsonl", "fmt_metrics"]
 
 
 class RunLog:
@@ -52,3 +52,8 @@ def read_jsonl(path: str | os.PathLike, kind: str | None = None) -> list[dict]:
     """The records of a log.jsonl, optionally only those of one `kind`."""
     records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     return [r for r in records if kind is None or r.get("kind") == kind]
+
+
+def fmt_metrics(d: dict) -> str:
+    """`key value, ...` with 4 significant digits, for log lines."""
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items())

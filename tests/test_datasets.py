@@ -58,11 +58,21 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 def make_market(root: Path) -> Path:
     names = {
-        "bounding_box_train": ["0002_c1s1_000451_03.jpg", "0002_c3s1_000551_01.jpg", "0007_c2s1_000123_01.jpg",
-                               "1500_c6s4_001234_02.jpg"],
+        "bounding_box_train": [
+            "0002_c1s1_000451_03.jpg",
+            "0002_c3s1_000551_01.jpg",
+            "0007_c2s1_000123_01.jpg",
+            "1500_c6s4_001234_02.jpg",
+        ],
         "query": ["0002_c2s1_000301_00.jpg", "0007_c5s1_000401_00.jpg"],
-        "bounding_box_test": ["0002_c1s1_000101_01.jpg", "0007_c4s2_000201_02.jpg", "0000_c1s1_000001_01.jpg",
-                              "0000_c6s1_000002_01.jpg", "-1_c1s1_000003_01.jpg", "-1_c3s1_000004_01.jpg"],
+        "bounding_box_test": [
+            "0002_c1s1_000101_01.jpg",
+            "0007_c4s2_000201_02.jpg",
+            "0000_c1s1_000001_01.jpg",
+            "0000_c6s1_000002_01.jpg",
+            "-1_c1s1_000003_01.jpg",
+            "-1_c3s1_000004_01.jpg",
+        ],
     }
     for split, files in names.items():
         for name in files:
@@ -114,12 +124,18 @@ def test_market_errors(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------- MSMT17
 
 MSMT_LISTS = {
-    "list_train.txt": ["0000/0000_000_01_0303morning_0015_0.jpg 0", "0000/0000_001_01_0303morning_0016_0.jpg 0",
-                       "0003/0003_000_14_0303noon_0901_1.jpg 3"],
+    "list_train.txt": [
+        "0000/0000_000_01_0303morning_0015_0.jpg 0",
+        "0000/0000_001_01_0303morning_0016_0.jpg 0",
+        "0003/0003_000_14_0303noon_0901_1.jpg 3",
+    ],
     "list_val.txt": ["0001/0001_000_15_0303afternoon_0040_0.jpg 1"],
     "list_query.txt": ["0000/0000_000_05_0303morning_0100_0.jpg 0", "0001/0001_000_02_0303noon_0111_0.jpg 1"],
-    "list_gallery.txt": ["0000/0000_001_07_0303morning_0200_0.jpg 0", "0001/0001_002_03_0303noon_0211_1.jpg 1",
-                         "0002/0002_000_11_0304morning_0001_0.jpg 2"],
+    "list_gallery.txt": [
+        "0000/0000_001_07_0303morning_0200_0.jpg 0",
+        "0001/0001_002_03_0303noon_0211_1.jpg 1",
+        "0002/0002_000_11_0304morning_0001_0.jpg 2",
+    ],
 }
 
 
@@ -214,8 +230,9 @@ def test_lmdb_through_dataloader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert (tmp_path / "lup" / "keys.txt").read_text().split() == sorted(images)
 
     # batch_size=1: the images have different widths, as LUPerson's do.
-    loader = DataLoader(ImageDataset(reader, transform=to_tensor), batch_size=1, num_workers=2,
-                        collate_fn=collate_skip_none)
+    loader = DataLoader(
+        ImageDataset(reader, transform=to_tensor), batch_size=1, num_workers=2, collate_fn=collate_skip_none
+    )
     seen = []
     for (imgs, pids, camids, idx), skipped in loader:
         assert skipped == 0 and pids.tolist() == camids.tolist() == [-1] * len(idx)
@@ -348,8 +365,17 @@ def test_image_dataset_skips_or_raises(tmp_path: Path, caplog: pytest.LogCapture
 
 
 def test_list_image_folder(tmp_path: Path) -> None:
-    for rel in ["b/x/1.JPG", "b/2.Png", "a.jpeg", "c/d/e/3.webp", "c/4.bmp", "notes.txt", "b/.hidden.jpg",
-                ".cache/5.jpg", "c/Thumbs.db"]:
+    for rel in [
+        "b/x/1.JPG",
+        "b/2.Png",
+        "a.jpeg",
+        "c/d/e/3.webp",
+        "c/4.bmp",
+        "notes.txt",
+        "b/.hidden.jpg",
+        ".cache/5.jpg",
+        "c/Thumbs.db",
+    ]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"")
     found = [os.path.relpath(p, tmp_path) for p in list_image_folder(tmp_path)]
@@ -368,7 +394,12 @@ def test_labeled_folder_and_combine(tmp_path: Path, caplog: pytest.LogCaptureFix
     (root / "empty_id").mkdir()
     records = load_labeled_folder(root, name="people")
     assert [(os.path.basename(r.path), r.pid, r.camid) for r in records] == [
-        ("a_c1.jpg", 0, 0), ("a_c4_7.png", 0, 3), ("b_c2.jpg", 1, 1), ("zoe_c2_01.jpg", 2, 1), ("zoe_c3_02.jpg", 2, 2)]
+        ("a_c1.jpg", 0, 0),
+        ("a_c4_7.png", 0, 3),
+        ("b_c2.jpg", 1, 1),
+        ("zoe_c2_01.jpg", 2, 1),
+        ("zoe_c3_02.jpg", 2, 2),
+    ]
 
     caplog.set_level(logging.WARNING, logger=LOGGER)
     nocam = tmp_path / "nocam"

@@ -23,8 +23,11 @@ MARKET_DIRS = ("bounding_box_train", "query", "bounding_box_test")
 
 
 def _hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _parse(folder: Path) -> list[tuple[int, int, Path]]:
@@ -178,8 +181,9 @@ def test_ensure_demo_refuses_unfinished_directory(tmp_path: Path, small_ensure: 
 
 def test_ensure_demo_recovers_from_interrupted_generation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "demo"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     for pid in (123, int(dead.stdout), os.getpid()):  # leftovers that look like killed runs
         (tmp_path / f".demo.tmp-{pid}" / "market").mkdir(parents=True)
         (tmp_path / f".demo.tmp-{pid}" / "market" / "0001_c1s1_000001_01.jpg").touch()
@@ -201,8 +205,24 @@ def test_ensure_demo_recovers_from_interrupted_generation(tmp_path: Path, monkey
 
 def test_cli_prints_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
-    args = ["--out", str(out), "--train-ids", "4", "--test-ids", "3", "--unlabeled-ids", "2", "--distractors", "2",
-            "--junk", "1", "--cameras", "3", "--seed", "5"]
+    args = [
+        "--out",
+        str(out),
+        "--train-ids",
+        "4",
+        "--test-ids",
+        "3",
+        "--unlabeled-ids",
+        "2",
+        "--distractors",
+        "2",
+        "--junk",
+        "1",
+        "--cameras",
+        "3",
+        "--seed",
+        "5",
+    ]
     assert demo.main(args) == 0
     printed = capsys.readouterr().out
     for word in ("train", "query", "gallery", "unlabeled", "ids", "images", "cameras"):
@@ -224,8 +244,9 @@ def test_cli_prints_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_minimal_set(tmp_path: Path) -> None:
-    stats = demo.generate(tmp_path / "min", seed=2, train_ids=1, test_ids=1, cameras=2, unlabeled_ids=0,
-                          distractors=0, junk=0)
+    stats = demo.generate(
+        tmp_path / "min", seed=2, train_ids=1, test_ids=1, cameras=2, unlabeled_ids=0, distractors=0, junk=0
+    )
     assert stats["splits"]["unlabeled"] == {"ids": 0, "images": 0}
     assert (tmp_path / "min" / "lup" / "images").is_dir()
     assert stats["splits"]["query"]["ids"] == 1 and stats["splits"]["gallery"]["images"] >= 1

@@ -30,6 +30,7 @@ def batches(n=3, b=4):
 def run(student, teacher, tmp_path, momentum=0.996, freeze=False, steps=3):
     loss_fn = DINOLoss(64)
     opt = build_optimizer("adamw", param_groups(student), 1e-3, 0.04)
+
     def schedule(it):
         return DinoStep(
             lr=1e-3,
@@ -38,6 +39,7 @@ def run(student, teacher, tmp_path, momentum=0.996, freeze=False, steps=3):
             teacher_temp=0.04,
             freeze_last_layer=freeze,
         )
+
     log = RunLog(tmp_path, tensorboard=False)
     stats = train_one_epoch_dino(
         student,

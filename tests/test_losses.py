@@ -72,3 +72,97 @@ def test_collapse_stats_detect_both_modes():
     one_dim[:, 3] = 10.0
     stats = collapse_stats(one_dim, one_dim, torch.zeros(1, k), 0.1, 0.04)
     assert stats["teacher_batch_entropy"] < 1e-3 and stats["teacher_entropy"] < 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stage-2 losses
+
+from dino_recog.losses import (  # noqa: E402
+    ArcFaceLoss,
+    CenterLoss,
+    CosFaceLoss,
+    CrossEntropyLabelSmooth,
+    DistillationLoss,
+    TripletLoss,
+)
+
+
+def unit_at_angles(angles):
+    """2-D unit features at the given angles (radians) and a weight matrix with classes at angle 0 and pi/2."""
+    f = torch.tensor([[math.cos(a), math.sin(a)] for a in angles])
+    return f
+
+
+@pytest.mark.parametrize(
+    "cls, expected", [(CosFaceLoss, lambda t, m: math.cos(t) - m), (ArcFaceLoss, lambda t, m: math.cos(t + m))]
+)
+def test_margin_logits_for_known_angles(cls, expected):
+    loss = cls(2, 2, s=10.0, m=0.3)
+    with torch.no_grad():
+        loss.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 5.0]]))  # class 0 at angle 0, class 1 at pi/2 (unnormalised)
+    theta = 0.4
+    logits = loss.logits(unit_at_angles([theta]) * 3.0, torch.tensor([0]))  # feature norm does not matter
+    assert logits[0, 0].item() == pytest.approx(10 * expected(theta, 0.3), abs=1e-5)
+    assert logits[0, 1].item() == pytest.approx(10 * math.cos(math.pi / 2 - theta), abs=1e-5)  # non-target: s cos
+
+
+@pytest.mark.parametrize("cls", [CosFaceLoss, ArcFaceLoss])
+def test_zero_margin_is_scaled_cosine_cross_entropy(cls):
+    torch.manual_seed(0)
+    f, y = torch.randn(6, 4), torch.randint(0, 5, (6,))
+    loss = cls(4, 5, s=16.0, m=0.0)
+    cos = F.normalize(f, dim=1) @ F.normalize(loss.weight, dim=1).t()
+    assert loss(f, y).item() == pytest.approx(F.cross_entropy(16.0 * cos, y).item(), rel=1e-5)
+
+
+def test_arcface_fallback_near_pi():
+    loss = ArcFaceLoss(2, 2, s=1.0, m=0.5)
+    with torch.no_grad():
+        loss.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    theta = math.pi - 0.2  # theta + m > pi
+    logit = loss.logits(unit_at_angles([theta]), torch.tensor([0]))[0, 0].item()
+    assert logit == pytest.approx(math.cos(theta) - 0.5 * math.sin(0.5), abs=1e-5)
+    assert logit < math.cos(theta)  # still a penalty, and monotone: no wrap-around of cos(theta + m)
+    near = loss.logits(unit_at_angles([math.pi - 0.5 - 0.01]), torch.tensor([0]))[0, 0].item()
+    assert near == pytest.approx(math.cos(math.pi - 0.01), abs=1e-4)  # just inside: cos(theta + m)
+
+
+def test_triplet_picks_hardest_positive_and_negative():
+    # 1-D features: class 0 at 0, 1, 3; class 1 at 4, 10. Anchor 0 (x=0): hardest pos 3, hardest neg 4.
+    f = torch.tensor([[0.0], [1.0], [3.0], [4.0], [10.0]])
+    y = torch.tensor([0, 0, 0, 1, 1])
+    hp = torch.tensor([3.0, 2.0, 3.0, 6.0, 6.0])
+    hn = torch.tensor([4.0, 3.0, 1.0, 1.0, 7.0])
+    assert TripletLoss(margin=0.5)(f, y).item() == pytest.approx(F.relu(hp - hn + 0.5).mean().item())
+    assert TripletLoss(margin=0.0)(f, y).item() == pytest.approx(F.softplus(hp - hn).mean().item())
+    cos = TripletLoss(0.3, metric="cosine")(torch.tensor([[1.0, 0], [1, 0.1], [0, 1]]), torch.tensor([0, 0, 1]))
+    assert cos.item() >= 0
+    assert TripletLoss()(torch.randn(3, 2, requires_grad=True), torch.tensor([0, 1, 2])).item() == 0.0  # no positive
+
+
+def test_label_smoothing_zero_is_cross_entropy_and_value():
+    z, y = torch.randn(4, 6), torch.tensor([0, 5, 2, 2])
+    assert CrossEntropyLabelSmooth(6, 0.0)(z, y).item() == pytest.approx(F.cross_entropy(z, y).item())
+    eps = 0.1
+    ref = (-((1 - eps) * F.one_hot(y, 6) + eps / 6) * F.log_softmax(z, 1)).sum(1).mean()
+    assert CrossEntropyLabelSmooth(6, eps)(z, y).item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_distillation_alpha_zero_is_ce_and_teacher_gets_no_gradient():
+    z = torch.randn(5, 4, requires_grad=True)
+    zt = torch.randn(5, 4, requires_grad=True)
+    y = torch.randint(0, 4, (5,))
+    assert DistillationLoss(alpha=0.0)(z, y, zt).item() == pytest.approx(F.cross_entropy(z, y).item())
+    loss = DistillationLoss(alpha=0.7, temperature=3.0)(z, y, zt)
+    kl = (F.softmax(zt / 3, 1) * (F.log_softmax(zt / 3, 1) - F.log_softmax(z / 3, 1))).sum(1).mean()
+    assert loss.item() == pytest.approx((F.cross_entropy(z, y) + 0.7 * 9 * kl).item(), rel=1e-5)
+    loss.backward()
+    assert z.grad is not None and zt.grad is None
+
+
+def test_center_loss_value():
+    loss = CenterLoss(2, 3)
+    with torch.no_grad():
+        loss.weight.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 0.0]]))
+    f = torch.tensor([[1.0, 0.0], [1.0, 3.0]])
+    assert loss(f, torch.tensor([0, 1])).item() == pytest.approx(0.5 * (1 + 4) / 2)

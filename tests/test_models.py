@@ -64,3 +64,30 @@ def test_update_teacher_is_ema():
     torch.testing.assert_close(t.weight.detach(), expected)
     with pytest.raises(ValueError, match="not the same architecture"):
         update_teacher(s, torch.nn.Sequential(t, torch.nn.Linear(2, 2)), 0.9)
+
+
+def test_bnneck_train_returns_both_features_and_eval_the_normalised_one():
+    from dino_recog.models import BNNeckHead, ReIDModel
+
+    torch.manual_seed(0)
+    model = ReIDModel(tiny_vit()[0], BNNeckHead(32, num_classes=7, pool="cls_mean"))
+    x = torch.randn(6, 3, 32, 16)
+    out = model.train()(x)
+    assert out["feat"].shape == (6, 64) and out["neck"].shape == (6, 64) and out["logits"].shape == (6, 7)
+    bn = model.head.neck
+    manual = (out["feat"] - out["feat"].mean(0)) / torch.sqrt(out["feat"].var(0, unbiased=False) + bn.eps)
+    torch.testing.assert_close(out["neck"], manual * bn.weight + bn.bias, rtol=1e-4, atol=1e-4)
+    assert not bn.bias.requires_grad and model.head.classifier.bias is None
+    emb = model.eval()(x)
+    assert emb.shape == (6, 64)
+    feat = model.backbone.forward_features(x)
+    pooled = torch.cat([feat[:, 0], feat[:, 1:].mean(1)], 1)
+    torch.testing.assert_close(emb, (pooled - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight)
+
+
+def test_resnet_gem_head():
+    from dino_recog.models import BNNeckHead, ReIDModel
+
+    backbone, dim = build_backbone("resnet18", last_stride=1)
+    model = ReIDModel(backbone, BNNeckHead(dim, 5, pool="gem", embedding_dim=16)).eval()
+    assert model(torch.randn(2, 3, 64, 32)).shape == (2, 16)

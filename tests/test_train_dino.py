@@ -4,12 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from dino_recog import checkpoint as ckpt
 from dino_recog import config as C
-from dino_recog.data.demo import generate
 from dino_recog.runlog import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,13 +21,6 @@ TINY = [
     "data.batch_size_per_gpu=8", "data.num_workers=0", "train.epochs=2", "train.warmup_epochs=1",
     "run.log_every=1", "run.amp=fp32", "eval.eval_every=0", "eval.export_every=1",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def small_demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    generate(root, seed=3, train_ids=12, test_ids=8, unlabeled_ids=16, distractors=4, junk=2)
-    return root
 
 
 def tiny_cfg(small_demo, out, *extra):

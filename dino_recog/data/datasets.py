@@ -152,8 +152,9 @@ def _msmt_version(root: Path, version: str) -> str:
     if version == "auto":
         if len(present) != 1:
             found = "both" if present else "neither"
-            raise DatasetLayoutError(f"{root} has {found} of the V1/V2 image folders; pass version='V1' or 'V2'. "
-                                     f"{_MSMT_LAYOUT}")
+            raise DatasetLayoutError(
+                f"{root} has {found} of the V1/V2 image folders; pass version='V1' or 'V2'. {_MSMT_LAYOUT}"
+            )
         return present[0]
     version = version.upper()
     if version not in _MSMT_DIRS:
@@ -178,8 +179,9 @@ def _msmt_list(list_file: Path, image_dir: Path) -> list[Record]:
                 if pid < 0 or not 1 <= cam <= 15:
                     raise ValueError(f"pid {pid} / camera {cam} outside >=0 / 1..15")
             except (ValueError, IndexError) as e:
-                raise DatasetLayoutError(f"{list_file}:{lineno}: malformed line {line.rstrip()!r} ({e}); "
-                                         f"{_MSMT_LAYOUT}") from e
+                raise DatasetLayoutError(
+                    f"{list_file}:{lineno}: malformed line {line.rstrip()!r} ({e}); {_MSMT_LAYOUT}"
+                ) from e
             records.append(Record(str(image_dir / rel), pid, cam - 1))
     if not records:
         raise DatasetLayoutError(f"list file {list_file} has no entries")
@@ -221,8 +223,11 @@ def _find_images(root: Path) -> list[str]:
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found += [os.path.join(dirpath, f) for f in filenames
-                  if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
+        found += [
+            os.path.join(dirpath, f)
+            for f in filenames
+            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+        ]
     return sorted(found)
 
 
@@ -271,9 +276,14 @@ def load_labeled_folder(root: str | os.PathLike, name: str = "folder") -> list[R
     if not records:
         raise DatasetLayoutError(f"no images under {root}; {layout}")
     if no_camera:
-        logger.warning("%s: no camera (_c<number>) in %d of %d file names under %s; using camid 0 for them. "
-                       "Same-camera filtering would remove every true match if this folder is used as query/gallery.",
-                       name, no_camera, len(records), root)
+        logger.warning(
+            "%s: no camera (_c<number>) in %d of %d file names under %s; using camid 0 for them. "
+            "Same-camera filtering would remove every true match if this folder is used as query/gallery.",
+            name,
+            no_camera,
+            len(records),
+            root,
+        )
     return records
 
 
@@ -338,8 +348,10 @@ def read_image(source: str | os.PathLike | bytes, name: str | None = None) -> Im
         with Image.open(io.BytesIO(source) if is_bytes else source) as img:
             limit = Image.MAX_IMAGE_PIXELS
             if limit is not None and img.width * img.height > limit:
-                raise CorruptImageError(f"{label}: {img.width}x{img.height} pixels exceeds Image.MAX_IMAGE_PIXELS "
-                                        f"({limit}); refusing to decode it")
+                raise CorruptImageError(
+                    f"{label}: {img.width}x{img.height} pixels exceeds Image.MAX_IMAGE_PIXELS "
+                    f"({limit}); refusing to decode it"
+                )
             img.load()  # decode everything now so truncated files fail here rather than inside a transform
             return _to_rgb(img)
     except CorruptImageError:
@@ -408,8 +420,10 @@ class LMDBImages:
         self.path = os.path.abspath(path)
         data_file = os.path.join(self.path, "data.mdb") if os.path.isdir(self.path) else self.path
         if not os.path.isfile(data_file):
-            raise DatasetLayoutError(f"missing LMDB data file {data_file}; expected an LMDB folder holding data.mdb "
-                                     "(as LUPerson's convert_lmdb.py writes it)")
+            raise DatasetLayoutError(
+                f"missing LMDB data file {data_file}; expected an LMDB folder holding data.mdb "
+                "(as LUPerson's convert_lmdb.py writes it)"
+            )
         if keys_file is not None:
             self.keys: list[str] = _read_keys_file(os.fspath(keys_file))
         else:
@@ -425,8 +439,9 @@ class LMDBImages:
             if os.path.isfile(cache) and os.path.getmtime(cache) >= data_mtime:  # an older list may miss new keys
                 return _read_keys_file(cache)
         with _shared_env(self.path).begin() as txn:
-            keys = [k.decode("utf-8") for k in txn.cursor().iternext(keys=True, values=False)
-                    if not k.startswith(b"__")]
+            keys = [
+                k.decode("utf-8") for k in txn.cursor().iternext(keys=True, values=False) if not k.startswith(b"__")
+            ]
         for cache in candidates:
             try:
                 _write_atomic(cache, keys)
@@ -464,8 +479,12 @@ class ImageDataset(Dataset):
         train: skip (True) or raise on (False) corrupt images.
     """
 
-    def __init__(self, items: Sequence[Record] | Sequence[str] | LMDBImages,
-                 transform: Callable[[Image.Image], Any] | None = None, train: bool = True) -> None:
+    def __init__(
+        self,
+        items: Sequence[Record] | Sequence[str] | LMDBImages,
+        transform: Callable[[Image.Image], Any] | None = None,
+        train: bool = True,
+    ) -> None:
         self.items = items
         self.transform = transform
         self.train = train

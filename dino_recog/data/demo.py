@@ -42,19 +42,54 @@ _S_PIDS, _S_CAMERA, _S_LABELLED, _S_DISTRACTOR, _S_JUNK, _S_VIDEO, _S_UNLABELED 
 
 # A small shared palette: many identities wear the same colours, so identity lies in the combination of parts.
 _PALETTE: dict[str, Colour] = {
-    "black": (28, 28, 32), "white": (232, 232, 226), "grey": (125, 125, 128), "navy": (32, 42, 92),
-    "blue": (52, 100, 188), "red": (178, 36, 42), "green": (42, 118, 62), "yellow": (222, 192, 52),
-    "brown": (108, 70, 42), "beige": (198, 178, 138), "pink": (224, 140, 168),
+    "black": (28, 28, 32),
+    "white": (232, 232, 226),
+    "grey": (125, 125, 128),
+    "navy": (32, 42, 92),
+    "blue": (52, 100, 188),
+    "red": (178, 36, 42),
+    "green": (42, 118, 62),
+    "yellow": (222, 192, 52),
+    "brown": (108, 70, 42),
+    "beige": (198, 178, 138),
+    "pink": (224, 140, 168),
 }
-_TOP_W = {"black": 15, "white": 14, "grey": 12, "navy": 10, "blue": 12, "red": 8, "green": 7, "yellow": 5,
-          "brown": 5, "beige": 6, "pink": 6}
+_TOP_W = {
+    "black": 15,
+    "white": 14,
+    "grey": 12,
+    "navy": 10,
+    "blue": 12,
+    "red": 8,
+    "green": 7,
+    "yellow": 5,
+    "brown": 5,
+    "beige": 6,
+    "pink": 6,
+}
 _BOTTOM_W = {"black": 34, "blue": 24, "navy": 10, "grey": 12, "beige": 8, "brown": 6, "white": 3, "green": 3}
 _SHOE_W = {"black": 40, "white": 30, "grey": 10, "brown": 12, "red": 4, "blue": 4}
-_ACCESSORY_W = {"black": 30, "grey": 10, "navy": 10, "blue": 8, "red": 8, "brown": 10, "green": 6, "pink": 6,
-                "yellow": 4, "beige": 8}
+_ACCESSORY_W = {
+    "black": 30,
+    "grey": 10,
+    "navy": 10,
+    "blue": 8,
+    "red": 8,
+    "brown": 10,
+    "green": 6,
+    "pink": 6,
+    "yellow": 4,
+    "beige": 8,
+}
 _SKIN: list[Colour] = [(242, 208, 180), (224, 180, 145), (196, 145, 105), (150, 100, 70), (100, 66, 46)]
-_HAIR: dict[Colour, int] = {(20, 18, 18): 40, (62, 40, 26): 25, (120, 80, 45): 12, (205, 170, 100): 10,
-                            (160, 160, 160): 7, (150, 70, 35): 6}
+_HAIR: dict[Colour, int] = {
+    (20, 18, 18): 40,
+    (62, 40, 26): 25,
+    (120, 80, 45): 12,
+    (205, 170, 100): 10,
+    (160, 160, 160): 7,
+    (150, 70, 35): 6,
+}
 _PATTERNS = {"plain": 40, "stripes": 15, "checks": 12, "logo": 18, "two_tone": 15}
 
 
@@ -109,15 +144,29 @@ def _make_person(rng: np.random.Generator) -> _Person:
     while max(abs(a - b) for a, b in zip(top, top2, strict=True)) < 60:  # a pattern must be visible
         top2 = _colour(rng, _TOP_W)
     return _Person(
-        height=rng.uniform(0.88, 1.0), shoulder=rng.uniform(0.13, 0.18), hip=rng.uniform(0.75, 0.95),
-        head=rng.uniform(0.055, 0.072), legs=rng.uniform(0.44, 0.52), skin=_SKIN[rng.integers(len(_SKIN))],
-        hair=_pick(rng, _HAIR), hair_style=str(_pick(rng, {"short": 45, "long": 25, "ponytail": 12, "bald": 8})),
-        hat=str(_pick(rng, {"none": 75, "cap": 15, "beanie": 10})), hat_colour=_colour(rng, _ACCESSORY_W),
-        top=top, top2=top2, pattern=str(_pick(rng, _PATTERNS)), period=rng.uniform(0.035, 0.055),
-        logo=str(_pick(rng, {"circle": 1, "square": 1, "triangle": 1})), long_sleeves=bool(rng.random() < 0.5),
-        bottom_kind=str(_pick(rng, {"trousers": 60, "shorts": 20, "skirt": 20})), bottom=_colour(rng, _BOTTOM_W),
-        shoes=_colour(rng, _SHOE_W), backpack=_maybe(rng, 0.3, _ACCESSORY_W), bag=_maybe(rng, 0.25, _ACCESSORY_W),
-        bag_side=int(rng.choice([-1, 1])), scarf=_maybe(rng, 0.15, _TOP_W),
+        height=rng.uniform(0.88, 1.0),
+        shoulder=rng.uniform(0.13, 0.18),
+        hip=rng.uniform(0.75, 0.95),
+        head=rng.uniform(0.055, 0.072),
+        legs=rng.uniform(0.44, 0.52),
+        skin=_SKIN[rng.integers(len(_SKIN))],
+        hair=_pick(rng, _HAIR),
+        hair_style=str(_pick(rng, {"short": 45, "long": 25, "ponytail": 12, "bald": 8})),
+        hat=str(_pick(rng, {"none": 75, "cap": 15, "beanie": 10})),
+        hat_colour=_colour(rng, _ACCESSORY_W),
+        top=top,
+        top2=top2,
+        pattern=str(_pick(rng, _PATTERNS)),
+        period=rng.uniform(0.035, 0.055),
+        logo=str(_pick(rng, {"circle": 1, "square": 1, "triangle": 1})),
+        long_sleeves=bool(rng.random() < 0.5),
+        bottom_kind=str(_pick(rng, {"trousers": 60, "shorts": 20, "skirt": 20})),
+        bottom=_colour(rng, _BOTTOM_W),
+        shoes=_colour(rng, _SHOE_W),
+        backpack=_maybe(rng, 0.3, _ACCESSORY_W),
+        bag=_maybe(rng, 0.25, _ACCESSORY_W),
+        bag_side=int(rng.choice([-1, 1])),
+        scarf=_maybe(rng, 0.15, _TOP_W),
     )
 
 
@@ -159,14 +208,23 @@ def _make_camera(rng: np.random.Generator) -> _Camera:
         draw.rectangle([x0, y0, x0 + rng.uniform(6, 60), y0 + rng.uniform(6, 100)], fill=colour)
     for _ in range(rng.integers(2, 6)):  # railings, kerbs, lane markings
         y0 = rng.uniform(0, h)
-        draw.line([(0, y0), (w, y0 + rng.uniform(-40, 40))], fill=clutter[rng.integers(len(clutter))],
-                  width=int(rng.integers(2, 7)))
+        draw.line(
+            [(0, y0), (w, y0 + rng.uniform(-40, 40))],
+            fill=clutter[rng.integers(len(clutter))],
+            width=int(rng.integers(2, 7)),
+        )
     # Casts stay mild: at +-20% per channel a colour histogram matches images by camera, not by person (rank-1 ~3%),
     # while at these strengths it reaches roughly 30-50% and a small CNN over 85%.
     return _Camera(
-        scene=np.asarray(img), clutter=clutter, gain=rng.uniform(0.97, 1.03, 3).astype(np.float32),
-        brightness=rng.uniform(0.92, 1.06), scale=rng.uniform(0.89, 1.0), x_jitter=rng.uniform(0.02, 0.07),
-        blur=rng.uniform(0.0, 1.0), noise=rng.uniform(2.0, 5.0), occlusion=rng.uniform(0.05, 0.35),
+        scene=np.asarray(img),
+        clutter=clutter,
+        gain=rng.uniform(0.97, 1.03, 3).astype(np.float32),
+        brightness=rng.uniform(0.92, 1.06),
+        scale=rng.uniform(0.89, 1.0),
+        x_jitter=rng.uniform(0.02, 0.07),
+        blur=rng.uniform(0.0, 1.0),
+        noise=rng.uniform(2.0, 5.0),
+        occlusion=rng.uniform(0.05, 0.35),
         back_prob=rng.uniform(0.15, 0.85),
     )
 
@@ -175,16 +233,18 @@ def _lerp(a: tuple[float, float], b: tuple[float, float], t: float) -> tuple[flo
     return a[0] + (b[0] - a[0]) * t, a[1] + (b[1] - a[1]) * t
 
 
-def _limb(draw: ImageDraw.ImageDraw, quad: list[tuple[float, float]], split: float, upper: Colour,
-          lower: Colour) -> None:
+def _limb(
+    draw: ImageDraw.ImageDraw, quad: list[tuple[float, float]], split: float, upper: Colour, lower: Colour
+) -> None:
     """Draws a limb quad (top-left, top-right, bottom-right, bottom-left) in two colours split at ``split``."""
     mid_r, mid_l = _lerp(quad[1], quad[2], split), _lerp(quad[0], quad[3], split)
     draw.polygon([quad[0], quad[1], mid_r, mid_l], fill=upper)
     draw.polygon([mid_l, mid_r, quad[2], quad[3]], fill=lower)
 
 
-def _draw_person(draw: ImageDraw.ImageDraw, p: _Person, cx: float, foot: float, ph: float, back: bool,
-                 rng: np.random.Generator) -> None:
+def _draw_person(
+    draw: ImageDraw.ImageDraw, p: _Person, cx: float, foot: float, ph: float, back: bool, rng: np.random.Generator
+) -> None:
     stride, swing = rng.uniform(-0.07, 0.07) * ph, rng.uniform(-0.06, 0.06) * ph  # walking pose
     hr, sh = p.head * ph, p.shoulder * ph
     hh = sh * p.hip
@@ -230,12 +290,16 @@ def _draw_person(draw: ImageDraw.ImageDraw, p: _Person, cx: float, foot: float, 
 
     if p.backpack is not None:
         if back:
-            draw.rounded_rectangle([cx - 0.75 * sh, sy + 0.03 * ph, cx + 0.75 * sh, sy + 0.26 * ph],
-                                   radius=0.03 * ph, fill=p.backpack)
+            draw.rounded_rectangle(
+                [cx - 0.75 * sh, sy + 0.03 * ph, cx + 0.75 * sh, sy + 0.26 * ph], radius=0.03 * ph, fill=p.backpack
+            )
         else:
             for side in (-1, 1):
-                draw.line([(cx + side * 0.6 * sh, sy), (cx + side * 0.55 * sh, sy + 0.2 * ph)], fill=p.backpack,
-                          width=max(2, round(0.025 * ph)))
+                draw.line(
+                    [(cx + side * 0.6 * sh, sy), (cx + side * 0.55 * sh, sy + 0.2 * ph)],
+                    fill=p.backpack,
+                    width=max(2, round(0.025 * ph)),
+                )
     if p.bag is not None:
         side = -p.bag_side if back else p.bag_side  # the bag hangs from the same shoulder whichever way one faces
         bx = cx + side * (sh + 0.02 * ph)
@@ -246,11 +310,16 @@ def _draw_person(draw: ImageDraw.ImageDraw, p: _Person, cx: float, foot: float, 
     for side, dx in ((-1, swing), (1, -swing)):
         x0 = cx + side * (sh - arm_w / 2)
         x1 = x0 + dx + side * 0.02 * ph
-        quad = [(x0 - arm_w / 2, sy), (x0 + arm_w / 2, sy), (x1 + 0.4 * arm_w, sy + arm_len),
-                (x1 - 0.4 * arm_w, sy + arm_len)]
+        quad = [
+            (x0 - arm_w / 2, sy),
+            (x0 + arm_w / 2, sy),
+            (x1 + 0.4 * arm_w, sy + arm_len),
+            (x1 - 0.4 * arm_w, sy + arm_len),
+        ]
         _limb(draw, quad, 0.9 if p.long_sleeves else 0.35, p.top, p.skin)
-        draw.ellipse([x1 - 0.5 * arm_w, sy + arm_len - 0.4 * arm_w, x1 + 0.5 * arm_w, sy + arm_len + 0.6 * arm_w],
-                     fill=p.skin)
+        draw.ellipse(
+            [x1 - 0.5 * arm_w, sy + arm_len - 0.4 * arm_w, x1 + 0.5 * arm_w, sy + arm_len + 0.6 * arm_w], fill=p.skin
+        )
 
     if p.scarf is not None:
         draw.rectangle([cx - 0.7 * sh, sy - 0.01 * ph, cx + 0.7 * sh, sy + 0.04 * ph], fill=p.scarf)
@@ -267,8 +336,12 @@ def _draw_person(draw: ImageDraw.ImageDraw, p: _Person, cx: float, foot: float, 
         else:
             draw.chord([head[0] - 1, head[1] - 1, head[2] + 1, head[3]], 180, 360, fill=p.hair)
         if p.hair_style == "ponytail":
-            draw.ellipse([cx - 0.35 * hr, hy + 0.5 * hr, cx + 0.35 * hr, hy + 1.6 * hr] if back else
-                         [cx + 0.6 * hr, hy - 0.4 * hr, cx + 1.2 * hr, hy + 0.5 * hr], fill=p.hair)
+            draw.ellipse(
+                [cx - 0.35 * hr, hy + 0.5 * hr, cx + 0.35 * hr, hy + 1.6 * hr]
+                if back
+                else [cx + 0.6 * hr, hy - 0.4 * hr, cx + 1.2 * hr, hy + 0.5 * hr],
+                fill=p.hair,
+            )
     if p.hat == "cap":
         draw.chord([head[0] - 1, head[1] - 2, head[2] + 1, head[3] - 0.6 * hr], 180, 360, fill=p.hat_colour)
         if not back:
@@ -277,12 +350,13 @@ def _draw_person(draw: ImageDraw.ImageDraw, p: _Person, cx: float, foot: float, 
         draw.chord([head[0] - 1, head[1] - 2, head[2] + 1, head[3]], 170, 370, fill=p.hat_colour)
 
 
-def _render(cam: _Camera, rng: np.random.Generator, size: tuple[int, int], person: _Person | None, back: bool,
-            zoom: float = 1.0) -> Image.Image:
+def _render(
+    cam: _Camera, rng: np.random.Generator, size: tuple[int, int], person: _Person | None, back: bool, zoom: float = 1.0
+) -> Image.Image:
     """Renders one crop of ``size`` (W, H): scene window, person (if any), occluder, camera response and noise."""
     sh, sw = cam.scene.shape[:2]
     y0, x0 = rng.integers(0, sh - _RENDER_H + 1), rng.integers(0, sw - _RENDER_W + 1)
-    img = Image.fromarray(cam.scene[y0:y0 + _RENDER_H, x0:x0 + _RENDER_W].copy())
+    img = Image.fromarray(cam.scene[y0 : y0 + _RENDER_H, x0 : x0 + _RENDER_W].copy())
     draw = ImageDraw.Draw(img)
     if person is not None:
         foot = _RENDER_H * rng.uniform(0.93, 0.99)
@@ -302,8 +376,9 @@ def _render(cam: _Camera, rng: np.random.Generator, size: tuple[int, int], perso
             draw.rectangle([x, 0, x + rng.uniform(0.07, 0.15) * _RENDER_W, _RENDER_H], fill=colour)
         else:  # parked car, bench or another pedestrian's body in front
             x = rng.uniform(-0.5, 0.5) * _RENDER_W
-            draw.rectangle([x, _RENDER_H * rng.uniform(0.55, 0.8), x + rng.uniform(0.6, 1.2) * _RENDER_W, _RENDER_H],
-                           fill=colour)
+            draw.rectangle(
+                [x, _RENDER_H * rng.uniform(0.55, 0.8), x + rng.uniform(0.6, 1.2) * _RENDER_W, _RENDER_H], fill=colour
+            )
     if rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     img = img.resize(size, Image.Resampling.BILINEAR)
@@ -324,8 +399,9 @@ class _Market:
 
     def __init__(self, root: Path, cams: list[_Camera]) -> None:
         self.root, self.cams, self.used = root, cams, set()
-        self.stats: dict[str, dict] = {s: {"ids": set(), "images": 0, "cameras": set()}
-                                       for s in ("train", "query", "gallery")}
+        self.stats: dict[str, dict] = {
+            s: {"ids": set(), "images": 0, "cameras": set()} for s in ("train", "query", "gallery")
+        }
         for folder in ("bounding_box_train", "query", "bounding_box_test"):
             (root / folder).mkdir(parents=True)
 
@@ -401,8 +477,16 @@ def _unlabeled_pool(root: Path, seed: int, n_ids: int) -> int:
     return images
 
 
-def generate(out: str | Path, seed: int = 0, train_ids: int = 150, test_ids: int = 100, cameras: int = 6,
-             unlabeled_ids: int = 300, distractors: int = 100, junk: int = 50) -> dict:
+def generate(
+    out: str | Path,
+    seed: int = 0,
+    train_ids: int = 150,
+    test_ids: int = 100,
+    cameras: int = 6,
+    unlabeled_ids: int = 300,
+    distractors: int = 100,
+    junk: int = 50,
+) -> dict:
     """Writes a synthetic Market-1501-style set and a LUPerson-style unlabeled pool into ``out``.
 
     The same arguments give byte-identical files (for the same numpy and Pillow versions). ``out/.complete`` is
@@ -437,8 +521,9 @@ def generate(out: str | Path, seed: int = 0, train_ids: int = 150, test_ids: int
         raise ValueError(f"{out} is not empty; delete it or choose another --out")
 
     cams = [_make_camera(np.random.default_rng([seed, _S_CAMERA, c])) for c in range(cameras)]
-    pids = np.random.default_rng([seed, _S_PIDS]).choice(np.arange(1, _MAX_PID + 1), train_ids + test_ids,
-                                                         replace=False)
+    pids = np.random.default_rng([seed, _S_PIDS]).choice(
+        np.arange(1, _MAX_PID + 1), train_ids + test_ids, replace=False
+    )
     market = _Market(out / "market", cams)
     logger.info("Generating %d train and %d test identities in %d cameras", train_ids, test_ids, cameras)
     for i, pid in enumerate(sorted(int(p) for p in pids[:train_ids]) + sorted(int(p) for p in pids[train_ids:])):
@@ -449,20 +534,33 @@ def generate(out: str | Path, seed: int = 0, train_ids: int = 150, test_ids: int
             cam = int(rng.integers(cameras))
             # Half of the junk is pure background, the rest an enlarged fragment of someone.
             person = _make_person(rng) if pid == 0 or rng.random() < 0.5 else None
-            img = _render(cams[cam], rng, _MARKET_SIZE, person, bool(rng.random() < 0.5),
-                          zoom=rng.uniform(1.8, 3.0) if pid == -1 else 1.0)
+            img = _render(
+                cams[cam],
+                rng,
+                _MARKET_SIZE,
+                person,
+                bool(rng.random() < 0.5),
+                zoom=rng.uniform(1.8, 3.0) if pid == -1 else 1.0,
+            )
             market.write("gallery", market.track(rng, pid, cam, 1)[0], img, pid, cam)
     logger.info("Generating %d unlabeled identities", unlabeled_ids)
     unlabeled_images = _unlabeled_pool(out / "lup" / "images", seed, unlabeled_ids)
 
-    splits: dict[str, dict] = {k: {"ids": len(v["ids"]), "images": v["images"], "cameras": len(v["cameras"])}
-                               for k, v in market.stats.items()}
+    splits: dict[str, dict] = {
+        k: {"ids": len(v["ids"]), "images": v["images"], "cameras": len(v["cameras"])} for k, v in market.stats.items()
+    }
     splits["gallery"].update(distractors=distractors, junk=junk)
     splits["unlabeled"] = {"ids": unlabeled_ids, "images": unlabeled_images}
     stats = {"seed": seed, "version": DEMO_VERSION, "splits": splits}
     (out / _STATS).write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
-    params = {"train_ids": train_ids, "test_ids": test_ids, "cameras": cameras, "unlabeled_ids": unlabeled_ids,
-              "distractors": distractors, "junk": junk}
+    params = {
+        "train_ids": train_ids,
+        "test_ids": test_ids,
+        "cameras": cameras,
+        "unlabeled_ids": unlabeled_ids,
+        "distractors": distractors,
+        "junk": junk,
+    }
     marker = {"seed": seed, "version": DEMO_VERSION, "params": params}
     (out / _COMPLETE).write_text(json.dumps(marker, sort_keys=True) + "\n")
     return stats
@@ -482,7 +580,7 @@ def _is_current(root: Path, seed: int, params: dict | None) -> bool:
 def _remove_stale(root: Path) -> None:
     """Removes leftovers of interrupted runs: our own pid's, or those of processes no longer alive on this host."""
     for path in root.parent.glob(f".{root.name}.*-*"):
-        kind, _, pid = path.name[len(root.name) + 2:].rpartition("-")
+        kind, _, pid = path.name[len(root.name) + 2 :].rpartition("-")
         if kind not in ("tmp", "old") or not pid.isdigit():
             continue
         if int(pid) != os.getpid():
@@ -570,8 +668,9 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         The process exit status, 0 on success.
     """
-    parser = argparse.ArgumentParser(prog="python -m dino_recog.data.demo",
-                                     description="Generate the synthetic person re-identification demo set.")
+    parser = argparse.ArgumentParser(
+        prog="python -m dino_recog.data.demo", description="Generate the synthetic person re-identification demo set."
+    )
     parser.add_argument("--out", required=True, type=Path, help="destination: new, empty or an earlier demo set")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-ids", type=int, default=150)

@@ -9,7 +9,13 @@ import torch
 import torchvision.transforms.v2 as T
 from PIL import Image, ImageFilter
 
-__all__ = ["MultiCropTransform", "RandomGaussianBlur", "crop_ratio_range", "reid_test_transform"]
+__all__ = [
+    "MultiCropTransform",
+    "RandomGaussianBlur",
+    "crop_ratio_range",
+    "reid_test_transform",
+    "reid_train_transform",
+]
 
 BICUBIC = T.InterpolationMode.BICUBIC
 # Body regions of the PASS part-aware local crops (Zhu et al. 2022): top, middle, bottom, as fractions of the height.
@@ -111,3 +117,28 @@ def reid_test_transform(size: Sequence[int], mean: Sequence[float], std: Sequenc
         T.Resize(tuple(size), interpolation=BICUBIC), T.ToImage(), T.ToDtype(torch.float32, scale=True),
         T.Normalize(mean, std),
     ])  # fmt: skip
+
+
+def reid_train_transform(
+    size: Sequence[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    flip_prob: float = 0.5,
+    padding: int = 10,
+    erasing_prob: float = 0.5,
+    color_jitter: bool = False,
+) -> T.Compose:
+    """The "Bag of Tricks" training augmentation (Luo et al. 2019).
+
+    Resize to (height, width), horizontal flip, pad `padding` pixels and random-crop back, optional colour jitter,
+    normalise, then random erasing (Zhong et al. 2020) filled with 0, i.e. the mean colour after normalisation.
+    """
+    ops = [T.Resize(tuple(size), interpolation=BICUBIC), T.RandomHorizontalFlip(flip_prob)]
+    if padding:
+        ops += [T.Pad(padding), T.RandomCrop(tuple(size))]
+    if color_jitter:
+        ops.append(T.ColorJitter(brightness=0.2, contrast=0.15, saturation=0.1, hue=0.0))
+    ops += [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
+    if erasing_prob:
+        ops.append(T.RandomErasing(p=erasing_prob, value=0))
+    return T.Compose(ops)

@@ -1,7 +1,17 @@
-"""Backbones, heads and the DINO student/teacher pair."""
+"""Backbones, heads, the DINO student/teacher pair and the recognition model."""
 
 from .backbones import build_backbone
 from .dino import MultiCropNet, update_teacher
-from .heads import DINOHead
+from .heads import BNNeckHead, DINOHead, GeM
+from .reid import ReIDModel, build_reid_model
 
-__all__ = ["build_backbone", "DINOHead", "MultiCropNet", "update_teacher"]
+__all__ = [
+    "build_backbone",
+    "DINOHead",
+    "MultiCropNet",
+    "update_teacher",
+    "BNNeckHead",
+    "GeM",
+    "ReIDModel",
+    "build_reid_model",
+]

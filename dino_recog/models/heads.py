@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
-__all__ = ["DINOHead"]
+__all__ = ["DINOHead", "GeM", "BNNeckHead"]
 
 
 class DINOHead(nn.Module):
@@ -60,3 +60,68 @@ class DINOHead(nn.Module):
         x = self.mlp(x)  # (B, bottleneck)
         eps = 1e-6 if x.dtype == torch.float16 else 1e-12  # fp16 underflows at the default eps
         return self.last_layer(F.normalize(x, dim=-1, eps=eps))  # (B, out_dim)
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling (Radenovic et al. 2018): (mean x^p)^(1/p) over space, p learned (init 3)."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(p))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C)
+        return x.clamp_min(self.eps).pow(self.p).mean((2, 3)).pow(1.0 / self.p)
+
+
+class BNNeckHead(nn.Module):
+    """Re-identification head: pool -> optional linear embedding -> BN neck -> classifier.
+
+    From "Bag of Tricks and a Strong Baseline for Deep Person Re-identification" (Luo et al. 2019): the metric losses
+    (triplet, centre) see the feature before the BatchNorm, the identity classifier the one after it; the BN bias is
+    frozen at 0 and the classifier has no bias. At test time the BN-neck feature is the embedding.
+
+    Pooling of the backbone's `forward_features` output: ViT tokens (B, 1 + N, D) -> "cls" (CLS token) or
+    "cls_mean" (CLS concatenated with the mean patch token, 2D); ResNet maps (B, C, H, W) -> "avg" or "gem".
+
+    forward(x) in train mode -> {"feat": (B, D) before the neck, "neck": (B, D) after it, "logits": (B, N) or None};
+    in eval mode -> (B, D) neck feature.
+    """
+
+    def __init__(self, in_dim: int, num_classes: int, pool: str = "cls", embedding_dim: int = 0,
+                 neck: str = "bnneck", classifier: bool = True) -> None:  # fmt: skip
+        super().__init__()
+        if pool not in ("cls", "cls_mean", "avg", "gem"):
+            raise ValueError(f"pool {pool!r}: expected cls, cls_mean, avg or gem")
+        self.pool_name = pool
+        self.gem = GeM() if pool == "gem" else None
+        dim = in_dim * 2 if pool == "cls_mean" else in_dim
+        self.embedding = nn.Linear(dim, embedding_dim) if embedding_dim else None
+        dim = embedding_dim or dim
+        self.out_dim = dim
+        self.neck = None
+        if neck == "bnneck":
+            self.neck = nn.BatchNorm1d(dim)
+            self.neck.bias.requires_grad = False
+        self.classifier = nn.Linear(dim, num_classes, bias=False) if classifier else None
+        if self.classifier is not None:
+            nn.init.normal_(self.classifier.weight, std=0.001)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool_name == "cls":
+            return x[:, 0]
+        if self.pool_name == "cls_mean":
+            return torch.cat([x[:, 0], x[:, 1:].mean(1)], dim=1)
+        if self.pool_name == "avg":
+            return x.mean((2, 3))
+        return self.gem(x)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | None] | torch.Tensor:
+        feat = self.pool(x)
+        if self.embedding is not None:
+            feat = self.embedding(feat)
+        neck = self.neck(feat) if self.neck is not None else feat
+        if not self.training:
+            return neck
+        logits = self.classifier(neck) if self.classifier is not None else None
+        return {"feat": feat, "neck": neck, "logits": logits}

@@ -1,0 +1,57 @@
+"""From the data set entries of a config (`DatasetSpec`) to records: the one place that maps names to parsers."""
+
+from __future__ import annotations
+
+import logging
+
+from ..config import DatasetSpec
+from . import datasets as ds
+from .demo import ensure_demo
+
+__all__ = ["labeled_data", "train_records", "unlabeled_items"]
+
+log = logging.getLogger(__name__)
+
+
+def labeled_data(spec: DatasetSpec) -> ds.ReIDData:
+    """A data set with train / query / gallery splits (Market-1501, MSMT17, or the demo set generated on first use)."""
+    if spec.name == "demo":
+        data = ds.load_market1501(ensure_demo(spec.root) / "market")
+        data.name = "demo"
+    elif spec.name == "market1501":
+        data = ds.load_market1501(spec.root)
+    elif spec.name == "msmt17":
+        data = ds.load_msmt17(spec.root, version=spec.version, use_val=spec.use_val)
+    else:
+        raise ValueError(f"data set {spec.name!r} has no query/gallery split; expected market1501, msmt17 or demo")
+    log.info("%s (%s)\n%s", spec.name, spec.root, ds.format_table(data))
+    return data
+
+
+def train_records(specs: list[DatasetSpec]) -> list[ds.Record]:
+    """The labeled training images of one or several data sets, identities and cameras offset per set."""
+    sets = []
+    for spec in specs:
+        if spec.name == "labeled_folder":
+            records = ds.load_labeled_folder(spec.root, name=spec.root)
+            log.info("labeled folder %s: %d identities, %d images", spec.root, len({r.pid for r in records}),
+                     len(records))  # fmt: skip
+        else:
+            records = labeled_data(spec).train
+        sets.append(records)
+    combined = ds.combine_train_sets(sets)
+    if len(specs) > 1:
+        log.info("combined %d train sets: %d identities, %d images", len(specs), len({r.pid for r in combined}),
+                 len(combined))  # fmt: skip
+    return combined
+
+
+def unlabeled_items(spec: DatasetSpec, keys_file: str = "") -> list[str] | list[ds.Record] | ds.LMDBImages:
+    """The training images of a stage-1 data set; labels, where a set has them, are not used."""
+    if spec.name == "demo":
+        return ds.list_image_folder(ensure_demo(spec.root) / "lup" / "images")
+    if spec.name in ("luperson", "image_folder"):
+        return ds.list_image_folder(spec.root)
+    if spec.name == "luperson_lmdb":
+        return ds.LMDBImages(spec.root, keys_file or None)
+    return train_records([spec])

@@ -1,0 +1,234 @@
+"""Stage 2: supervised re-identification fine-tuning of a (DINO-pretrained) backbone.
+
+    bash train.sh 0,1,2,3 4 train_recog.py [--config cfg_recog.yaml] [key.sub=value ...]
+    bash train.sh cpu 2 train_recog.py --config configs/demo/recog.yaml
+
+Builds the P x K identity-balanced data, the backbone (weights from a stage-1 export, a DINO checkpoint, timm, or
+none) with a BN-neck head, the weighted losses and the optimiser; then per epoch runs `engine.train_one_epoch_recog`,
+checkpoints, and evaluates on query/gallery, keeping the best model by mAP.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from dino_recog import checkpoint as ckpt
+from dino_recog import config as C
+from dino_recog import distributed as dist
+from dino_recog.cli import load_config
+from dino_recog.data import datasets as ds
+from dino_recog.data.build import labeled_data, train_records
+from dino_recog.data.samplers import PKSampler
+from dino_recog.data.transforms import reid_test_transform, reid_train_transform
+from dino_recog.engine import RecogLosses, train_one_epoch_recog
+from dino_recog.evaluation import evaluate_query_gallery
+from dino_recog.losses import (
+    ArcFaceLoss,
+    CenterLoss,
+    CosFaceLoss,
+    CrossEntropyLabelSmooth,
+    DistillationLoss,
+    TripletLoss,
+)
+from dino_recog.models import ReIDModel, build_reid_model
+from dino_recog.models.backbones import is_vit
+from dino_recog.optim import build_optimizer, reid_param_groups
+from dino_recog.runlog import RunLog, fmt_metrics
+from dino_recog.schedules import cosine_schedule, step_schedule
+
+log = logging.getLogger("dino_recog.train_recog")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Builders: the only functions that read the config
+
+
+def build_data(cfg: C.RecogConfig) -> tuple[DataLoader, PKSampler, int, tuple[ds.ImageDataset, ds.ImageDataset]]:
+    a = cfg.aug
+    records = train_records(cfg.data.train)
+    num_classes = len({r.pid for r in records})
+    train_set = ds.ImageDataset(
+        records, reid_train_transform(a.size, a.mean, a.std, a.flip_prob, a.padding, a.erasing_prob, a.color_jitter)
+    )
+    sampler = PKSampler([r.pid for r in records], cfg.data.num_identities, cfg.data.num_instances,
+                        dist.get_rank(), dist.get_world_size(), cfg.run.seed)  # fmt: skip
+    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                        pin_memory=torch.cuda.is_available(), collate_fn=ds.collate_skip_none)  # fmt: skip
+    test = labeled_data(cfg.data.test)
+    tf = reid_test_transform(a.size, a.mean, a.std)
+    eval_sets = ds.ImageDataset(test.query, tf, train=False), ds.ImageDataset(test.gallery, tf, train=False)
+    return loader, sampler, num_classes, eval_sets
+
+
+def model_spec(cfg: C.RecogConfig, num_classes: int) -> dict:
+    m = cfg.model
+    return {
+        "arch": m.arch, "img_size": list(cfg.aug.size), "patch_size": m.patch_size, "drop_path_rate": m.drop_path_rate,
+        "depth": m.depth, "embed_dim": m.embed_dim, "num_heads": m.num_heads, "last_stride": m.last_stride,
+        "feature": m.feature, "embedding_dim": m.embedding_dim, "neck": m.neck, "num_classes": num_classes,
+        "classifier": cfg.loss.ce_weight > 0 or cfg.loss.distill_weight > 0,
+        "mean": list(cfg.aug.mean), "std": list(cfg.aug.std),
+    }  # fmt: skip
+
+
+def build_model(cfg: C.RecogConfig, num_classes: int) -> ReIDModel:
+    model = build_reid_model(model_spec(cfg, num_classes))
+    if cfg.model.pretrained:
+        if not Path(cfg.model.pretrained).is_file():
+            raise FileNotFoundError(
+                f"model.pretrained: {cfg.model.pretrained} not found; run stage 1 first (train_dino.py exports "
+                f"teacher_backbone.pth), point it at other weights, or set model.pretrained='' to start from scratch"
+            )
+        ckpt.load_backbone_weights(model.backbone, cfg.model.pretrained, key=cfg.model.pretrained_key)
+    else:
+        log.info("model.pretrained is empty: the backbone starts from random initialisation")
+    return model
+
+
+def build_losses(cfg: C.RecogConfig, dim: int, num_classes: int, device: torch.device) -> RecogLosses:
+    lc = cfg.loss
+    terms: dict[str, tuple[float, nn.Module]] = {}
+    if lc.ce_weight:
+        terms["ce"] = (lc.ce_weight, CrossEntropyLabelSmooth(num_classes, lc.label_smoothing))
+    if lc.triplet_weight:
+        terms["triplet"] = (lc.triplet_weight, TripletLoss(lc.triplet_margin, lc.triplet_distance))
+    if lc.cosface_weight:
+        terms["cosface"] = (lc.cosface_weight, CosFaceLoss(dim, num_classes, lc.cosface_s, lc.cosface_m))
+    if lc.arcface_weight:
+        terms["arcface"] = (lc.arcface_weight, ArcFaceLoss(dim, num_classes, lc.arcface_s, lc.arcface_m))
+    if lc.center_weight:
+        terms["center"] = (lc.center_weight, CenterLoss(dim, num_classes))
+    teacher = None
+    if lc.distill_weight:
+        teacher = ckpt.load_reid_model(lc.distill_teacher).to(device).train()
+        for p in teacher.parameters():
+            p.requires_grad = False
+        if teacher.spec["num_classes"] != num_classes:
+            raise ValueError(f"loss.distill_teacher: {lc.distill_teacher} has {teacher.spec['num_classes']} classes, "
+                             f"the training set {num_classes}; distillation needs the same identities")  # fmt: skip
+        terms["distill"] = (1.0, DistillationLoss(lc.distill_weight, lc.distill_temperature, lc.label_smoothing))
+        terms.pop("ce", None)  # the distillation loss contains the cross-entropy
+    for _, fn in terms.values():
+        fn.to(device)
+    return RecogLosses(terms, teacher)
+
+
+def build_schedule(cfg: C.RecogConfig, steps_per_epoch: int):
+    t = cfg.train
+    total, warmup = t.epochs * steps_per_epoch, t.warmup_epochs * steps_per_epoch
+    if t.scheduler == "cosine":
+        return lambda it: cosine_schedule(it, total, t.lr, t.min_lr, warmup, t.lr * t.warmup_factor)
+    return lambda it: step_schedule(it, steps_per_epoch, t.lr, t.milestones, t.gamma, warmup, t.warmup_factor)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def main(cfg: C.RecogConfig) -> dict[str, float]:
+    out = Path(cfg.run.output_dir)
+    with dist.session(cfg.run.device) as device:
+        dist.setup_logging(str(out))
+        log.info("resolved config:\n%s", C.dump(cfg))
+        if dist.is_main_process():
+            C.save(cfg, out / "config.yaml")
+        dist.seed_everything(cfg.run.seed)
+
+        loader, sampler, num_classes, eval_sets = build_data(cfg)
+        steps_per_epoch = len(loader)
+        model = build_model(cfg, num_classes).to(device)
+        losses = build_losses(cfg, model.head.out_dim, num_classes, device)
+        if dist.get_world_size() > 1:
+            if device.type == "cuda":
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        t = cfg.train
+        groups = reid_param_groups(
+            net, t.bias_lr_factor, t.head_lr_factor, t.layer_decay if is_vit(cfg.model.arch) else 1.0
+        )
+        for name in ("cosface", "arcface"):  # margin heads hold class weights: train them like the head
+            if name in losses.terms:
+                groups.append({"params": list(losses.terms[name][1].parameters()), "lr_scale": t.head_lr_factor,
+                               "apply_wd": True})  # fmt: skip
+        optimizer = build_optimizer(t.optimizer, groups, t.lr, t.weight_decay, t.momentum)
+        center_opt = None
+        if "center" in losses.terms:
+            center_opt = torch.optim.SGD(losses.terms["center"][1].parameters(), lr=cfg.loss.center_lr)
+        scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.run.amp == "fp16")
+        schedule = build_schedule(cfg, steps_per_epoch)
+        runlog = RunLog(out)
+
+        start_epoch, best = 0, {"mAP": -1.0}
+        resume = ckpt.find_resume(cfg.run.resume, out, ("state_dict", "optimizer", "epoch"))
+        if resume is not None:
+            path, state = resume
+            net.load_state_dict(state["state_dict"])
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            for name, sd in state["losses"].items():
+                losses.terms[name][1].load_state_dict(sd)
+            if center_opt is not None:
+                center_opt.load_state_dict(state["center_optimizer"])
+            start_epoch, best = int(state["epoch"]), dict(state["best"])
+            log.info("resumed from %s at epoch %d", path, start_epoch)
+
+        def evaluate() -> dict[str, float]:
+            return evaluate_query_gallery(net, *eval_sets, device, cfg.eval.metric, cfg.eval.flip,
+                                          cfg.data.test_batch_size, cfg.data.num_workers)  # fmt: skip
+
+        metrics = None
+        if start_epoch == 0:
+            metrics = evaluate()
+            log.info("epoch 0 (before training): %s", fmt_metrics(metrics))
+            runlog.write("eval", 0, epoch=0, **metrics)
+        for epoch in range(start_epoch, t.epochs):
+            sampler.set_epoch(epoch)
+            dist.seed_everything(cfg.run.seed + 1000 * epoch)  # augmentation depends on (seed, epoch, rank) only
+            stats = train_one_epoch_recog(
+                model, losses, loader, optimizer, scaler, schedule, epoch, steps_per_epoch, device, cfg.run.amp,
+                t.clip_grad, runlog, cfg.run.log_every, center_opt,
+            )  # fmt: skip
+            done = epoch + 1
+            log.info("epoch %d/%d: %s", done, t.epochs, fmt_metrics(stats))
+            runlog.write("epoch", done * steps_per_epoch, epoch=done, **stats)
+            evaluated = (cfg.eval.eval_every and done % cfg.eval.eval_every == 0) or done == t.epochs
+            if evaluated:
+                metrics = evaluate()
+                log.info("epoch %d: %s", done, fmt_metrics(metrics))
+                runlog.write("eval", done * steps_per_epoch, epoch=done, **metrics)
+            if dist.is_main_process():
+                if evaluated and metrics["mAP"] > best["mAP"]:
+                    best = {"epoch": done, **metrics}
+                    ckpt.save_reid_model(net, out / "best.pth")
+                state = {
+                    "kind": "reid_model", "spec": dict(net.spec), "state_dict": net.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                    "losses": {k: fn.state_dict() for k, (_, fn) in losses.terms.items() if k != "distill"},
+                    "center_optimizer": center_opt.state_dict() if center_opt is not None else {},
+                    "epoch": done, "best": best, "config": C.to_dict(cfg), "rng": ckpt.rng_state(),
+                }  # fmt: skip
+                ckpt.save_checkpoint(state, out / f"checkpoint_{done:04d}.pth")
+                ckpt.prune_checkpoints(out, cfg.run.keep_last)
+            dist.barrier()
+        if start_epoch >= t.epochs:  # resumed a finished run: report it again
+            metrics = evaluate()
+        if dist.is_main_process():
+            ckpt.save_reid_model(net, out / "model.pth")
+            results = {"final": metrics, "best": best, "data": {"train": [s.name for s in cfg.data.train],
+                                                                "test": cfg.data.test.name}}  # fmt: skip
+            (out / "results.json").write_text(json.dumps(results, indent=2))
+            log.info("final: %s | best (epoch %s): mAP %.4f", fmt_metrics(metrics), best.get("epoch"), best["mAP"])
+        runlog.close()
+        return metrics
+
+
+if __name__ == "__main__":
+    main(load_config(C.RecogConfig, "cfg_recog.yaml", __doc__.split("\n")[0]))
