@@ -212,4 +212,4 @@ def main(cfg: C.DinoConfig) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main(load_config(C.DinoConfig, "cfg_dino.yaml", __doc__.split("\n")[0]))
+    main(load_config(C.DinoConfig, "cfg_dino.yaml", __doc__.split("\n")[0])[0])

@@ -28,6 +28,7 @@ from dino_recog.data.samplers import PKSampler
 from dino_recog.data.transforms import reid_test_transform, reid_train_transform
 from dino_recog.engine import RecogLosses, train_one_epoch_recog
 from dino_recog.evaluation import evaluate_query_gallery
+from dino_recog.export import export_onnx as onnx_export
 from dino_recog.losses import (
     ArcFaceLoss,
     CenterLoss,
@@ -130,7 +131,7 @@ def build_schedule(cfg: C.RecogConfig, steps_per_epoch: int):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def main(cfg: C.RecogConfig) -> dict[str, float]:
+def main(cfg: C.RecogConfig, export_onnx: bool = False) -> dict[str, float]:
     out = Path(cfg.run.output_dir)
     with dist.session(cfg.run.device) as device:
         dist.setup_logging(str(out))
@@ -222,6 +223,8 @@ def main(cfg: C.RecogConfig) -> dict[str, float]:
             metrics = evaluate()
         if dist.is_main_process():
             ckpt.save_reid_model(net, out / "model.pth")
+            if export_onnx:
+                onnx_export(net.cpu(), out / "model.onnx", tuple(cfg.aug.size))
             results = {"final": metrics, "best": best, "data": {"train": [s.name for s in cfg.data.train],
                                                                 "test": cfg.data.test.name}}  # fmt: skip
             (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -230,5 +233,10 @@ def main(cfg: C.RecogConfig) -> dict[str, float]:
         return metrics
 
 
+def _flags(parser) -> None:
+    parser.add_argument("--export-onnx", action="store_true", help="also write OUTPUT/model.onnx (dynamic batch axis)")
+
+
 if __name__ == "__main__":
-    main(load_config(C.RecogConfig, "cfg_recog.yaml", __doc__.split("\n")[0]))
+    cfg, args = load_config(C.RecogConfig, "cfg_recog.yaml", __doc__.split("\n")[0], add_arguments=_flags)
+    main(cfg, export_onnx=args.export_onnx)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -15,13 +16,28 @@ T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_config(cls: type[T], default_config: str, description: str, argv: list[str] | None = None) -> T:
-    """Parse `[--config PATH] [key.sub=value ...]` and load the config; a config error exits with its message."""
+def load_config(
+    cls: type[T],
+    default_config: str,
+    description: str,
+    argv: list[str] | None = None,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> tuple[T, argparse.Namespace]:
+    """Parse `[--config PATH] [flags] [key.sub=value ...]` and load the config; a config error exits with its message.
+
+    Args:
+        add_arguments: adds a script's own flags to the parser.
+
+    Returns:
+        The validated config and the parsed arguments (for the script's own flags).
+    """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=str(ROOT / default_config), help=f"YAML config (default: {default_config})")
+    if add_arguments is not None:
+        add_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after the file")
     args = parser.parse_args(argv)
     try:
-        return C.load(args.config, args.overrides, cls=cls)
+        return C.load(args.config, args.overrides, cls=cls), args
     except C.ConfigError as e:
         sys.exit(f"config error: {e}")

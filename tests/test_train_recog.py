@@ -1,5 +1,6 @@
 """End-to-end stage 2: learning, loading a stage-1 export, resume, the optional losses, distillation."""
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -78,7 +79,9 @@ def test_resume_gives_the_same_weights(small_demo, tmp_path):
 def test_margin_center_losses_and_distillation_run(small_demo, tmp_path):
     extra = ["train.epochs=1", "loss.cosface_weight=0.5", "loss.arcface_weight=0.5", "loss.center_weight=0.0005",
              "model.feature=cls_mean", "model.embedding_dim=24"]  # fmt: skip
-    train_recog.main(cfg(small_demo, tmp_path / "teacher", *extra))
+    with_onnx = importlib.util.find_spec("onnx") is not None
+    train_recog.main(cfg(small_demo, tmp_path / "teacher", *extra), export_onnx=with_onnx)
+    assert (tmp_path / "teacher" / "model.onnx").is_file() == with_onnx
     rec = read_jsonl(tmp_path / "teacher" / "log.jsonl", "train")[0]
     assert {"ce", "triplet", "cosface", "arcface", "center"} <= set(rec)
     # a ResNet student distilled from the ViT teacher (same identities, another architecture)
