@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from dino_recog import checkpoint as ckpt
 from dino_recog import config as C
 from dino_recog import distributed as dist
-from dino_recog.cli import load_config
+from dino_recog.cli import load_config, start_run
 from dino_recog.data import datasets as ds
 from dino_recog.data.build import labeled_data, unlabeled_items
 from dino_recog.data.transforms import MultiCropTransform, reid_test_transform
@@ -129,11 +129,7 @@ def evaluate_backbone(backbone: nn.Module, eval_sets, device: torch.device, cfg:
 def main(cfg: C.DinoConfig) -> dict[str, float]:
     out = Path(cfg.run.output_dir)
     with dist.session(cfg.run.device) as device:
-        dist.setup_logging(str(out))
-        log.info("resolved config:\n%s", C.dump(cfg))
-        if dist.is_main_process():
-            C.save(cfg, out / "config.yaml")
-        dist.seed_everything(cfg.run.seed)
+        start_run(cfg, out)
 
         loader, sampler = build_data(cfg)
         steps_per_epoch = len(loader)

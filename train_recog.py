@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from dino_recog import checkpoint as ckpt
 from dino_recog import config as C
 from dino_recog import distributed as dist
-from dino_recog.cli import load_config
+from dino_recog.cli import load_config, start_run
 from dino_recog.data import datasets as ds
 from dino_recog.data.build import labeled_data, train_records
 from dino_recog.data.samplers import PKSampler
@@ -134,11 +134,7 @@ def build_schedule(cfg: C.RecogConfig, steps_per_epoch: int):
 def main(cfg: C.RecogConfig, export_onnx: bool = False) -> dict[str, float]:
     out = Path(cfg.run.output_dir)
     with dist.session(cfg.run.device) as device:
-        dist.setup_logging(str(out))
-        log.info("resolved config:\n%s", C.dump(cfg))
-        if dist.is_main_process():
-            C.save(cfg, out / "config.yaml")
-        dist.seed_everything(cfg.run.seed)
+        start_run(cfg, out)
 
         loader, sampler, num_classes, eval_sets = build_data(cfg)
         steps_per_epoch = len(loader)

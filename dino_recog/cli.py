@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 from . import config as C
+from . import distributed as dist
 
-__all__ = ["load_config"]
+__all__ = ["load_config", "start_run"]
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,3 +43,13 @@ def load_config(
         return C.load(args.config, args.overrides, cls=cls), args
     except C.ConfigError as e:
         sys.exit(f"config error: {e}")
+
+
+def start_run(cfg: object, output_dir: Path) -> None:
+    """What every run does first, after joining the process group: logging (rank 0), the resolved config printed
+    once and saved as OUTPUT/config.yaml, and the per-rank seed."""
+    dist.setup_logging(str(output_dir))
+    logging.getLogger("dino_recog").info("resolved config:\n%s", C.dump(cfg))
+    if dist.is_main_process():
+        C.save(cfg, Path(output_dir) / "config.yaml")
+    dist.seed_everything(cfg.run.seed)

@@ -219,7 +219,7 @@ def setup_logging(output_dir: str | None = None, level: int = logging.INFO) -> N
     """
     root = logging.getLogger("dino_recog")
     root.setLevel(level)
-    root.propagate = False
+    # Records also propagate to the root logger (no handlers in a script), so pytest and notebooks can capture them.
     for h in list(root.handlers):
         root.removeHandler(h)
     rank = get_rank()

@@ -74,7 +74,6 @@ def train_one_epoch_dino(
     clip_grad: float,
     runlog: RunLog,
     log_every: int = 50,
-    max_steps: int | None = None,
 ) -> dict[str, float]:
     """One epoch of DINO (Caron et al. 2021, Algorithm 1).
 
@@ -87,7 +86,6 @@ def train_one_epoch_dino(
         student: the DDP-wrapped (or plain) student MultiCropNet.
         teacher: the teacher MultiCropNet (never DDP-wrapped, no gradients).
         loader: yields ((crops, pids, camids, index), n_skipped) as `collate_skip_none` makes them.
-        max_steps: stop after this many iterations of the epoch (tests, benchmarks).
 
     Returns:
         Epoch averages: loss, and the number of skipped (undecodable) images.
@@ -100,8 +98,6 @@ def train_one_epoch_dino(
     t_start, images = time.perf_counter(), 0
     bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not dist.is_main_process(), leave=False)
     for i, (batch, n_bad) in enumerate(loader):
-        if max_steps is not None and i >= max_steps:
-            break
         skipped += n_bad
         if batch is None:  # every image of the batch was undecodable
             continue

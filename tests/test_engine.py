@@ -86,3 +86,22 @@ def test_unfrozen_last_layer_trains_and_teacher_follows_student(tmp_path):
     assert len(records) == 3
     for key in ("loss", "lr", "weight_decay", "momentum", "teacher_temp", "teacher_entropy", "kl", "center_norm"):
         assert key in records[0]
+
+
+def test_collapse_is_warned_with_the_iteration(caplog):
+    import logging
+    import math
+
+    from dino_recog.engine import _warn_collapse
+
+    caplog.set_level(logging.WARNING, logger="dino_recog.engine")
+    ok = {"kl": 0.5, "teacher_batch_entropy": 3.0}
+    _warn_collapse(2.0, ok, it=120, epoch=3, out_dim=1024)
+    assert not caplog.records
+    _warn_collapse(math.log(1024) - 0.01, {"kl": 1e-5, "teacher_batch_entropy": 6.9}, it=130, epoch=3, out_dim=1024)
+    assert "iteration 130" in caplog.text and "uniform collapse" in caplog.text
+    _warn_collapse(0.01, {"kl": 0.01, "teacher_batch_entropy": 0.001}, it=140, epoch=3, out_dim=1024)
+    assert "iteration 140" in caplog.text and "one-dimension collapse" in caplog.text
+    caplog.clear()
+    _warn_collapse(math.log(1024), {"kl": 0.0, "teacher_batch_entropy": 0.0}, it=5, epoch=0, out_dim=1024)
+    assert not caplog.records  # the first epoch starts near ln K by construction
