@@ -1,3 +1,34 @@
 """dino_recog: DINO pretraining and re-identification fine-tuning in one toolkit."""
 
 __version__ = "0.1.0"
+
+from .checkpoint import load_backbone_weights, load_reid_model  # noqa: E402
+from .evaluation import evaluate_rank, extract_features, knn_classify  # noqa: E402
+from .losses import (  # noqa: E402
+    ArcFaceLoss,
+    CenterLoss,
+    CosFaceLoss,
+    CrossEntropyLabelSmooth,
+    DINOLoss,
+    DistillationLoss,
+    TripletLoss,
+)
+from .models import build_backbone, build_reid_model  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "build_backbone",
+    "build_reid_model",
+    "load_backbone_weights",
+    "load_reid_model",
+    "evaluate_rank",
+    "extract_features",
+    "knn_classify",
+    "DINOLoss",
+    "ArcFaceLoss",
+    "CenterLoss",
+    "CosFaceLoss",
+    "CrossEntropyLabelSmooth",
+    "DistillationLoss",
+    "TripletLoss",
+]

@@ -35,6 +35,7 @@ __all__ = [
     "load_backbone_weights",
     "save_reid_model",
     "load_reid_model",
+    "load_feature_model",
 ]
 
 log = logging.getLogger(__name__)
@@ -278,4 +279,18 @@ def load_reid_model(path: str | os.PathLike) -> nn.Module:
         model.load_state_dict(state["state_dict"])
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit the described model: {e}") from None
+    return model
+
+
+def load_feature_model(path: str | os.PathLike, backbone: dict, key: str = "teacher") -> nn.Module:
+    """A model mapping images to features, from any checkpoint: a stage-2 model (its embedding, rebuilt from the
+    saved spec) or backbone weights (stage-1 export or checkpoint, official DINO, timm) loaded into a backbone built
+    with `build_backbone(**backbone)` (its global feature: the ViT CLS token, the ResNet average pool)."""
+    from .models.backbones import build_backbone
+
+    state = load_checkpoint(path)
+    if "spec" in state and "state_dict" in state:
+        return load_reid_model(path)
+    model, _ = build_backbone(**backbone)
+    load_backbone_weights(model, path, key)
     return model

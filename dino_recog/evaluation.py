@@ -12,7 +12,14 @@ from tqdm import tqdm
 
 from . import distributed as dist
 
-__all__ = ["evaluate_rank", "pairwise_distance", "extract_features", "knn_classify", "evaluate_query_gallery"]
+__all__ = [
+    "evaluate_rank",
+    "pairwise_distance",
+    "extract_features",
+    "knn_classify",
+    "knn_votes",
+    "evaluate_query_gallery",
+]
 
 
 @torch.no_grad()
@@ -65,6 +72,41 @@ def extract_features(
     return features, meta[:, 0], meta[:, 1]
 
 
+def knn_votes(
+    train_features: np.ndarray | torch.Tensor,
+    train_labels: np.ndarray,
+    test_features: np.ndarray | torch.Tensor,
+    ks: tuple[int, ...] = (20,),
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+) -> dict[int, np.ndarray]:
+    """Class votes of the weighted k-nearest-neighbour classifier of DINO's `eval_knn.py` (Wu et al. 2018).
+
+    Neighbours by cosine similarity (features are L2-normalised here) from one faiss search for the largest k; each of
+    the k nearest training samples votes for its label with weight exp(sim / temperature).
+
+    Returns:
+        {k: (N_test, num_classes) summed vote weights} for every k in `ks`.
+    """
+    train = F.normalize(torch.as_tensor(train_features).float(), dim=1).numpy()
+    test = F.normalize(torch.as_tensor(test_features).float(), dim=1).numpy()
+    labels = np.asarray(train_labels)
+    k_max = min(max(ks), len(train))
+    index = faiss.IndexFlatIP(train.shape[1])
+    index.add(np.ascontiguousarray(train))
+    sims, nn_idx = index.search(np.ascontiguousarray(test), k_max)  # (N, k_max), nearest first
+    classes = num_classes or int(labels.max()) + 1
+    weights, neighbour_labels = np.exp(sims / temperature), labels[nn_idx]
+    rows = np.arange(len(test))[:, None]
+    out = {}
+    for k in ks:
+        k = min(k, k_max)
+        votes = np.zeros((len(test), classes), dtype=np.float64)
+        np.add.at(votes, (np.broadcast_to(rows, (len(test), k)), neighbour_labels[:, :k]), weights[:, :k])
+        out[k] = votes
+    return out
+
+
 def knn_classify(
     train_features: np.ndarray | torch.Tensor,
     train_labels: np.ndarray,
@@ -73,25 +115,9 @@ def knn_classify(
     temperature: float = 0.07,
     num_classes: int | None = None,
 ) -> np.ndarray:
-    """Weighted k-nearest-neighbour classification as in DINO's `eval_knn.py` (Wu et al. 2018).
-
-    Neighbours by cosine similarity (features are L2-normalised here); each of the k nearest training samples votes
-    for its label with weight exp(sim / temperature); the class with the largest total wins.
-
-    Returns:
-        (N_test,) predicted labels.
-    """
-    train = F.normalize(torch.as_tensor(train_features).float(), dim=1).numpy()
-    test = F.normalize(torch.as_tensor(test_features).float(), dim=1).numpy()
-    labels = np.asarray(train_labels)
-    k = min(k, len(train))
-    index = faiss.IndexFlatIP(train.shape[1])
-    index.add(np.ascontiguousarray(train))
-    sims, nn_idx = index.search(np.ascontiguousarray(test), k)  # (N, k)
-    classes = num_classes or int(labels.max()) + 1
-    votes = np.zeros((len(test), classes), dtype=np.float64)
-    np.add.at(votes, (np.repeat(np.arange(len(test)), k), labels[nn_idx].ravel()), np.exp(sims / temperature).ravel())
-    return votes.argmax(1)
+    """Weighted kNN classification (see `knn_votes`): the class with the largest vote. Returns (N_test,) labels."""
+    votes = knn_votes(train_features, train_labels, test_features, (k,), temperature, num_classes)
+    return next(iter(votes.values())).argmax(1)
 
 
 def pairwise_distance(query: np.ndarray, gallery: np.ndarray, metric: str = "cosine") -> np.ndarray:

@@ -71,3 +71,22 @@ def test_pairwise_distance_against_definitions():
     np.testing.assert_allclose(cos, ref, atol=1e-5)
     with pytest.raises(ValueError, match="metric 'l1'"):
         pairwise_distance(q, g, "l1")
+
+
+def test_knn_hand_worked_example():
+    from dino_recog.evaluation import knn_classify, knn_votes
+
+    # Training features on the unit circle at 0, 10, 90 and 180 degrees with labels 0, 1, 1, 2.
+    ang = np.deg2rad([0.0, 10.0, 90.0, 180.0])
+    train = np.stack([np.cos(ang), np.sin(ang)], 1)
+    labels = np.array([0, 1, 1, 2])
+    test = np.array([[1.0, 0.0]])  # at 0 degrees: similarities 1, cos 10, 0, -1
+    votes = knn_votes(train, labels, test, ks=(1, 2, 3), temperature=0.5)
+    np.testing.assert_allclose(votes[1], [[np.exp(2.0), 0, 0]])
+    np.testing.assert_allclose(votes[2], [[np.exp(2.0), np.exp(np.cos(np.deg2rad(10)) / 0.5), 0]], rtol=1e-6)
+    np.testing.assert_allclose(votes[3][0, 1], np.exp(np.cos(np.deg2rad(10)) / 0.5) + np.exp(0.0), rtol=1e-6)
+    # k=3: label 1 gets e^{1.97} + e^0 > e^2 for label 0, so the majority of weight wins
+    assert knn_classify(train, labels, test, k=1, temperature=0.5)[0] == 0
+    assert knn_classify(train, labels, test, k=3, temperature=0.5)[0] == 1
+    # unnormalised inputs give the same answer (cosine similarity)
+    assert knn_classify(train * 3, labels, test * 0.1, k=3, temperature=0.5)[0] == 1

@@ -1,0 +1,76 @@
+"""eval_reid.py and eval_knn.py on the small demo set, against the evaluation functions called directly."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dino_recog.checkpoint import save_reid_model
+from dino_recog.data import datasets as ds
+from dino_recog.data.transforms import reid_test_transform
+from dino_recog.evaluation import evaluate_query_gallery, extract_features, knn_classify
+from dino_recog.models import build_backbone, build_reid_model
+
+ROOT = Path(__file__).resolve().parents[1]
+VIT = ["model.arch=vit_small", "model.depth=2", "model.embed_dim=32", "model.num_heads=2", "model.patch_size=8"]
+
+
+def run(script, *args):
+    r = subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def demo_sets(small_demo, size=(32, 16)):
+    data = ds.load_market1501(small_demo / "market")
+    tf = reid_test_transform(size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    return ds.ImageDataset(data.query, tf, train=False), ds.ImageDataset(data.gallery, tf, train=False)
+
+
+def test_eval_reid_on_a_stage2_model(small_demo, tmp_path):
+    torch.manual_seed(0)
+    spec = dict(
+        arch="vit_small",
+        img_size=[32, 16],
+        patch_size=8,
+        depth=2,
+        embed_dim=32,
+        num_heads=2,
+        num_classes=30,
+        feature="cls_mean",
+        mean=[0.485, 0.456, 0.406],
+        std=[0.229, 0.224, 0.225],
+    )
+    model = build_reid_model(spec)
+    save_reid_model(model, tmp_path / "model.pth")
+    market = small_demo / "market"
+    out = run("eval_reid.py", "--checkpoint", tmp_path / "model.pth", "--json", tmp_path / "r.json",
+              f"data.test={{name: market1501, root: {market}}}", "data.num_workers=0")  # fmt: skip
+    result = json.loads((tmp_path / "r.json").read_text())
+    expected = evaluate_query_gallery(model.eval(), *demo_sets(small_demo), torch.device("cpu"))
+    for k in ("rank1", "rank5", "rank10", "mAP", "mINP"):
+        assert result[k] == pytest.approx(expected[k], abs=1e-6)
+    assert f"{100 * expected['mAP']:6.2f}" in out
+
+
+def test_eval_knn_on_a_backbone_export(small_demo, tmp_path):
+    torch.manual_seed(0)
+    backbone = build_backbone("vit_small", img_size=(32, 16), patch_size=8, depth=2, embed_dim=32, num_heads=2)[0]
+    torch.save(backbone.state_dict(), tmp_path / "teacher_backbone.pth")
+    market = small_demo / "market"
+    run("eval_knn.py", "--checkpoint", tmp_path / "teacher_backbone.pth", "--k", 1, 5, "--json", tmp_path / "k.json",
+        f"data.eval_set={{name: market1501, root: {market}}}", "crops.global_crops_size=[32,16]",
+        "crops.local_crops_size=[16,8]", "data.num_workers=0", *VIT)  # fmt: skip
+    result = json.loads((tmp_path / "k.json").read_text())
+    query, gallery = demo_sets(small_demo)
+    qf, q_pids, _ = extract_features(backbone, query, torch.device("cpu"))
+    gf, g_pids, _ = extract_features(backbone, gallery, torch.device("cpu"))
+    bank = g_pids > 0
+    for k in (1, 5):
+        pred = knn_classify(gf[bank], g_pids[bank], qf, k=k)
+        assert result[f"k{k}_top1"] == pytest.approx(float(np.mean(pred == q_pids)))
+        assert result[f"k{k}_top5"] >= result[f"k{k}_top1"]
