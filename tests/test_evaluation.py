@@ -90,3 +90,23 @@ def test_knn_hand_worked_example():
     assert knn_classify(train, labels, test, k=3, temperature=0.5)[0] == 1
     # unnormalised inputs give the same answer (cosine similarity)
     assert knn_classify(train * 3, labels, test * 0.1, k=3, temperature=0.5)[0] == 1
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_negative_distances_and_float_ties(seed):
+    rng = np.random.default_rng(100 + seed)
+    nq, ng = 17, 40
+    q_pids, g_pids = rng.integers(1, 6, nq), rng.integers(-1, 7, ng)
+    q_cams, g_cams = rng.integers(0, 3, nq), rng.integers(0, 3, ng)
+    distmat = np.round(rng.normal(size=(nq, ng)), 1).astype(np.float32)  # negatives, -0.0 / 0.0 and ties
+    distmat[0, :5] = [-0.0, 0.0, -0.0, 0.0, -1.5]
+    cmc, m_ap, m_inp, n = brute_force(distmat, q_pids, g_pids, q_cams, g_cams, 10)
+    out = evaluate_rank(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=10)
+    np.testing.assert_allclose(out["cmc"], cmc, atol=1e-12)
+    assert out["mAP"] == pytest.approx(m_ap, abs=1e-12) and out["mINP"] == pytest.approx(m_inp, abs=1e-12)
+
+
+def test_signed_zeros_tie_by_gallery_order():
+    # -0.0 == 0.0: the tie keeps gallery order, so the true match (index 1) is second.
+    out = evaluate_rank(np.array([[0.0, -0.0]], dtype=np.float32), [1], [2, 1], [0], [1, 1])
+    np.testing.assert_allclose(out["cmc"], [0.0, 1.0])
