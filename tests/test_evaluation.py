@@ -110,3 +110,31 @@ def test_signed_zeros_tie_by_gallery_order():
     # -0.0 == 0.0: the tie keeps gallery order, so the true match (index 1) is second.
     out = evaluate_rank(np.array([[0.0, -0.0]], dtype=np.float32), [1], [2, 1], [0], [1, 1])
     np.testing.assert_allclose(out["cmc"], [0.0, 1.0])
+
+
+def test_sharded_extraction_with_two_processes_equals_one_process(small_demo, tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    import torch
+
+    from dino_recog.data import datasets as ds
+    from dino_recog.data.transforms import reid_test_transform
+    from dino_recog.evaluation import extract_features
+    from dino_recog.models import build_backbone
+
+    root = Path(__file__).resolve().parents[1]
+    market = small_demo / "market"
+    r = subprocess.run(["bash", "train.sh", "cpu", "2", "tests/scripts/extract_check.py", str(market),
+                        str(tmp_path / "f.pth")], cwd=root, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = torch.load(tmp_path / "f.pth", weights_only=True)
+    torch.manual_seed(0)
+    model = build_backbone("vit_small", img_size=(32, 16), patch_size=8, depth=2, embed_dim=32, num_heads=2)[0]
+    records = ds.load_market1501(market).query
+    assert len(records) % 2 == 1  # an odd count: the two shards differ in length (the padded gather is exercised)
+    data = ds.ImageDataset(records, reid_test_transform((32, 16), (0.5,) * 3, (0.5,) * 3), train=False)
+    feats, pids, camids = extract_features(model, data, torch.device("cpu"), batch_size=7)
+    torch.testing.assert_close(got["feats"], feats, rtol=1e-5, atol=1e-6)
+    assert got["pids"].tolist() == [x.pid for x in records] == pids.tolist()
+    assert got["camids"].tolist() == camids.tolist()
