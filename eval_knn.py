@@ -20,9 +20,7 @@ from dino_recog import checkpoint as ckpt
 from dino_recog import config as C
 from dino_recog import distributed as dist
 from dino_recog.cli import load_config
-from dino_recog.data import datasets as ds
-from dino_recog.data.build import labeled_data
-from dino_recog.data.transforms import reid_test_transform
+from dino_recog.data.build import query_gallery
 from dino_recog.evaluation import extract_features, knn_votes
 
 log = logging.getLogger("dino_recog.eval_knn")
@@ -44,12 +42,9 @@ def main(cfg: C.DinoConfig, checkpoint: str, ks: list[int], temperature: float, 
             num_heads=m.num_heads or None,
         )
         model = ckpt.load_feature_model(checkpoint, backbone).to(device)
-        data = labeled_data(cfg.data.eval_set)
-        tf = reid_test_transform(crops.global_crops_size, crops.mean, crops.std)
-        qf, q_pids, _ = extract_features(model, ds.ImageDataset(data.query, tf, train=False), device,
-                                         num_workers=cfg.data.num_workers)  # fmt: skip
-        gf, g_pids, _ = extract_features(model, ds.ImageDataset(data.gallery, tf, train=False), device,
-                                         num_workers=cfg.data.num_workers)  # fmt: skip
+        _, query, gallery = query_gallery(cfg.data.eval_set, crops.global_crops_size, crops.mean, crops.std)
+        qf, q_pids, _ = extract_features(model, query, device, num_workers=cfg.data.num_workers)
+        gf, g_pids, _ = extract_features(model, gallery, device, num_workers=cfg.data.num_workers)
         bank = g_pids > 0
         votes = knn_votes(gf[bank], g_pids[bank], qf, tuple(ks), temperature)
         results = {"checkpoint": str(checkpoint), "data": cfg.data.eval_set.name, "temperature": temperature}

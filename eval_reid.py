@@ -18,9 +18,7 @@ from dino_recog import checkpoint as ckpt
 from dino_recog import config as C
 from dino_recog import distributed as dist
 from dino_recog.cli import load_config
-from dino_recog.data import datasets as ds
-from dino_recog.data.build import labeled_data
-from dino_recog.data.transforms import reid_test_transform
+from dino_recog.data.build import query_gallery
 from dino_recog.evaluation import evaluate_query_gallery
 
 log = logging.getLogger("dino_recog.eval_reid")
@@ -46,9 +44,7 @@ def main(cfg: C.RecogConfig, checkpoint: str, json_path: str | None = None) -> d
             spec.get("mean", cfg.aug.mean),
             spec.get("std", cfg.aug.std),
         )
-        data = labeled_data(cfg.data.test)
-        tf = reid_test_transform(size, mean, std)
-        query, gallery = ds.ImageDataset(data.query, tf, train=False), ds.ImageDataset(data.gallery, tf, train=False)
+        data, query, gallery = query_gallery(cfg.data.test, size, mean, std)
         results = evaluate_query_gallery(model, query, gallery, device, cfg.eval.metric, cfg.eval.flip,
                                          cfg.data.test_batch_size, cfg.data.num_workers)  # fmt: skip
         results = {"checkpoint": str(checkpoint), "data": cfg.data.test.name, **data.info, "metric": cfg.eval.metric,

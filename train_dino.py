@@ -21,8 +21,8 @@ from dino_recog import config as C
 from dino_recog import distributed as dist
 from dino_recog.cli import load_config, start_run
 from dino_recog.data import datasets as ds
-from dino_recog.data.build import labeled_data, unlabeled_items
-from dino_recog.data.transforms import MultiCropTransform, reid_test_transform
+from dino_recog.data.build import query_gallery, unlabeled_items
+from dino_recog.data.transforms import MultiCropTransform
 from dino_recog.engine import DinoStep, train_one_epoch_dino
 from dino_recog.evaluation import evaluate_query_gallery
 from dino_recog.losses import DINOLoss
@@ -112,9 +112,8 @@ def build_schedule(cfg: C.DinoConfig, steps_per_epoch: int):
 def build_eval_sets(cfg: C.DinoConfig) -> tuple[ds.ImageDataset, ds.ImageDataset] | None:
     if cfg.data.eval_set is None or cfg.eval.eval_every == 0:
         return None
-    data = labeled_data(cfg.data.eval_set)
-    tf = reid_test_transform(cfg.crops.global_crops_size, cfg.crops.mean, cfg.crops.std)
-    return ds.ImageDataset(data.query, tf, train=False), ds.ImageDataset(data.gallery, tf, train=False)
+    _, query, gallery = query_gallery(cfg.data.eval_set, cfg.crops.global_crops_size, cfg.crops.mean, cfg.crops.std)
+    return query, gallery
 
 
 # ---------------------------------------------------------------------------------------------------------------------

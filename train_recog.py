@@ -23,9 +23,9 @@ from dino_recog import config as C
 from dino_recog import distributed as dist
 from dino_recog.cli import load_config, start_run
 from dino_recog.data import datasets as ds
-from dino_recog.data.build import labeled_data, train_records
+from dino_recog.data.build import query_gallery, train_records
 from dino_recog.data.samplers import PKSampler
-from dino_recog.data.transforms import reid_test_transform, reid_train_transform
+from dino_recog.data.transforms import reid_train_transform
 from dino_recog.engine import RecogLosses, train_one_epoch_recog
 from dino_recog.evaluation import evaluate_query_gallery
 from dino_recog.export import export_onnx as onnx_export
@@ -61,10 +61,8 @@ def build_data(cfg: C.RecogConfig) -> tuple[DataLoader, PKSampler, int, tuple[ds
                         dist.get_rank(), dist.get_world_size(), cfg.run.seed)  # fmt: skip
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.data.num_workers,
                         pin_memory=torch.cuda.is_available(), collate_fn=ds.collate_skip_none)  # fmt: skip
-    test = labeled_data(cfg.data.test)
-    tf = reid_test_transform(a.size, a.mean, a.std)
-    eval_sets = ds.ImageDataset(test.query, tf, train=False), ds.ImageDataset(test.gallery, tf, train=False)
-    return loader, sampler, num_classes, eval_sets
+    _, query, gallery = query_gallery(cfg.data.test, a.size, a.mean, a.std)
+    return loader, sampler, num_classes, (query, gallery)
 
 
 def model_spec(cfg: C.RecogConfig, num_classes: int) -> dict:

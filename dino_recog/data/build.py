@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from ..config import DatasetSpec
 from . import datasets as ds
 from .demo import ensure_demo
+from .transforms import reid_test_transform
 
-__all__ = ["labeled_data", "train_records", "unlabeled_items"]
+__all__ = ["labeled_data", "query_gallery", "train_records", "unlabeled_items"]
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,15 @@ def labeled_data(spec: DatasetSpec) -> ds.ReIDData:
         raise ValueError(f"data set {spec.name!r} has no query/gallery split; expected market1501, msmt17 or demo")
     log.info("%s (%s)\n%s", spec.name, spec.root, ds.format_table(data))
     return data
+
+
+def query_gallery(
+    spec: DatasetSpec, size: Sequence[int], mean: Sequence[float], std: Sequence[float]
+) -> tuple[ds.ReIDData, ds.ImageDataset, ds.ImageDataset]:
+    """The query and gallery of a labeled set as evaluation data sets (resize + normalise; corrupt images raise)."""
+    data = labeled_data(spec)
+    tf = reid_test_transform(size, mean, std)
+    return data, ds.ImageDataset(data.query, tf, train=False), ds.ImageDataset(data.gallery, tf, train=False)
 
 
 def train_records(specs: list[DatasetSpec]) -> list[ds.Record]:
