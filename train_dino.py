@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from dino_recog import checkpoint as ckpt
 from dino_recog import config as C
 from dino_recog import distributed as dist
-from dino_recog.cli import load_config, start_run
+from dino_recog.cli import apply_speed_options, load_config, start_run
 from dino_recog.data import datasets as ds
 from dino_recog.data.build import query_gallery, unlabeled_items
 from dino_recog.data.transforms import MultiCropTransform
@@ -134,6 +134,7 @@ def main(cfg: C.DinoConfig) -> dict[str, float]:
         steps_per_epoch = len(loader)
         student, teacher = build_model(cfg)
         student, teacher = student.to(device), teacher.to(device)
+        apply_speed_options(cfg.run, student.backbone, teacher.backbone)
         if dist.get_world_size() > 1:
             # BatchNorm statistics over the global batch, as the official code does (SyncBatchNorm needs CUDA).
             if device.type == "cuda" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules()):
@@ -146,7 +147,12 @@ def main(cfg: C.DinoConfig) -> dict[str, float]:
         net = student.module if isinstance(student, nn.parallel.DistributedDataParallel) else student
         loss_fn = DINOLoss(cfg.model.out_dim, 2, cfg.dino.student_temp, cfg.dino.center_momentum).to(device)
         optimizer = build_optimizer(
-            cfg.train.optimizer, param_groups(net), 0.0, cfg.train.weight_decay, cfg.train.momentum
+            cfg.train.optimizer,
+            param_groups(net),
+            0.0,
+            cfg.train.weight_decay,
+            cfg.train.momentum,
+            cfg.run.fused_optimizer,
         )
         scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.run.amp == "fp16")
         schedule = build_schedule(cfg, steps_per_epoch)

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from dino_recog import checkpoint as ckpt
 from dino_recog import config as C
 from dino_recog import distributed as dist
-from dino_recog.cli import load_config, start_run
+from dino_recog.cli import apply_speed_options, load_config, start_run
 from dino_recog.data import datasets as ds
 from dino_recog.data.build import query_gallery, train_records
 from dino_recog.data.samplers import PKSampler
@@ -137,6 +137,7 @@ def main(cfg: C.RecogConfig, export_onnx: bool = False) -> dict[str, float]:
         loader, sampler, num_classes, eval_sets = build_data(cfg)
         steps_per_epoch = len(loader)
         model = build_model(cfg, num_classes).to(device)
+        apply_speed_options(cfg.run, model.backbone)
         losses = build_losses(cfg, model.head.out_dim, num_classes, device)
         if dist.get_world_size() > 1:
             if device.type == "cuda":
@@ -153,7 +154,7 @@ def main(cfg: C.RecogConfig, export_onnx: bool = False) -> dict[str, float]:
             if name in losses.terms:
                 groups.append({"params": list(losses.terms[name][1].parameters()), "lr_scale": t.head_lr_factor,
                                "apply_wd": True})  # fmt: skip
-        optimizer = build_optimizer(t.optimizer, groups, t.lr, t.weight_decay, t.momentum)
+        optimizer = build_optimizer(t.optimizer, groups, t.lr, t.weight_decay, t.momentum, cfg.run.fused_optimizer)
         center_opt = None
         if "center" in losses.terms:
             center_opt = torch.optim.SGD(losses.terms["center"][1].parameters(), lr=cfg.loss.center_lr)

@@ -9,10 +9,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import torch
+
 from . import config as C
 from . import distributed as dist
 
-__all__ = ["load_config", "start_run"]
+__all__ = ["apply_speed_options", "load_config", "start_run"]
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,3 +55,11 @@ def start_run(cfg: object, output_dir: Path) -> None:
     if dist.is_main_process():
         C.save(cfg, Path(output_dir) / "config.yaml")
     dist.seed_everything(cfg.run.seed)
+
+
+def apply_speed_options(run: C.RunConfig, *backbones: torch.nn.Module) -> None:
+    """The `run.*` speed options on each backbone (after it is on its device, before DDP wraps it)."""
+    from .models.backbones import configure_speed
+
+    for b in backbones:
+        configure_speed(b, run.fused_attn, run.grad_checkpointing, run.channels_last, run.compile)

@@ -76,6 +76,11 @@ class RunConfig:
     amp: str = "bf16"  # bf16 (when the device supports it), fp16 (with a gradient scaler) or fp32
     log_every: int = 50  # iterations between JSON-lines / tensorboard records
     keep_last: int = 3  # how many epoch checkpoints are kept
+    fused_attn: bool = True  # ViT attention through fused scaled_dot_product_attention (false: explicit softmax)
+    fused_optimizer: bool = True  # on CUDA, the fused AdamW/Adam/SGD kernels (else the foreach implementation)
+    compile: bool = False  # torch.compile the backbone (one graph per crop size; first steps are slow)
+    channels_last: bool = False  # ResNets: channels-last memory format (faster convolutions with autocast on GPU)
+    grad_checkpointing: bool = False  # recompute ViT blocks in backward: less memory, about 30% more compute
 
     def validate(self, path: str) -> None:
         _choice(path + ".device", self.device, ("auto", "cuda", "cpu"))

@@ -61,17 +61,24 @@ def reid_param_groups(model: nn.Module, bias_lr_factor: float = 1.0, head_lr_fac
 
 
 def build_optimizer(
-    name: str, groups: list[dict], lr: float, weight_decay: float, momentum: float = 0.9
+    name: str, groups: list[dict], lr: float, weight_decay: float, momentum: float = 0.9, fused: bool = False
 ) -> torch.optim.Optimizer:
-    """AdamW (default betas, as DINO), SGD with momentum, or Adam."""
+    """AdamW (default betas, as DINO), SGD with momentum, or Adam.
+
+    Args:
+        fused: use the fused CUDA kernel (one launch for all parameters); only when every parameter is on a CUDA
+            device, otherwise PyTorch's default multi-tensor (foreach) implementation is used.
+    """
     for g in groups:
         g.setdefault("weight_decay", weight_decay)
+    fused = fused and all(p.is_cuda for g in groups for p in g["params"])
+    kw = {"fused": True} if fused else {}
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
+        return torch.optim.AdamW(groups, lr=lr, **kw)
     if name == "adam":
-        return torch.optim.Adam(groups, lr=lr)
+        return torch.optim.Adam(groups, lr=lr, **kw)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, **kw)
     raise ValueError(f"optimizer {name!r}: expected adamw, adam or sgd")
 
 

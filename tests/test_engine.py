@@ -105,3 +105,27 @@ def test_collapse_is_warned_with_the_iteration(caplog):
     caplog.clear()
     _warn_collapse(math.log(1024), {"kl": 0.0, "teacher_batch_entropy": 0.0}, it=5, epoch=0, out_dim=1024)
     assert not caplog.records  # the first epoch starts near ln K by construction
+
+
+def test_gradient_clipping_uses_the_global_norm(tmp_path):
+    """One SGD step through the engine equals p - lr * g * min(1, c / ||g||), ||g|| over all parameters at once
+    (DINOv2's rule; the official DINO clips each parameter's norm separately)."""
+    import copy
+
+    student, teacher = tiny_pair()
+    reference = copy.deepcopy(student)
+    crops = batches(1)[0][0][0]
+    lr, clip = 0.1, 0.05
+    loss = DINOLoss(64)(reference(crops), teacher(crops[:2]), 0.04)
+    loss.backward()
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in reference.parameters()]
+    norm = torch.sqrt(sum(g.square().sum() for g in grads))
+    assert norm > 10 * clip  # so that the clipping really acts
+    expected = [p.detach() - lr * g * (clip / (norm + 1e-6)) for p, g in zip(reference.parameters(), grads)]
+
+    opt = build_optimizer("sgd", param_groups(student), lr, 0.0)
+    step = DinoStep(lr=lr, weight_decay=0.0, momentum=1.0, teacher_temp=0.04, freeze_last_layer=False)
+    train_one_epoch_dino(student, teacher, DINOLoss(64), batches(1), opt, torch.amp.GradScaler("cpu", enabled=False),
+                         lambda it: step, 0, 1, torch.device("cpu"), "fp32", clip, RunLog(tmp_path, False))  # fmt: skip
+    for e, p in zip(expected, student.parameters()):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-4, atol=1e-6)

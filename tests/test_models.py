@@ -91,3 +91,83 @@ def test_resnet_gem_head():
     backbone, dim = build_backbone("resnet18", last_stride=1)
     model = ReIDModel(backbone, BNNeckHead(dim, 5, pool="gem", embedding_dim=16)).eval()
     assert model(torch.randn(2, 3, 64, 32)).shape == (2, 16)
+
+
+def _speed_losses(**options) -> list[float]:
+    """Three SGD steps of a tiny DINO student on fixed crops with `configure_speed(**options)`; the losses."""
+    from dino_recog.losses import DINOLoss
+    from dino_recog.models import configure_speed
+
+    torch.manual_seed(0)
+    net = MultiCropNet(tiny_vit()[0], DINOHead(32, 16, hidden_dim=16, bottleneck_dim=8))
+    teacher = MultiCropNet(tiny_vit()[0], DINOHead(32, 16, hidden_dim=16, bottleneck_dim=8))
+    teacher.load_state_dict(net.state_dict())
+    configure_speed(net.backbone, **options)
+    configure_speed(teacher.backbone, **{k: v for k, v in options.items() if k != "grad_checkpointing"})
+    loss_fn, opt = DINOLoss(16), torch.optim.SGD(net.parameters(), lr=0.5)
+    g = torch.Generator().manual_seed(1)
+    crops = [torch.randn(4, 3, 32, 16, generator=g) for _ in range(2)] + [torch.randn(4, 3, 16, 8, generator=g)]
+    losses = []
+    for _ in range(3):
+        with torch.no_grad():
+            t = teacher(crops[:2])
+        loss = loss_fn(net(crops), t, 0.04)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        update_teacher(net, teacher, 0.9)
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"fused_attn": False}, {"grad_checkpointing": True}],
+    ids=["explicit-attention", "grad-checkpointing"],
+)
+def test_speed_options_give_the_plain_losses(options):
+    plain = _speed_losses()
+    assert plain[0] != plain[-1]  # the steps change something, so equal curves mean equal updates
+    torch.testing.assert_close(_speed_losses(**options), plain, rtol=1e-5, atol=1e-6)
+
+
+def test_speed_options_switch_what_they_name():
+    from dino_recog.models import configure_speed
+
+    vit = configure_speed(tiny_vit()[0], fused_attn=False, grad_checkpointing=True)
+    assert all(not b.attn.fused_attn for b in vit.blocks) and vit.grad_checkpointing
+    torch.manual_seed(0)
+    plain = build_backbone("resnet18")[0]
+    resnet = build_backbone("resnet18")[0]
+    resnet.load_state_dict(plain.state_dict())
+    configure_speed(resnet, channels_last=True)
+    assert resnet.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 32)
+    out = resnet(x)
+    torch.testing.assert_close(out, plain(x), rtol=1e-4, atol=1e-3)
+    plain(x).square().sum().backward()
+    out.square().sum().backward()
+    g, ref = resnet.conv1.weight.grad, plain.conv1.weight.grad
+    assert (g - ref).norm() / ref.norm() < 1e-3  # summation order differs between the layouts
+
+
+def test_compiled_backbone_keeps_names_and_outputs():
+    from dino_recog.models import configure_speed
+
+    torch.manual_seed(0)
+    plain = tiny_vit()[0].eval()
+    compiled = tiny_vit()[0].eval()
+    compiled.load_state_dict(plain.state_dict())
+    configure_speed(compiled, compile=True)
+    assert list(compiled.state_dict()) == list(plain.state_dict())  # checkpoints stay interchangeable
+    x = torch.randn(2, 3, 32, 16)
+    torch.testing.assert_close(compiled(x), plain(x), rtol=1e-4, atol=1e-5)
+
+
+def test_foreach_ema_equals_a_parameter_loop():
+    torch.manual_seed(0)
+    s, t = MultiCropNet(tiny_vit()[0], DINOHead(32, 8)), MultiCropNet(tiny_vit()[0], DINOHead(32, 8))
+    expected = [0.996 * pt.detach() + (1 - 0.996) * ps.detach() for ps, pt in zip(s.parameters(), t.parameters())]
+    update_teacher(s, t, 0.996)
+    for e, p in zip(expected, t.parameters()):
+        torch.testing.assert_close(p.detach(), e, rtol=0, atol=1e-7)

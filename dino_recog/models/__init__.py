@@ -1,12 +1,13 @@
 """Backbones, heads, the DINO student/teacher pair and the recognition model."""
 
-from .backbones import build_backbone
+from .backbones import build_backbone, configure_speed
 from .dino import MultiCropNet, update_teacher
 from .heads import BNNeckHead, DINOHead, GeM
 from .reid import ReIDModel, build_reid_model
 
 __all__ = [
     "build_backbone",
+    "configure_speed",
     "DINOHead",
     "MultiCropNet",
     "update_teacher",

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torchvision
 from timm.models.vision_transformer import VisionTransformer
 
-__all__ = ["build_backbone", "VIT_SPECS", "ResNetBackbone", "is_vit"]
+__all__ = ["build_backbone", "configure_speed", "VIT_SPECS", "ResNetBackbone", "is_vit"]
 
 # name -> (embed_dim, depth, num_heads), as in DINO's vision_transformer.py and timm
 VIT_SPECS: dict[str, tuple[int, int, int]] = {
@@ -102,3 +102,35 @@ def build_backbone(
     if name in RESNETS:
         return _resnet(name, last_stride)
     raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(list(VIT_SPECS) + list(RESNETS))}")
+
+
+def configure_speed(
+    backbone: nn.Module,
+    fused_attn: bool = True,
+    grad_checkpointing: bool = False,
+    channels_last: bool = False,
+    compile: bool = False,
+) -> nn.Module:
+    """Switch a backbone's speed options in place; none of them changes what the network computes.
+
+    Args:
+        fused_attn: ViT attention through `F.scaled_dot_product_attention` (flash / memory-efficient kernels on GPU)
+            instead of the explicit softmax(q k^T) v, which materialises the (B, heads, N, N) matrix.
+        grad_checkpointing: ViT blocks are recomputed in the backward pass instead of keeping their activations.
+        channels_last: ResNet weights in channels-last layout, which cuDNN's fastest convolutions want.
+        compile: `torch.compile` the module in place (`nn.Module.compile`), so parameter names and checkpoints stay
+            those of the plain module; each input size is one graph.
+
+    Returns:
+        The same module.
+    """
+    for m in backbone.modules():
+        if hasattr(m, "fused_attn") and hasattr(m, "qkv"):
+            m.fused_attn = fused_attn
+    if hasattr(backbone, "set_grad_checkpointing"):
+        backbone.set_grad_checkpointing(grad_checkpointing)
+    if channels_last and isinstance(backbone, ResNetBackbone):
+        backbone.to(memory_format=torch.channels_last)
+    if compile:
+        backbone.compile()
+    return backbone
