@@ -298,3 +298,5 @@ def test_curves_of_two_runs(tmp_path):
                         str(tmp_path / "one.png")], cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert Image.open(tmp_path / "one.png").size == (round(w * DPI), round(h * DPI))
+    main(["curves", str(tmp_path / "recog"), "--out", str(out)])  # loss, rank-1, mAP: one row
+    assert Image.open(out).size == (round(3 * w * DPI), round(h * DPI))

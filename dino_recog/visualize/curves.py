@@ -67,7 +67,7 @@ def _labels(run_dirs: Sequence[str | os.PathLike]) -> list[str]:
 def plot_curves(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, title: str = "") -> Path:
     """Draw loss, lr, kNN top-1, rank-1 and mAP over epochs (those present in any run), one line per run.
 
-    The figure is `PANEL_INCHES` per panel, 3 panels per row, at `DPI`, without a display (Agg canvas).
+    The figure is `PANEL_INCHES` per panel, at most 3 panels per row, at `DPI`, drawn without a display (Agg canvas).
 
     Raises:
         ValueError: no run has any of the metrics.
@@ -79,8 +79,8 @@ def plot_curves(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, t
     panels = [(key, name) for _, key, name in METRICS if any(key in s for s in all_series)]
     if not panels:
         raise ValueError(f"no loss, lr or evaluation records in {', '.join(map(str, run_dirs))}")
-    cols = min(COLUMNS, len(panels))
-    rows = math.ceil(len(panels) / cols)
+    rows = math.ceil(len(panels) / COLUMNS)
+    cols = math.ceil(len(panels) / rows)  # 4 panels as 2 x 2, not 3 + 1
     fig = Figure(figsize=(PANEL_INCHES[0] * cols, PANEL_INCHES[1] * rows), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
