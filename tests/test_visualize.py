@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-from dino_recog import config as C
 from dino_recog.checkpoint import save_checkpoint, save_reid_model
 from dino_recog.data import datasets as ds
 from dino_recog.data.transforms import reid_test_transform
@@ -154,6 +153,13 @@ def test_attention_command_on_an_export_and_an_official_dino_checkpoint(tmp_path
     official = {"teacher": {**{f"backbone.{k}": v for k, v in state.items()}, "head.mlp.0.weight": torch.zeros(4, 32)},
                 "student": {f"module.backbone.{k}": v for k, v in state.items()}, "epoch": 100}  # fmt: skip
     save_checkpoint(official, tmp_path / "dino_official.pth")
+    # a stage-2 model: the heads come from its spec, the weights are its backbone's
+    reid = demo_model(tmp_path)
+    loaded, size, mean, _ = load_vit(tmp_path / "model.pth")
+    assert size == (32, 16) and mean == (0.485, 0.456, 0.406)
+    x = torch.randn(1, 3, 32, 16)
+    torch.testing.assert_close(cls_attention_maps(loaded, x), cls_attention_maps(reid.backbone, x))
+
     for key in ("teacher", "student"):
         loaded, size, _, _ = load_vit(tmp_path / "dino_official.pth", key=key, num_heads=2)
         assert size == (256, 128)  # no hint in the file: person crops
@@ -257,11 +263,9 @@ def test_ranks_command_and_eval_reid_save_ranks(small_demo, tmp_path):
     assert first["query"] in {r.path for r in data.query}
     assert all(Path(e["path"]).is_file() for e in first["ranked"])
 
-    sys.path.insert(0, str(ROOT))
-    import eval_reid
-
-    cfg = C.load(ROOT / "cfg_recog.yaml", overrides, cls=C.RecogConfig)
-    eval_reid.main(cfg, str(tmp_path / "model.pth"), None, str(tmp_path / "e"))
+    cmd = ["eval_reid.py", "--checkpoint", str(tmp_path / "model.pth"), "--save-ranks", str(tmp_path / "e"), *overrides]
+    r = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "e" / "ranks.json").read_text())["mAP"] == pytest.approx(report["mAP"])
     assert Image.open(tmp_path / "e" / "ranks.png").height == 20 * thumb_h + 19 * GAP  # the 20 worst by default
 
