@@ -1,11 +1,12 @@
 # Two commands on a fresh machine with Python 3.11 and make:
 #   make demo   create .venv from requirements.txt (if missing or stale), then run the demo
 #   make test   the same venv plus requirements-dev.txt, then the test suite
+#   make pictures   the pictures in pic/ (README) from the outputs of make demo
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test venv clean-venv lint
+.PHONY: demo test venv clean-venv lint pictures
 
 # The stamp files make the venv "stale" whenever a requirements file is newer than the last install.
 $(VENV)/.installed: requirements.txt
@@ -32,6 +33,28 @@ demo: $(VENV)/.installed
 		run.output_dir=output/demo/recog_scratch
 	$(PY) -m dino_recog.report output/demo/dino output/demo/recog output/demo/recog_scratch \
 		--extra output/demo/histogram.json
+
+# The README's pictures, from the demo runs: attention of the DINO teacher on four query images (at their stored
+# 128x64, a 16x8 patch grid), ranked lists of the fine-tuned model (8 queries from worst to best), curves of both stages.
+DEMO_QUERIES = $(sort $(wildcard data/demo/market/query/*.jpg))
+ATTENTION_IMAGES = $(foreach i,1 40 80 120,$(word $(i),$(DEMO_QUERIES)))
+
+pictures: $(VENV)/.installed
+	@for f in output/demo/dino/teacher_backbone.pth output/demo/dino/log.jsonl output/demo/recog/model.pth \
+		output/demo/recog/log.jsonl output/demo/recog_scratch/log.jsonl data/demo/market/query; do \
+		test -e $$f || { echo "$$f is missing: run make demo first" >&2; exit 1; }; done
+	mkdir -p pic output/pictures
+	$(PY) -m dino_recog.visualize attention --checkpoint output/demo/dino/teacher_backbone.pth \
+		--images $(ATTENTION_IMAGES) --size 128 64 --scale 2 --threshold 0.6 --out output/pictures/attention
+	cp output/pictures/attention/attention.png pic/attention.png
+	$(PY) -m dino_recog.visualize ranks --config configs/demo/recog.yaml --checkpoint output/demo/recog/model.pth \
+		--num-queries 8 --order even --out output/pictures/ranks
+	cp output/pictures/ranks/ranks.png pic/ranks.png
+	$(PY) -m dino_recog.visualize curves output/demo/dino --title "stage 1: DINO on the demo pool" \
+		--out pic/curves_dino.png
+	$(PY) -m dino_recog.visualize curves output/demo/recog output/demo/recog_scratch \
+		--title "stage 2: from the DINO teacher (recog) vs from random initialisation (recog_scratch)" \
+		--out pic/curves_recog.png
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q

@@ -1,6 +1,7 @@
 """Re-identification evaluation: rank-1/5/10, mAP, mINP of a checkpoint on the configured query/gallery.
 
-    python eval_reid.py --checkpoint output/recog/model.pth [--config cfg_recog.yaml] [--json out.json] [key=value ...]
+    python eval_reid.py --checkpoint output/recog/model.pth [--config cfg_recog.yaml] [--json out.json] \
+        [--save-ranks DIR] [key=value ...]
     bash train.sh 0,1 2 eval_reid.py --checkpoint output/recog/best.pth data.test.name=msmt17 data.test.root=/d/msmt
 
 The checkpoint may be a stage-2 model (model.pth, best.pth, checkpoint_NNNN.pth: its BN-neck embedding) or backbone
@@ -24,7 +25,9 @@ from dino_recog.evaluation import evaluate_query_gallery
 log = logging.getLogger("dino_recog.eval_reid")
 
 
-def main(cfg: C.RecogConfig, checkpoint: str, json_path: str | None = None) -> dict[str, float]:
+def main(
+    cfg: C.RecogConfig, checkpoint: str, json_path: str | None = None, save_ranks: str | None = None
+) -> dict[str, float]:
     with dist.session(cfg.run.device) as device:
         dist.setup_logging()
         m = cfg.model
@@ -57,14 +60,22 @@ def main(cfg: C.RecogConfig, checkpoint: str, json_path: str | None = None) -> d
                 print(f"   ({results['num_skipped']} queries without a true match were skipped)")
             if json_path:
                 Path(json_path).write_text(json.dumps(results, indent=2))
+        if save_ranks:  # every rank takes part: features are extracted in shards
+            from dino_recog.visualize import save_rank_lists
+
+            save_rank_lists(model, query, gallery, device, save_ranks, cfg.eval.metric, cfg.eval.flip,
+                            cfg.data.test_batch_size, cfg.data.num_workers)  # fmt: skip
         return results
 
 
 def _flags(parser) -> None:
     parser.add_argument("--checkpoint", required=True, help="stage-2 model or backbone weights")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument(
+        "--save-ranks", metavar="DIR", help="also draw the worst queries' ranked lists (ranks.png, .json)"
+    )
 
 
 if __name__ == "__main__":
     cfg, args = load_config(C.RecogConfig, "cfg_recog.yaml", __doc__.split("\n")[0], add_arguments=_flags)
-    main(cfg, args.checkpoint, args.json)
+    main(cfg, args.checkpoint, args.json, args.save_ranks)
