@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dino_recog import config as C
 from dino_recog import feature_cache
 from dino_recog.checkpoint import CheckpointError, save_checkpoint, save_reid_model
 from dino_recog.data import datasets as ds
@@ -276,3 +277,62 @@ def test_feature_cache(model_path, images, tmp_path, monkeypatch):
     assert torch.equal(run(tiny_model())[0], first[0]) and len(calls) == 6
     run(tiny_model())
     assert len(calls) == 6
+
+
+def market_folder(root, arrays):
+    """A tiny query/gallery set in Market-1501 layout."""
+    splits = {
+        "bounding_box_train": ["0001_c1s1_000001_00.jpg"],
+        "query": ["0001_c1s1_000002_00.jpg", "0002_c1s1_000003_00.jpg"],
+        "bounding_box_test": ["0001_c2s1_000004_00.jpg", "0002_c2s1_000005_00.jpg", "0002_c3s1_000006_00.jpg"],
+    }
+    for split, names in splits.items():
+        (root / split).mkdir(parents=True)
+        for i, name in enumerate(names):
+            Image.fromarray(arrays[i % 4]).save(root / split / name)
+    return root
+
+
+@pytest.fixture
+def count_extractions(monkeypatch):
+    calls = []
+    monkeypatch.setattr(feature_cache, "extract_features", lambda *a, **k: calls.append(1) or extract_features(*a, **k))
+    sys.path.insert(0, str(ROOT))  # the eval scripts
+    return calls
+
+
+def test_eval_reid_cache_misses_when_the_checkpoint_is_rewritten(tmp_path, images, count_extractions):
+    import eval_reid
+
+    market = market_folder(tmp_path / "market", images[0])
+    cfg = C.load(ROOT / "cfg_recog.yaml", [f"data.test={{name: market1501, root: {market}}}", "data.num_workers=0",
+                                           "run.device=cpu"], cls=C.RecogConfig)  # fmt: skip
+    path, cache = tmp_path / "model.pth", str(tmp_path / "cache")
+    save_reid_model(tiny_model(), path)
+    first = eval_reid.main(cfg, str(path), cache_dir=cache)
+    assert len(count_extractions) == 2  # query and gallery
+    assert eval_reid.main(cfg, str(path), cache_dir=cache) == first and len(count_extractions) == 2
+    assert eval_reid.main(cfg, str(path)) == first and len(count_extractions) == 4  # no cache: always extracts
+    save_reid_model(tiny_model(seed=1), path)  # rewritten in place with other weights
+    eval_reid.main(cfg, str(path), cache_dir=cache)
+    assert len(count_extractions) == 6
+
+
+def test_eval_knn_cache(tmp_path, images, count_extractions):
+    import eval_knn
+
+    market = market_folder(tmp_path / "market", images[0])
+    torch.manual_seed(0)
+    backbone = build_backbone("vit_small", img_size=(32, 16), patch_size=8, depth=2, embed_dim=32, num_heads=2)[0]
+    torch.save(backbone.state_dict(), tmp_path / "teacher_backbone.pth")
+    overrides = [f"data.eval_set={{name: market1501, root: {market}}}", "crops.global_crops_size=[32,16]",
+                 "crops.local_crops_size=[16,8]", "data.num_workers=0", "run.device=cpu", "model.arch=vit_small",
+                 "model.depth=2", "model.embed_dim=32", "model.num_heads=2", "model.patch_size=8"]  # fmt: skip
+    cfg = C.load(ROOT / "cfg_dino.yaml", overrides, cls=C.DinoConfig)
+    args = (str(tmp_path / "teacher_backbone.pth"), [1, 2], 0.07)
+    first = eval_knn.main(cfg, *args, cache_dir=str(tmp_path / "cache"))
+    assert eval_knn.main(cfg, *args, cache_dir=str(tmp_path / "cache")) == first
+    assert len(count_extractions) == 2
+    cfg = C.load(ROOT / "cfg_dino.yaml", [*overrides, "model.num_heads=4"], cls=C.DinoConfig)
+    eval_knn.main(cfg, *args, cache_dir=str(tmp_path / "cache"))  # same weights, other attention heads: a miss
+    assert len(count_extractions) == 4
