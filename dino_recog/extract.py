@@ -36,7 +36,7 @@ from .data.datasets import IMAGE_EXTENSIONS, CorruptImageError, _to_rgb, read_im
 from .data.transforms import reid_test_transform
 from .feature_cache import write_atomic
 
-__all__ = ["DEFAULT_IMAGE_SIZE", "FeatureExtractor", "ImageInput", "list_images", "main"]
+__all__ = ["DEFAULT_IMAGE_SIZE", "FeatureExtractor", "ImageInput", "list_images", "load_model", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,8 @@ class FeatureExtractor:
     Args:
         model_path: a stage-2 model (model.pth, best.pth, a stage-2 checkpoint: architecture and preprocessing from
             its `spec`), a stage-1 training checkpoint (from its config), backbone weights (teacher_backbone.pth,
-            official DINO, timm: needs `backbone`), or an already built `nn.Module`.
+            official DINO, timm: needs `backbone`), or an already built `nn.Module` (moved to `device`, put in
+            eval mode; preprocessing from its `spec` if it has one).
         device: "cpu", "cuda", a torch.device; None picks CUDA when available.
         batch_size: images per forward pass.
         flip: average with the features of the horizontally mirrored images (as `eval.flip`).
@@ -364,8 +365,12 @@ def _parse_backbone(pairs: list[str] | None) -> dict[str, Any] | None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dino_recog.extract", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m dino_recog.extract",
+        description="L2-normalised features of a folder of images (.npy) and their file list (.txt, same order).",
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--checkpoint", required=True, help="stage-2 model.pth / best.pth, or backbone weights")
     p.add_argument("--images", required=True, help="folder of images (" + ", ".join(IMAGE_EXTENSIONS) + ")")
     p.add_argument("--out", required=True, help="features file, must end in .npy; the file list goes beside it (.txt)")

@@ -1,5 +1,6 @@
 """FeatureExtractor on every kind of input, the extract command, and the feature cache."""
 
+import json
 import os
 import re
 import subprocess
@@ -14,6 +15,7 @@ from PIL import Image
 from dino_recog import config as C
 from dino_recog import feature_cache
 from dino_recog.checkpoint import CheckpointError, save_checkpoint, save_reid_model
+from dino_recog.config import IMAGENET_MEAN, IMAGENET_STD
 from dino_recog.data import datasets as ds
 from dino_recog.data.transforms import reid_test_transform
 from dino_recog.evaluation import extract_features
@@ -201,6 +203,18 @@ def test_cli_writes_features_and_file_list(model_path, tmp_path, capsys):
     np.testing.assert_allclose(feats, expected.numpy(), rtol=0, atol=1e-6)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["feats.npy", "feats.txt"]  # no temp files left
 
+    # backbone weights described on the command line
+    torch.manual_seed(0)
+    backbone = build_backbone("vit_small", img_size=(32, 16), patch_size=8, depth=2, embed_dim=32, num_heads=2)[0]
+    torch.save(backbone.state_dict(), tmp_path / "backbone.pth")
+    arch = ["name=vit_small", "img_size=[32, 16]", "patch_size=8", "depth=2", "embed_dim=32", "num_heads=2"]
+    assert main(["--checkpoint", str(tmp_path / "backbone.pth"), "--images", str(root), "--out", str(out),
+                 "--backbone", *arch]) == 0  # fmt: skip
+    imagenet = ds.ImageDataset(
+        [str(root / n) for n in names], reid_test_transform((32, 16), IMAGENET_MEAN, IMAGENET_STD)
+    )
+    np.testing.assert_allclose(np.load(out), extract_features(backbone, imagenet, CPU)[0].numpy(), rtol=0, atol=1e-6)
+
     # --recursive, --flip, as a module in a fresh interpreter
     cmd = [sys.executable, "-m", "dino_recog.extract", "--checkpoint", model_path, "--images", root, "--out", out,
            "--recursive", "--flip"]  # fmt: skip
@@ -225,6 +239,13 @@ def test_cli_errors(model_path, tmp_path, capsys):
                                          "it has subfolders: add --recursive to search them")  # fmt: skip
     assert fails(tmp_path / "nope") == f"error: --images {tmp_path / 'nope'}: no such folder"
     root = image_folder(tmp_path / "imgs")
+    torch.save(build_backbone("resnet18")[0].state_dict(), tmp_path / "backbone.pth")
+    status = main(
+        ["--checkpoint", str(tmp_path / "backbone.pth"), "--images", str(root), "--out", str(tmp_path / "f.npy")]
+    )
+    assert status == 2 and capsys.readouterr().err.startswith(
+        f"error: {tmp_path / 'backbone.pth'}: backbone weights without a description of the architecture; pass "
+    )
     assert fails(root, "f.txt") == f"error: --out {tmp_path / 'f.txt'}: expected a .npy file name (the file list is " \
                                    "written beside it as .txt)"  # fmt: skip
     (root / "b.png").write_bytes(b"\x89PNG truncated")
@@ -336,3 +357,19 @@ def test_eval_knn_cache(tmp_path, images, count_extractions):
     cfg = C.load(ROOT / "cfg_dino.yaml", [*overrides, "model.num_heads=4"], cls=C.DinoConfig)
     eval_knn.main(cfg, *args, cache_dir=str(tmp_path / "cache"))  # same weights, other attention heads: a miss
     assert len(count_extractions) == 4
+
+
+def test_cache_under_torchrun_two_cpu_processes(images, tmp_path):
+    """Rank 0 writes; a hit only when every rank finds the file, so the ranks never disagree (and never hang)."""
+    folder = str(Path(images[1][0]).parent)
+    env = {**os.environ, "PYTHON": sys.executable}  # train.sh would look for .venv beside the checkout
+    r = subprocess.run(["bash", "train.sh", "cpu", "2", "tests/scripts/cache_check.py", folder, str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    for rank in ranks:
+        assert rank["counts"] == [1, 1, 2]  # extracted, loaded, extracted again
+        assert len(set(rank["digests"])) == 1  # all three calls return the same features
+        assert len(rank["files"]) == 1 and rank["files"][0].startswith("features-")  # one file, no temp left
+    assert ranks[0]["digests"] == ranks[1]["digests"]
+    assert not (tmp_path / "elsewhere").exists()  # only rank 0 writes
