@@ -6,6 +6,7 @@
 Each query is classified by its gallery neighbours (cosine similarity, votes weighted by exp(sim / T); distractors
 are no class); top-1 and top-5 accuracy are reported for every k from one nearest-neighbour search (faiss).
 The backbone is built from `model.*` of the config; the checkpoint may be any backbone weights or a stage-2 model.
+With `--cache-dir DIR` the features are kept there and reused while model, images and preprocessing are unchanged.
 """
 
 from __future__ import annotations
@@ -21,12 +22,20 @@ from dino_recog import config as C
 from dino_recog import distributed as dist
 from dino_recog.cli import load_config
 from dino_recog.data.build import query_gallery
-from dino_recog.evaluation import extract_features, knn_votes
+from dino_recog.evaluation import knn_votes
+from dino_recog.feature_cache import cached_features
 
 log = logging.getLogger("dino_recog.eval_knn")
 
 
-def main(cfg: C.DinoConfig, checkpoint: str, ks: list[int], temperature: float, json_path: str | None = None) -> dict:
+def main(
+    cfg: C.DinoConfig,
+    checkpoint: str,
+    ks: list[int],
+    temperature: float,
+    json_path: str | None = None,
+    cache_dir: str | None = None,
+) -> dict:
     if cfg.data.eval_set is None:
         raise SystemExit("data.eval_set is not set; name a labeled set, e.g. data.eval_set.name=market1501 "
                          "data.eval_set.root=/data/Market-1501-v15.09.15")  # fmt: skip
@@ -43,8 +52,9 @@ def main(cfg: C.DinoConfig, checkpoint: str, ks: list[int], temperature: float, 
         )
         model = ckpt.load_feature_model(checkpoint, backbone).to(device)
         _, query, gallery = query_gallery(cfg.data.eval_set, crops.global_crops_size, crops.mean, crops.std)
-        qf, q_pids, _ = extract_features(model, query, device, num_workers=cfg.data.num_workers)
-        gf, g_pids, _ = extract_features(model, gallery, device, num_workers=cfg.data.num_workers)
+        kw = dict(arch=backbone, num_workers=cfg.data.num_workers)
+        qf, q_pids, _ = cached_features(model, query, device, cache_dir, **kw)
+        gf, g_pids, _ = cached_features(model, gallery, device, cache_dir, **kw)
         bank = g_pids > 0
         votes = knn_votes(gf[bank], g_pids[bank], qf, tuple(ks), temperature)
         results = {"checkpoint": str(checkpoint), "data": cfg.data.eval_set.name, "temperature": temperature}
@@ -66,8 +76,9 @@ def _flags(parser) -> None:
     parser.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200], help="neighbours (DINO: 10 20 100 200)")
     parser.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim / T) (DINO: 0.07)")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--cache-dir", help="keep query/gallery features here and reuse them while nothing changed")
 
 
 if __name__ == "__main__":
     cfg, args = load_config(C.DinoConfig, "cfg_dino.yaml", __doc__.split("\n")[0], add_arguments=_flags)
-    main(cfg, args.checkpoint, args.k, args.temperature, args.json)
+    main(cfg, args.checkpoint, args.k, args.temperature, args.json, args.cache_dir)

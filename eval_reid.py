@@ -7,6 +7,8 @@
 The checkpoint may be a stage-2 model (model.pth, best.pth, checkpoint_NNNN.pth: its BN-neck embedding) or backbone
 weights (stage-1 teacher_backbone.pth or checkpoint, official DINO, timm: the backbone's global feature, built from
 `model.*` of the config). The test set, distance (`eval.metric`) and flip averaging (`eval.flip`) come from the config.
+With `--cache-dir DIR` the query and gallery features are kept there and reused while the model, images and
+preprocessing stay the same (see dino_recog/feature_cache.py).
 """
 
 from __future__ import annotations
@@ -20,13 +22,18 @@ from dino_recog import config as C
 from dino_recog import distributed as dist
 from dino_recog.cli import load_config
 from dino_recog.data.build import query_gallery
-from dino_recog.evaluation import evaluate_query_gallery
+from dino_recog.evaluation import evaluate_rank, pairwise_distance
+from dino_recog.feature_cache import cached_features
 
 log = logging.getLogger("dino_recog.eval_reid")
 
 
 def main(
-    cfg: C.RecogConfig, checkpoint: str, json_path: str | None = None, save_ranks: str | None = None
+    cfg: C.RecogConfig,
+    checkpoint: str,
+    json_path: str | None = None,
+    save_ranks: str | None = None,
+    cache_dir: str | None = None,
 ) -> dict[str, float]:
     with dist.session(cfg.run.device) as device:
         dist.setup_logging()
@@ -48,8 +55,14 @@ def main(
             spec.get("std", cfg.aug.std),
         )
         data, query, gallery = query_gallery(cfg.data.test, size, mean, std)
-        results = evaluate_query_gallery(model, query, gallery, device, cfg.eval.metric, cfg.eval.flip,
-                                         cfg.data.test_batch_size, cfg.data.num_workers)  # fmt: skip
+        kw = dict(arch=backbone, flip=cfg.eval.flip, batch_size=cfg.data.test_batch_size,
+                  num_workers=cfg.data.num_workers)  # fmt: skip
+        qf, q_pids, q_cams = cached_features(model, query, device, cache_dir, **kw)
+        gf, g_pids, g_cams = cached_features(model, gallery, device, cache_dir, **kw)
+        # as evaluation.evaluate_query_gallery, from the (possibly cached) features
+        r = evaluate_rank(pairwise_distance(qf.numpy(), gf.numpy(), cfg.eval.metric), q_pids, g_pids, q_cams, g_cams)
+        results = {f"rank{k}": float(r["cmc"][min(k, len(r["cmc"])) - 1]) for k in (1, 5, 10)}
+        results.update(mAP=r["mAP"], mINP=r["mINP"], num_skipped=r["num_skipped"])
         results = {"checkpoint": str(checkpoint), "data": cfg.data.test.name, **data.info, "metric": cfg.eval.metric,
                    "flip": cfg.eval.flip, **results}  # fmt: skip
         if dist.is_main_process():
@@ -74,8 +87,9 @@ def _flags(parser) -> None:
     parser.add_argument(
         "--save-ranks", metavar="DIR", help="also draw the worst queries' ranked lists (ranks.png, .json)"
     )
+    parser.add_argument("--cache-dir", help="keep query/gallery features here and reuse them while nothing changed")
 
 
 if __name__ == "__main__":
     cfg, args = load_config(C.RecogConfig, "cfg_recog.yaml", __doc__.split("\n")[0], add_arguments=_flags)
-    main(cfg, args.checkpoint, args.json, args.save_ranks)
+    main(cfg, args.checkpoint, args.json, save_ranks=args.save_ranks, cache_dir=args.cache_dir)

@@ -1,0 +1,430 @@
+"""Features for your own images: `FeatureExtractor` and the `python -m dino_recog.extract` command.
+
+    python -m dino_recog.extract --checkpoint output/recog/model.pth --images photos/ --out feats.npy [--flip]
+    python -m dino_recog.extract --checkpoint output/dino/teacher_backbone.pth --images photos/ --out feats.npy \\
+        --backbone name=vit_small img_size=[256,128] patch_size=16
+
+The command writes `feats.npy` ((N, D) float32, L2-normalised rows) and `feats.txt` (the image paths relative to
+`--images`, one per line, in the same order), both atomically. Every input goes through the evaluation transform
+(`reid_test_transform`: bicubic resize of the RGB image, normalisation), so the features equal those of
+`evaluation.extract_features` for the same images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .config import IMAGENET_MEAN, IMAGENET_STD
+from .data.datasets import IMAGE_EXTENSIONS, CorruptImageError, _to_rgb, read_image
+from .data.transforms import reid_test_transform
+from .feature_cache import write_atomic
+
+__all__ = ["DEFAULT_IMAGE_SIZE", "FeatureExtractor", "ImageInput", "list_images", "load_model", "main"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_IMAGE_SIZE = (256, 128)  # (height, width) of a backbone checkpoint that does not say otherwise
+ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray | torch.Tensor
+_ARCH_HELP = "vit_tiny | vit_small | vit_base | resnet18 | resnet50 | resnet101"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Inputs: validated up front (so a bad item fails before any compute), converted to RGB PIL images one batch at a time
+
+
+def _check_float_range(x: np.ndarray | torch.Tensor, what: str) -> None:
+    empty = (x.numel() if isinstance(x, torch.Tensor) else x.size) == 0
+    lo, hi = (0.0, 0.0) if empty else (float(x.min()), float(x.max()))
+    if not (lo >= 0.0 and hi <= 1.0):  # also catches NaN
+        raise ValueError(
+            f"{what} with values in [{lo:.4g}, {hi:.4g}]: expected floats in [0, 1] (not normalised: "
+            "FeatureExtractor normalises with the model's mean and std) or uint8 in 0-255"
+        )
+
+
+def _split_array(x: np.ndarray, where: str) -> list[np.ndarray]:
+    """One (H, W) or (H, W, C) array per image of a numpy input (channels last, as PIL and OpenCV have them)."""
+    if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"{where}: array of dtype {x.dtype}: expected uint8 (0-255) or a floating dtype (0-1)")
+    ok_hwc = x.ndim in (3, 4) and x.shape[-1] in (1, 3, 4)
+    height_width = x.shape[-3:-1] if ok_hwc else x.shape if x.ndim == 2 else ()
+    if not height_width or 0 in height_width:
+        hint = "; it looks channels-first: use .transpose(1, 2, 0)" if x.ndim == 3 and x.shape[0] in (1, 3) else ""
+        raise ValueError(
+            f"{where}: array of shape {x.shape}: expected (H, W), (H, W, C) or (B, H, W, C) with C = 1, 3 or 4 "
+            f"(channels last, RGB){hint}"
+        )
+    if x.dtype != np.uint8:
+        _check_float_range(x, f"{where}: float array")
+    return list(x) if x.ndim == 4 else [x]
+
+
+def _split_tensor(x: torch.Tensor, where: str) -> list[torch.Tensor]:
+    """One (C, H, W) tensor per image of a tensor input (channels first, as torchvision has them)."""
+    if x.dtype != torch.uint8 and not x.is_floating_point():
+        raise ValueError(f"{where}: tensor of dtype {x.dtype}: expected torch.uint8 (0-255) or a floating dtype (0-1)")
+    shape = tuple(x.shape)
+    ok = (x.ndim in (3, 4) and shape[-3] in (1, 3)) or x.ndim == 2
+    if not ok or 0 in shape[-2:]:
+        hint = ""
+        if x.ndim in (3, 4) and shape[-1] in (1, 3):
+            hint = f"; it looks channels-last: use .permute({'2, 0, 1' if x.ndim == 3 else '0, 3, 1, 2'})"
+        raise ValueError(
+            f"{where}: tensor of shape {shape}: expected (3, H, W) or (1, H, W) for one image, (B, 3, H, W) or "
+            f"(B, 1, H, W) for a batch, or (H, W) (channels first, RGB){hint}"
+        )
+    x = x.detach()
+    if x.is_floating_point():
+        _check_float_range(x, f"{where}: float tensor")
+    if x.ndim == 2:
+        x = x.unsqueeze(0)
+    return list(x) if x.ndim == 4 else [x]
+
+
+def _split(x: Any, where: str) -> list[Any]:
+    if isinstance(x, str | os.PathLike):
+        return [os.fspath(x)]
+    if isinstance(x, bytes | Image.Image):
+        return [x]
+    if isinstance(x, np.ndarray):
+        return _split_array(x, where)
+    if isinstance(x, torch.Tensor):
+        return _split_tensor(x, where)
+    raise TypeError(
+        f"{where}: cannot use {type(x).__name__} as an image: expected a file path, encoded bytes, a PIL image, "
+        "a numpy array or a torch tensor"
+    )
+
+
+def _as_items(inputs: ImageInput | Sequence[ImageInput]) -> list[Any]:
+    """One entry per image: a path, bytes, a PIL image, an (H, W[, C]) array or a (C, H, W) tensor, all checked."""
+    if isinstance(inputs, list | tuple):
+        return [item for i, x in enumerate(inputs) for item in _split(x, f"inputs[{i}]")]
+    return _split(inputs, "input")
+
+
+def _to_pil(item: Any) -> Image.Image:
+    """An RGB image, as `read_image` makes it from a file (alpha dropped, grayscale replicated, 16-bit scaled)."""
+    if isinstance(item, str | bytes):
+        return read_image(item)
+    if isinstance(item, Image.Image):
+        return _to_rgb(item)
+    if isinstance(item, torch.Tensor):
+        if item.is_floating_point():  # quantised like a file so every kind of input is resized the same way
+            item = (item.float() * 255).round().clamp(0, 255).to(torch.uint8)
+        item = item.cpu().permute(1, 2, 0).numpy()  # (H, W, C)
+    elif item.dtype != np.uint8:
+        item = np.clip(np.rint(item.astype(np.float64) * 255), 0, 255).astype(np.uint8)
+    if item.ndim == 3 and item.shape[2] == 1:
+        item = item[:, :, 0]
+    return _to_rgb(Image.fromarray(np.ascontiguousarray(item)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models: any checkpoint, with the preprocessing it was trained with
+
+
+def _peek(path: str | os.PathLike) -> Mapping[str, Any]:
+    """The checkpoint's top-level dict without reading its tensors (memory-mapped) where the format allows it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # an old-format file cannot be mapped; a missing or bad one gets its CheckpointError here
+        return ckpt.load_checkpoint(path)
+    return state if isinstance(state, dict) else ckpt.load_checkpoint(path)  # the latter names what is wrong
+
+
+def _backbone_from_config(config: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """`build_backbone` kwargs and preprocessing from the config a stage-1 training checkpoint carries."""
+    if not (isinstance(config, Mapping) and isinstance(config.get("model"), Mapping)):
+        return None
+    m, crops = config["model"], config.get("crops") or {}
+    size = tuple(crops.get("global_crops_size", DEFAULT_IMAGE_SIZE))
+    kwargs = dict(name=m["arch"], img_size=size, patch_size=m.get("patch_size", 16), depth=m.get("depth") or None,
+                  embed_dim=m.get("embed_dim") or None, num_heads=m.get("num_heads") or None)  # fmt: skip
+    prep = {"img_size": size, "mean": crops.get("mean", IMAGENET_MEAN), "std": crops.get("std", IMAGENET_STD)}
+    return kwargs, prep
+
+
+def load_model(
+    model_path: str | os.PathLike | nn.Module, backbone: Mapping[str, Any] | None = None, key: str = "teacher"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The feature model of any checkpoint and the preprocessing it was trained with.
+
+    Returns:
+        (model, {"img_size": (H, W), "mean": ..., "std": ...}): from a stage-2 model's `spec`; from the config of a
+        stage-1 training checkpoint; else from `backbone` (its `img_size`, default 256x128) with ImageNet mean and std.
+
+    Raises:
+        CheckpointError: an unreadable file, or backbone weights without `backbone=dict(name=...)` to build them into.
+    """
+    if isinstance(model_path, nn.Module):
+        spec = getattr(model_path, "spec", None) or {}
+        prep = {k: spec.get(k, d) for k, d in (("img_size", DEFAULT_IMAGE_SIZE), ("mean", IMAGENET_MEAN),
+                                               ("std", IMAGENET_STD))}  # fmt: skip
+        return model_path, prep
+    state = _peek(model_path)
+    if "spec" in state and "state_dict" in state:
+        if backbone is not None:
+            log.warning("%s is a stage-2 model and carries its architecture; backbone=%s is ignored", model_path,
+                        dict(backbone))  # fmt: skip
+        spec = state["spec"]
+        model = ckpt.load_feature_model(model_path, {}, key)  # a stage-2 model is rebuilt from its spec
+        return model, {"img_size": spec.get("img_size", DEFAULT_IMAGE_SIZE), "mean": spec.get("mean", IMAGENET_MEAN),
+                       "std": spec.get("std", IMAGENET_STD)}  # fmt: skip
+    from_config = _backbone_from_config(state.get("config")) if backbone is None else None
+    if from_config is not None:
+        kwargs, prep = from_config
+    elif backbone is None or "name" not in backbone:
+        raise ckpt.CheckpointError(
+            f"{model_path}: backbone weights without a description of the architecture; pass "
+            f"backbone=dict(name=..., img_size=(H, W), ...) with the keyword arguments of "
+            f"dino_recog.models.build_backbone (missing: name, one of {_ARCH_HELP})"
+        )
+    else:
+        kwargs = {"img_size": DEFAULT_IMAGE_SIZE, **backbone}
+        prep = {"img_size": kwargs["img_size"], "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    return ckpt.load_feature_model(model_path, kwargs, key), prep
+
+
+class FeatureExtractor:
+    """L2-normalised features of images, from any checkpoint, with the evaluation preprocessing.
+
+    Example:
+        >>> extractor = FeatureExtractor("output/recog/model.pth")
+        >>> feats = extractor(["a.jpg", "b.jpg"])  # (2, D) float32, rows of unit length
+
+    Accepted inputs, one or a list of (kinds may be mixed):
+        - a file path (str or Path) or encoded image bytes;
+        - a PIL image of any mode (converted to RGB as files are: alpha dropped, grayscale replicated);
+        - a numpy array, channels last: (H, W) grayscale, (H, W, C) or a batch (B, H, W, C), C = 1, 3 or 4;
+        - a torch tensor, channels first: (3, H, W) or (1, H, W), a batch (B, 3, H, W) or (B, 1, H, W), or (H, W).
+    Arrays and tensors are RGB (convert OpenCV's BGR first) and either uint8 in 0-255 or floating in [0, 1]
+    (unnormalised); floats are rounded to 8 bits so that every kind of input goes through the same resize as a file.
+
+    Args:
+        model_path: a stage-2 model (model.pth, best.pth, a stage-2 checkpoint: architecture and preprocessing from
+            its `spec`), a stage-1 training checkpoint (from its config), backbone weights (teacher_backbone.pth,
+            official DINO, timm: needs `backbone`), or an already built `nn.Module` (moved to `device`, put in
+            eval mode; preprocessing from its `spec` if it has one).
+        device: "cpu", "cuda", a torch.device; None picks CUDA when available.
+        batch_size: images per forward pass.
+        flip: average with the features of the horizontally mirrored images (as `eval.flip`).
+        image_size, mean, std: override the (height, width) and normalisation the checkpoint gives.
+        backbone: `build_backbone` keyword arguments for backbone weights, e.g. `dict(name="vit_small",
+            img_size=(256, 128), patch_size=16)`; img_size defaults to 256x128, mean and std to ImageNet's.
+        key: which network of a student/teacher checkpoint to take.
+        num_workers: threads that decode and resize the next batch while the model runs (0: in the caller's thread).
+
+    Raises:
+        CheckpointError: an unreadable checkpoint, or backbone weights without `backbone["name"]`.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike | nn.Module,
+        device: str | torch.device | None = None,
+        *,
+        batch_size: int = 64,
+        flip: bool = False,
+        image_size: Sequence[int] | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        backbone: Mapping[str, Any] | None = None,
+        key: str = "teacher",
+        num_workers: int = 0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+        model, prep = load_model(model_path, backbone, key)
+        self.model = model.to(self.device).eval()
+        self.image_size = tuple(int(s) for s in (image_size if image_size is not None else prep["img_size"]))
+        self.mean = tuple(float(v) for v in (mean if mean is not None else prep["mean"]))
+        self.std = tuple(float(v) for v in (std if std is not None else prep["std"]))
+        self.transform = reid_test_transform(self.image_size, self.mean, self.std)
+        self.batch_size, self.flip, self.num_workers = batch_size, flip, num_workers
+        self._amp = self.device.type == "cuda" and torch.cuda.is_bf16_supported()  # as extract_features
+        with torch.no_grad():  # one forward now: the feature size, and a wrong image size fails here, not later
+            self.dim = int(self.model(torch.zeros(1, 3, *self.image_size, device=self.device)).shape[1])
+
+    def __repr__(self) -> str:
+        return (f"FeatureExtractor({type(self.model).__name__}, dim={self.dim}, image_size={self.image_size}, "
+                f"flip={self.flip}, device={self.device})")  # fmt: skip
+
+    def _prepare(self, item: Any) -> torch.Tensor:
+        return self.transform(_to_pil(item))  # (3, H, W)
+
+    def _batches(self, items: list[Any]) -> Iterator[torch.Tensor]:
+        chunks = [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+        if self.num_workers <= 0:
+            for chunk in chunks:
+                yield torch.stack([self._prepare(x) for x in chunk])
+            return
+        # Decoding (PIL releases the GIL) of the next batch overlaps the model's forward pass on the current one;
+        # at most two batches are in flight, so memory does not grow with the number of images.
+        with ThreadPoolExecutor(self.num_workers) as pool:
+            queued: deque[list] = deque()
+            for chunk in chunks:
+                queued.append([pool.submit(self._prepare, x) for x in chunk])
+                if len(queued) == 2:
+                    yield torch.stack([f.result() for f in queued.popleft()])
+            while queued:
+                yield torch.stack([f.result() for f in queued.popleft()])
+
+    @torch.no_grad()
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, non_blocking=True)  # (B, 3, H, W)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._amp):
+            f = self.model(x).float()
+            if self.flip:
+                f = f + self.model(torch.flip(x, dims=[3])).float()
+        return F.normalize(f, dim=1).cpu()  # (B, D)
+
+    def __call__(self, inputs: ImageInput | Sequence[ImageInput], *, progress: bool = False) -> torch.Tensor:
+        """Features of one image or a list of images (see the class docstring for the kinds accepted).
+
+        Args:
+            progress: show a tqdm bar over the batches.
+
+        Returns:
+            (B, D) float32 CPU tensor, L2-normalised rows, in input order (a batch input counts its B images).
+
+        Raises:
+            TypeError: an input that is no kind of image.
+            ValueError: an array or tensor of the wrong shape, dtype or value range (the message says which).
+            CorruptImageError: a file or bytes that do not decode (the message names the file).
+        """
+        items = _as_items(inputs)
+        total = -(-len(items) // self.batch_size)
+        batches = tqdm(self._batches(items), total=total, desc="features", unit="batch", disable=not progress)
+        feats = [self._forward(b) for b in batches]
+        return torch.cat(feats) if feats else torch.zeros(0, self.dim)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def list_images(root: str | os.PathLike, recursive: bool = False) -> list[str]:
+    """Image files (IMAGE_EXTENSIONS, any case) in `root`, as sorted POSIX paths relative to it; hidden files and
+    folders are skipped. With `recursive`, subfolders at any depth are searched too.
+
+    Raises:
+        FileNotFoundError: `root` is not a folder.
+        ValueError: no image found (the message names the folder and the extensions).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--images {root}: no such folder")
+    found, has_subfolders = [], False
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        has_subfolders |= bool(dirnames)
+        rel = Path(dirpath).relative_to(root)
+        images = [f for f in filenames if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
+        found += [(rel / f).as_posix() for f in images]
+        if not recursive:
+            break
+    if not found:
+        where = "at any depth under" if recursive else "in"
+        hint = "; it has subfolders: add --recursive to search them" if has_subfolders and not recursive else ""
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) {where} {root}{hint}")
+    return sorted(found)
+
+
+def _parse_backbone(pairs: list[str] | None) -> dict[str, Any] | None:
+    """`name=vit_small img_size=[256,128]` -> {"name": "vit_small", "img_size": [256, 128]} (values are YAML)."""
+    if not pairs:
+        return None
+    out = {}
+    for pair in pairs:
+        k, sep, v = pair.partition("=")
+        if not sep or not k:
+            raise ValueError(f"--backbone {pair!r}: expected KEY=VALUE, e.g. name=vit_small")
+        out[k] = yaml.safe_load(v)
+    if isinstance(out.get("img_size"), list):
+        out["img_size"] = tuple(out["img_size"])
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m dino_recog.extract",
+        description="L2-normalised features of a folder of images (.npy) and their file list (.txt, same order).",
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="stage-2 model.pth / best.pth, or backbone weights")
+    p.add_argument("--images", required=True, help="folder of images (" + ", ".join(IMAGE_EXTENSIONS) + ")")
+    p.add_argument("--out", required=True, help="features file, must end in .npy; the file list goes beside it (.txt)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
+    p.add_argument("--flip", action="store_true", help="average with the features of the mirrored images")
+    p.add_argument("--recursive", action="store_true", help="also take the images of subfolders, at any depth")
+    p.add_argument("--num-workers", type=int, default=4, help="image decoding threads (default 4; 0: none)")
+    p.add_argument("--backbone", nargs="+", metavar="KEY=VALUE",
+                   help=f"for backbone weights: build_backbone arguments, e.g. name=vit_small img_size=[256,128] "
+                        f"patch_size=16 (name: {_ARCH_HELP})")  # fmt: skip
+    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="override the input size")
+    p.add_argument("--mean", type=float, nargs=3, help="override the normalisation mean (RGB)")
+    p.add_argument("--std", type=float, nargs=3, help="override the normalisation std (RGB)")
+    return p
+
+
+def _check_writable(out: Path) -> None:
+    if out.suffix != ".npy":
+        raise ValueError(f"--out {out}: expected a .npy file name (the file list is written beside it as .txt)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"cannot create the output folder {out.parent}: {e.strerror}") from None
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise OSError(f"cannot write to the output folder {out.parent}: permission denied")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dino_recog.extract ...`; returns the exit status: 0, or 2 after one line on stderr."""
+    args = _parser().parse_args(argv)
+    out = Path(args.out)
+    try:
+        _check_writable(out)  # before the model runs, not after
+        names = list_images(args.images, args.recursive)
+        extractor = FeatureExtractor(
+            args.checkpoint, None if args.device == "auto" else args.device, batch_size=args.batch_size,
+            flip=args.flip, image_size=args.image_size, mean=args.mean, std=args.std,
+            backbone=_parse_backbone(args.backbone), num_workers=args.num_workers,
+        )  # fmt: skip
+        feats = extractor([os.path.join(args.images, n) for n in names], progress=True).numpy()  # (N, D)
+        listing = out.with_suffix(".txt")
+        try:
+            write_atomic(out, lambda fh: np.save(fh, feats))
+            write_atomic(listing, lambda fh: fh.write("".join(n + "\n" for n in names).encode("utf-8")))
+        except OSError as e:
+            raise OSError(f"cannot write {out} / {listing}: {e.strerror or e}") from None
+    except (ckpt.CheckpointError, CorruptImageError, FileNotFoundError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({feats.shape[0]} x {feats.shape[1]} float32) and {listing}")
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    sys.exit(main())
