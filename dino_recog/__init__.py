@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from .checkpoint import load_backbone_weights, load_reid_model  # noqa: E402
 from .evaluation import evaluate_rank, extract_features, knn_classify  # noqa: E402
+from .extract import FeatureExtractor  # noqa: E402
 from .losses import (  # noqa: E402
     ArcFaceLoss,
     CenterLoss,
@@ -23,6 +24,7 @@ __all__ = [
     "load_reid_model",
     "evaluate_rank",
     "extract_features",
+    "FeatureExtractor",
     "knn_classify",
     "DINOLoss",
     "ArcFaceLoss",
