@@ -7,6 +7,7 @@ name; it is read with `torch.load(..., weights_only=True)`, which never unpickle
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import os
@@ -83,7 +84,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # Official DINO full checkpoints hold their argparse.Namespace under "args": allowed as plain data.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated / foreign files
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(obj, dict):

@@ -31,10 +31,13 @@ def test_export_and_official_dino_checkpoint_give_identical_features(tmp_path, t
     # our export: the teacher backbone as a plain state dict
     ckpt.save_checkpoint(trained.backbone.state_dict(), tmp_path / "teacher_backbone.pth")
     # an official DINO checkpoint: teacher with backbone./head. keys, student with module. prefix
-    official = {
+    import argparse
+
+    official = {  # as main_dino.py saves its *_full_checkpoint.pth, with the run's argparse.Namespace
         "teacher": trained.state_dict(),
         "student": {"module." + k: v + 1 for k, v in trained.state_dict().items()},
         "epoch": 100,
+        "args": argparse.Namespace(arch="vit_small", patch_size=16, out_dim=65536),
     }
     torch.save(official, tmp_path / "dino_official.pth")
     # our stage-1 checkpoint
