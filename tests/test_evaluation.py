@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 
-from dino_recog.evaluation import evaluate_rank, pairwise_distance
+from dino_recog.evaluation import evaluate_features, evaluate_rank, pairwise_distance
 
 
-def brute_force(distmat, q_pids, g_pids, q_camids, g_camids, max_rank):
-    """The protocol written plainly, one query at a time."""
+def brute_force(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, cutoff=None):
+    """The protocol written plainly, one query at a time; with a cutoff K only the first K filtered ranks count."""
     cmc_hits, aps, inps = np.zeros(max_rank), [], []
     for i in range(len(q_pids)):
         order = sorted(range(len(g_pids)), key=lambda g: (distmat[i, g], g))
@@ -15,8 +15,9 @@ def brute_force(distmat, q_pids, g_pids, q_camids, g_camids, max_rank):
             continue
         if good[0] <= max_rank:
             cmc_hits[good[0] - 1 :] += 1
-        aps.append(sum((j + 1) / r for j, r in enumerate(good)) / len(good))
-        inps.append(len(good) / good[-1])
+        reach = cutoff or len(ranked)
+        aps.append(sum((j + 1) / r for j, r in enumerate(good) if r <= reach) / len(good))
+        inps.append(len(good) / good[-1] if good[-1] <= reach else 0.0)
     n = len(aps)
     return cmc_hits / n, float(np.mean(aps)), float(np.mean(inps)), n
 
@@ -38,6 +39,59 @@ def test_matches_brute_force_with_ties_junk_distractors(seed):
         assert out["num_valid"] == n and out["num_skipped"] == nq - n
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_cutoff_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    nq, ng = 17, 40
+    q_pids, g_pids = rng.integers(1, 6, nq), rng.integers(-1, 7, ng)
+    q_cams, g_cams = rng.integers(0, 3, nq), rng.integers(0, 3, ng)
+    distmat = rng.integers(0, 6, (nq, ng)).astype(np.float32)
+    for cutoff in (1, 4, 9):
+        cmc, m_ap, m_inp, n = brute_force(distmat, q_pids, g_pids, q_cams, g_cams, cutoff, cutoff)
+        out = evaluate_rank(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=50, chunk_size=5, cutoff=cutoff)
+        np.testing.assert_allclose(out["cmc"], cmc, atol=1e-12)
+        assert out["mAP"] == pytest.approx(m_ap, abs=1e-12) and out["mINP"] == pytest.approx(m_inp, abs=1e-12)
+        assert out["num_valid"] == n and out["cutoff"] == cutoff
+
+
+def feature_problem(seed, nq=40, ng=150, dim=16):
+    """Identities with several cameras, junk, distractors and same-camera true matches; continuous features."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(12, dim))
+    g_pids = rng.integers(-1, 12, ng)
+    q_pids = rng.integers(1, 12, nq)
+    g_cams, q_cams = rng.integers(0, 4, ng), rng.integers(0, 4, nq)
+    gf = centres[np.maximum(g_pids, 0)] + rng.normal(scale=1.2, size=(ng, dim))
+    qf = centres[q_pids] + rng.normal(scale=1.2, size=(nq, dim))
+    return qf.astype(np.float32), gf.astype(np.float32), q_pids, g_pids, q_cams, g_cams
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_features_path_equals_dense_matrix_in_every_chunking(metric):
+    qf, gf, qp, gp, qc, gc = feature_problem(0)
+    ref = evaluate_rank(pairwise_distance(qf, gf, metric), qp, gp, qc, gc)
+    assert 0.2 < ref["mAP"] < 0.9  # neither trivial nor hopeless
+    for chunk in (None, 1, 13):
+        out = evaluate_features(qf, gf, qp, gp, qc, gc, metric, chunk_size=chunk)
+        np.testing.assert_array_equal(out["cmc"], ref["cmc"])
+        assert (out["mAP"], out["mINP"], out["num_skipped"]) == (ref["mAP"], ref["mINP"], ref["num_skipped"])
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("k", [3, 20, 150])
+def test_faiss_topk_path_equals_dense_up_to_the_cutoff(metric, k):
+    qf, gf, qp, gp, qc, gc = feature_problem(1)
+    dense = evaluate_rank(pairwise_distance(qf, gf, metric), qp, gp, qc, gc, max_rank=50, cutoff=k)
+    topk = evaluate_features(qf, gf, qp, gp, qc, gc, metric, max_rank=50, topk=k)
+    np.testing.assert_allclose(topk["cmc"], dense["cmc"], rtol=0, atol=1e-12)
+    assert topk["mAP"] == pytest.approx(dense["mAP"], abs=1e-12)
+    assert topk["mINP"] == pytest.approx(dense["mINP"], abs=1e-12)
+    assert topk["num_valid"] == dense["num_valid"]
+    if k >= len(gf):  # a cut-off beyond the gallery is the full protocol
+        full = evaluate_rank(pairwise_distance(qf, gf, metric), qp, gp, qc, gc)
+        assert topk["mAP"] == pytest.approx(full["mAP"], abs=1e-12)
+
+
 def test_hand_worked_example():
     # One query (pid 1, cam 0). Gallery sorted by distance: [1/cam0 (removed), 2, 1/cam1, 0 (distractor), 1/cam2].
     distmat = np.array([[0.1, 0.2, 0.3, 0.4, 0.5]])
@@ -48,6 +102,10 @@ def test_hand_worked_example():
     np.testing.assert_allclose(out["cmc"], [0, 1, 1, 1])
     assert out["mAP"] == pytest.approx((1 / 2 + 2 / 4) / 2)
     assert out["mINP"] == pytest.approx(2 / 4)
+    # Top-3: only the match at rank 2 is retrieved; AP still divides by both true matches, the last one is missed.
+    cut = evaluate_rank(distmat, np.array([1]), g_pids, np.array([0]), g_cams, max_rank=4, cutoff=3)
+    np.testing.assert_allclose(cut["cmc"], [0, 1, 1])
+    assert cut["mAP"] == pytest.approx((1 / 2) / 2) and cut["mINP"] == 0.0
 
 
 def test_query_without_match_is_skipped_and_counted():
@@ -57,7 +115,7 @@ def test_query_without_match_is_skipped_and_counted():
 
 
 def test_shape_mismatch_is_named():
-    with pytest.raises(ValueError, match="2x3 but got 1 query pids"):
+    with pytest.raises(ValueError, match="2 queries x 3 gallery entries but got 1 query pids"):
         evaluate_rank(np.zeros((2, 3)), [1], [1, 2, 3], [0, 0], [0, 0, 0])
 
 
