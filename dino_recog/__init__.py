@@ -15,6 +15,7 @@ from .losses import (  # noqa: E402
     TripletLoss,
 )
 from .models import build_backbone, build_reid_model  # noqa: E402
+from .wrapper import DINOConf, DINOWrapper  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -25,6 +26,8 @@ __all__ = [
     "evaluate_rank",
     "extract_features",
     "FeatureExtractor",
+    "DINOConf",
+    "DINOWrapper",
     "knn_classify",
     "DINOLoss",
     "ArcFaceLoss",
