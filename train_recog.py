@@ -42,6 +42,7 @@ from dino_recog.models.backbones import is_vit
 from dino_recog.optim import build_optimizer, reid_param_groups
 from dino_recog.runlog import RunLog, fmt_metrics
 from dino_recog.schedules import cosine_schedule, step_schedule
+from dino_recog.wrapper import DINOConf, DINOWrapper
 
 log = logging.getLogger("dino_recog.train_recog")
 
@@ -90,7 +91,26 @@ def build_model(cfg: C.RecogConfig, num_classes: int) -> ReIDModel:
     return model
 
 
-def build_losses(cfg: C.RecogConfig, dim: int, num_classes: int, device: torch.device) -> RecogLosses:
+def dino_aux(cfg: C.RecogConfig, backbone: nn.Module, steps_per_epoch: int) -> DINOWrapper:
+    """DINO on the backbone's global feature, on crops of the training batch (DINOWrapper, v1 schedules)."""
+    h, w = cfg.aug.size
+    conf = DINOConf(
+        global_crop_size=(h, w), local_crop_size=(max(1, h // 2), max(1, w // 2)),
+        local_crops_number=cfg.loss.dino_aux_local_crops, out_dim=cfg.loss.dino_aux_out_dim,
+        input_mean=tuple(cfg.aug.mean), input_std=tuple(cfg.aug.std), epochs=cfg.train.epochs,
+        len_train_loader=steps_per_epoch,
+    )  # fmt: skip
+    return DINOWrapper(backbone, conf)
+
+
+def build_losses(
+    cfg: C.RecogConfig,
+    dim: int,
+    num_classes: int,
+    device: torch.device,
+    backbone: nn.Module | None = None,
+    steps_per_epoch: int = 1,
+) -> RecogLosses:
     lc = cfg.loss
     terms: dict[str, tuple[float, nn.Module]] = {}
     if lc.ce_weight:
@@ -113,6 +133,8 @@ def build_losses(cfg: C.RecogConfig, dim: int, num_classes: int, device: torch.d
                              f"the training set {num_classes}; distillation needs the same identities")  # fmt: skip
         terms["distill"] = (1.0, DistillationLoss(lc.distill_weight, lc.distill_temperature, lc.label_smoothing))
         terms.pop("ce", None)  # the distillation loss contains the cross-entropy
+    if lc.dino_aux_weight:
+        terms["dino"] = (lc.dino_aux_weight, dino_aux(cfg, backbone, steps_per_epoch))
     for _, fn in terms.values():
         fn.to(device)
     return RecogLosses(terms, teacher)
@@ -138,7 +160,7 @@ def main(cfg: C.RecogConfig, export_onnx: bool = False) -> dict[str, float]:
         steps_per_epoch = len(loader)
         model = build_model(cfg, num_classes).to(device)
         apply_speed_options(cfg.run, model.backbone)
-        losses = build_losses(cfg, model.head.out_dim, num_classes, device)
+        losses = build_losses(cfg, model.head.out_dim, num_classes, device, model.backbone, steps_per_epoch)
         if dist.get_world_size() > 1:
             if device.type == "cuda":
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -154,6 +176,9 @@ def main(cfg: C.RecogConfig, export_onnx: bool = False) -> dict[str, float]:
             if name in losses.terms:
                 groups.append({"params": list(losses.terms[name][1].parameters()), "lr_scale": t.head_lr_factor,
                                "apply_wd": True})  # fmt: skip
+        if "dino" in losses.terms:  # the auxiliary DINO head; the backbone is already in the groups
+            groups.append({"params": list(losses.terms["dino"][1].head.parameters()), "lr_scale": t.head_lr_factor,
+                           "apply_wd": True})  # fmt: skip
         optimizer = build_optimizer(t.optimizer, groups, t.lr, t.weight_decay, t.momentum, cfg.run.fused_optimizer)
         center_opt = None
         if "center" in losses.terms:

@@ -346,6 +346,9 @@ class RecogLossConfig:
     distill_weight: float = 0.0  # alpha of knowledge distillation (Hinton et al. 2015); 0 = off
     distill_temperature: float = 4.0  # T of the softened distributions
     distill_teacher: str = ""  # stage-2 checkpoint of the frozen teacher (any architecture)
+    dino_aux_weight: float = 0.0  # DINO on the backbone as an auxiliary loss (DINOWrapper); 0 = off
+    dino_aux_out_dim: int = 4096  # prototypes of the auxiliary DINO head
+    dino_aux_local_crops: int = 2  # local crops per image of the auxiliary DINO loss (half the input size)
 
     def validate(self, path: str) -> None:
         for f in dataclasses.fields(self):
@@ -359,6 +362,9 @@ class RecogLossConfig:
         _non_negative(path + ".cosface_m", self.cosface_m)
         if not 0 <= self.arcface_m < math.pi / 2:
             raise ConfigError(f"{path}.arcface_m: {self.arcface_m}; expected radians in [0, pi/2)")
+        _non_negative(path + ".dino_aux_weight", self.dino_aux_weight)
+        _positive(path + ".dino_aux_out_dim", self.dino_aux_out_dim)
+        _non_negative(path + ".dino_aux_local_crops", self.dino_aux_local_crops)
         if self.distill_weight > 0 and not self.distill_teacher:
             raise ConfigError(f"{path}.distill_teacher: empty while distill_weight > 0; expected a checkpoint path")
         if sum(getattr(self, f.name) for f in dataclasses.fields(self) if f.name.endswith("_weight")) == 0:

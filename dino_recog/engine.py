@@ -170,10 +170,17 @@ class RecogLosses:
                 values[name] = fn(out["logits"], labels, teacher_logits)
             elif name in ("triplet", "center"):
                 values[name] = fn(out["feat"], labels)
+            elif name == "dino":  # DINOWrapper around the backbone: a label-free term on the same images
+                values[name] = fn.loss(images)
             else:  # cosface, arcface
                 values[name] = fn(out["neck"], labels)
         total = sum(self.terms[k][0] * v for k, v in values.items())
         return total, values
+
+    def after_step(self) -> None:
+        """After each optimiser step: the EMA teacher of the auxiliary DINO term follows the backbone."""
+        if "dino" in self.terms:
+            self.terms["dino"][1].update_teacher()
 
 
 def train_one_epoch_recog(
@@ -237,6 +244,7 @@ def train_one_epoch_recog(
                     p.grad.mul_(1.0 / (weight * scaler.get_scale()))
             center_optimizer.step()
         scaler.update()
+        losses.after_step()
 
         for k, v in [("loss", loss), *values.items()]:
             sums[k] = sums.get(k, 0.0) + v.detach().float()

@@ -225,6 +225,10 @@ class DINOWrapper(nn.Module):
         output = self.model(images)
         if not self.training:
             return output, output.new_zeros(())
+        return output, self.loss(images)
+
+    def loss(self, images: torch.Tensor) -> torch.Tensor:
+        """The (weighted) DINO loss of the batch alone, without the model's output on the original images."""
         crops = self.make_crops(images)
         with torch.no_grad():
             teacher_out = self.teacher_head(self.teacher_model(torch.cat(crops[:2])))  # (2B, K)
@@ -237,7 +241,7 @@ class DINOWrapper(nn.Module):
             b = images.shape[0]
             global_feats = student_feats[: 2 * b].float()
             loss = loss + self.conf.koleo_weight * (_koleo(global_feats[:b]) + _koleo(global_feats[b:])) / 2
-        return output, self.conf.loss_weight * loss
+        return self.conf.loss_weight * loss
 
     @torch.no_grad()
     def update_teacher(self) -> float:

@@ -90,3 +90,25 @@ def test_margin_center_losses_and_distillation_run(small_demo, tmp_path):
     train_recog.main(cfg(small_demo, tmp_path / "student", *student))
     rec = read_jsonl(tmp_path / "student" / "log.jsonl", "train")[0]
     assert "distill" in rec and "ce" not in rec
+
+
+def test_dino_as_an_auxiliary_loss(small_demo, tmp_path):
+    """loss.dino_aux_weight adds DINO on the backbone: the term is logged, its head trains, its EMA teacher follows
+    the backbone after every step, and the run resumes with the auxiliary state."""
+    extra = ["train.epochs=1", "loss.dino_aux_weight=0.5", "loss.dino_aux_out_dim=32", "model.feature=cls_mean"]
+    train_recog.main(cfg(small_demo, tmp_path / "aux", *extra))
+    records = read_jsonl(tmp_path / "aux" / "log.jsonl", "train")
+    assert all("dino" in r and r["dino"] > 0 for r in records)
+    state = ckpt.load_checkpoint(tmp_path / "aux" / "checkpoint_0001.pth")
+    aux = state["losses"]["dino"]
+    steps = len(records)
+    assert int(aux["step"]) == steps  # one EMA step per optimiser step
+    backbone = {k.removeprefix("backbone."): v for k, v in state["state_dict"].items() if k.startswith("backbone.")}
+    for k, v in backbone.items():  # the student inside the wrapper is the model's own backbone
+        assert torch.equal(aux["model." + k], v), k
+    moved = [k for k, v in backbone.items() if not torch.equal(aux["teacher_model." + k], v)]
+    assert moved  # the teacher is an EMA copy, not the backbone itself
+    # resume: one more epoch from the saved auxiliary state
+    train_recog.main(cfg(small_demo, tmp_path / "aux", *extra[1:], "train.epochs=2"))
+    state = ckpt.load_checkpoint(tmp_path / "aux" / "checkpoint_0002.pth")
+    assert int(state["losses"]["dino"]["step"]) == 2 * steps
