@@ -175,7 +175,7 @@ def _re_rank(
         top = d.amax(1, keepdim=True)
         d /= top
         peak[start:stop] = top[:, 0].numpy()
-        ranks[start:stop] = torch.topk(d, width, dim=1, largest=False).indices.numpy()
+        ranks[start:stop] = _nearest(d, width)
         if start < num_q:
             out[start : min(stop, num_q)] = d[: num_q - start, num_q:].numpy()
 
@@ -228,6 +228,17 @@ def _re_rank(
         out[start:stop] = jaccard * np.float32(1 - lambda_value) + out[start:stop] * np.float32(lambda_value)
         start = stop
     return out
+
+
+def _nearest(d: torch.Tensor, width: int) -> np.ndarray:
+    """(b, width) indices of the smallest entries of each row of `d`, ascending. A row with equal values among them
+    (or at the cut) is ordered by np.argsort instead, as the reference orders it: ties then give its neighbour sets.
+    On the Market-sized problem of bench/rerank.py that is 3 rows in 19,281; ordering their ties otherwise changed
+    1,181 re-ranked distances, by up to 5.8e-3."""
+    vals, idx = torch.topk(d, min(width + 1, d.shape[1]), dim=1, largest=False)
+    for row in torch.nonzero((vals[:, 1:] == vals[:, :-1]).any(1)).flatten().tolist():
+        idx[row] = torch.from_numpy(np.argsort(d[row].numpy())[: idx.shape[1]])
+    return idx[:, :width].numpy()
 
 
 def _indptr(sorted_rows: np.ndarray, n: int) -> np.ndarray:

@@ -150,6 +150,16 @@ def test_blocks_of_any_size_give_the_same_result(monkeypatch):
     np.testing.assert_allclose(re_rank(qg, qq, gg, k1=6, k2=3), whole, atol=1e-6)
 
 
+def test_ties_are_ordered_as_np_argsort_orders_them():
+    # The reference sorts rows with np.argsort; where equal distances straddle a cut, the neighbour sets depend on
+    # that order, so rows with ties take it (rows without ties give the same with torch.topk).
+    rng = np.random.default_rng(0)
+    d = rng.integers(0, 6, (40, 50)).astype(np.float32)  # many ties
+    d[::3] = rng.random((14, 50), dtype=np.float32)  # and rows without
+    expected = np.argsort(d, axis=1)[:, :7]
+    np.testing.assert_array_equal(rerank._nearest(torch.from_numpy(d), 7), expected)
+
+
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
 def test_features_path_equals_matrix_path(metric):
     qf, gf = features(12, nq=20, ng=60, ids=8, dim=16)
