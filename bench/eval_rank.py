@@ -1,11 +1,15 @@
 """Benchmark of the re-identification protocol (distance + CMC + mAP + mINP) at Market-1501 and MSMT17 sizes.
 
-    python bench/eval_rank.py [--msmt]
+    python bench/eval_rank.py [--msmt] [--reference]
 
 Synthetic features with realistic sizes and identity / camera counts (Market-1501: 3,368 queries x 15,913 gallery,
 751 identities, 6 cameras; MSMT17: 11,659 x 82,161, 3,060 identities, 15 cameras), 768-d. Prints one table: seconds
 and peak resident memory growth of `evaluate_rank` (and of the distance computation), and checks the result against
 a reference that sorts every row (np.argsort, stable), as torchreid's vectorised evaluators do.
+
+--reference (after `bash bench/ref_env.sh`) adds a second table at Market-1501 size: the published fast-reid and
+torchreid evaluators (`evaluate_rank`, which without a compiled rank_cy, as installed from PyPI, runs the Python
+`eval_market1501`) against ours on the same distance matrix, with their differences in CMC, mAP and mINP.
 """
 
 from __future__ import annotations
@@ -77,9 +81,45 @@ def run(name: str, nq: int, ng: int, ids: int, cams: int, check: bool) -> str:
     return line
 
 
+def run_reference(nq: int, ng: int, ids: int, cams: int) -> list[str]:
+    """Our evaluate_rank against the published evaluators on one distance matrix; asserts agreement within 1e-6."""
+    from reference import load  # bench/reference.py: files of bench/.venv-ref, loaded by path
+
+    qf, gf, q_pids, g_pids, q_cams, g_cams = problem(nq, ng, ids, cams)
+    distmat = pairwise_distance(qf, gf, "cosine")
+    t0 = time.perf_counter()
+    ours = evaluate_rank(distmat, q_pids, g_pids, q_cams, g_cams)
+    ours_s = time.perf_counter() - t0
+    lines = [
+        f"| dino_recog `evaluate_rank` | {ours_s:.2f} | 1 | {100 * ours['cmc'][0]:.2f} | {100 * ours['mAP']:.2f} | "
+        f"{100 * ours['mINP']:.2f} | - | - | - |"
+    ]
+    for package, label in (("fastreid", "fast-reid 1.4.0"), ("torchreid", "torchreid (PyPI 0.2.5)")):
+        module = load(f"{package}.rank")
+        t0 = time.perf_counter()
+        result = module.evaluate_rank(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=50)
+        seconds = time.perf_counter() - t0
+        if package == "fastreid":  # (cmc, all_AP, all_INP) per valid query
+            cmc, m_ap, m_inp = result[0], float(np.mean(result[1])), float(np.mean(result[2]))
+        else:  # (cmc, mAP); torchreid has no mINP
+            (cmc, m_ap), m_inp = result, None
+        d_cmc, d_ap = np.abs(cmc - ours["cmc"]).max(), abs(m_ap - ours["mAP"])
+        d_inp = abs(m_inp - ours["mINP"]) if m_inp is not None else None
+        assert d_cmc <= 1e-6 and d_ap <= 1e-6 and (d_inp is None or d_inp <= 1e-6), f"{label} differs"
+        lines.append(
+            f"| {label} `evaluate_rank` (Python path) | {seconds:.2f} | {seconds / ours_s:.1f} | {100 * cmc[0]:.2f} | "
+            f"{100 * m_ap:.2f} | {'-' if m_inp is None else f'{100 * m_inp:.2f}'} | {d_cmc:.1e} | {d_ap:.1e} | "
+            f"{'-' if d_inp is None else f'{d_inp:.1e}'} |"
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--msmt", action="store_true", help="also the MSMT17-sized problem (a few GB of memory)")
+    parser.add_argument(
+        "--reference", action="store_true", help="fast-reid's and torchreid's evaluators at Market size"
+    )
     args = parser.parse_args()
     print("| problem | queries x gallery | distance s | protocol s | total s | peak RSS growth MB | rank-1 / mAP | "
           "argsort reference s |")  # fmt: skip
@@ -87,6 +127,13 @@ def main() -> None:
     print(run("Market-1501 size", 3368, 15913, 751, 6, check=True))
     if args.msmt:
         print(run("MSMT17 size", 11659, 82161, 3060, 15, check=False))
+    if args.reference:
+        print("\nMarket-1501 size, the same distance matrix for every evaluator:\n")
+        print(
+            "| evaluator | seconds | slower than ours (x) | rank-1 | mAP | mINP | max abs dCMC | abs dmAP | abs dmINP |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
+        print("\n".join(run_reference(3368, 15913, 751, 6)))
 
 
 if __name__ == "__main__":
