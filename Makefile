@@ -56,7 +56,12 @@ pictures: $(VENV)/.installed
 		--title "stage 2: from the DINO teacher (recog) vs from random initialisation (recog_scratch)" \
 		--out pic/curves_recog.png
 
-test: $(VENV)/.installed-dev
+# The published fast-reid / torchreid code (pure-Python wheels, no dependencies) that tests and benchmarks compare with.
+bench/.venv-ref/.installed: bench/ref_env.sh
+	PYTHON=$(PYTHON) bash bench/ref_env.sh
+	touch $@
+
+test: $(VENV)/.installed-dev bench/.venv-ref/.installed
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed-dev

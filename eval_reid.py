@@ -1,12 +1,14 @@
 """Re-identification evaluation: rank-1/5/10, mAP, mINP of a checkpoint on the configured query/gallery.
 
-    python eval_reid.py --checkpoint output/recog/model.pth [--config cfg_recog.yaml] [--json out.json] \
-        [--save-ranks DIR] [key=value ...]
+    python eval_reid.py --checkpoint output/recog/model.pth [--config cfg_recog.yaml] [--rerank] [--aqe] \
+        [--json out.json] [--save-ranks DIR] [--cache-dir DIR] [key=value ...]
     bash train.sh 0,1 2 eval_reid.py --checkpoint output/recog/best.pth data.test.name=msmt17 data.test.root=/d/msmt
 
 The checkpoint may be a stage-2 model (model.pth, best.pth, checkpoint_NNNN.pth: its BN-neck embedding) or backbone
 weights (stage-1 teacher_backbone.pth or checkpoint, official DINO, timm: the backbone's global feature, built from
-`model.*` of the config). The test set, distance (`eval.metric`) and flip averaging (`eval.flip`) come from the config.
+`model.*` of the config). The test set, distance (`eval.metric`) and flip averaging (`eval.flip`) come from the config,
+as do k-reciprocal re-ranking (`--rerank` = `eval.rerank=true`, with `eval.rerank_k1/k2/lambda`), query expansion
+(`--aqe` = `eval.aqe=true`) and the faiss top-k ranking for huge galleries (`eval.topk=K`).
 With `--cache-dir DIR` the query and gallery features are kept there and reused while the model, images and
 preprocessing stay the same (see dino_recog/feature_cache.py).
 """
@@ -20,9 +22,9 @@ from pathlib import Path
 from dino_recog import checkpoint as ckpt
 from dino_recog import config as C
 from dino_recog import distributed as dist
-from dino_recog.cli import load_config
+from dino_recog.cli import eval_options, load_config
 from dino_recog.data.build import query_gallery
-from dino_recog.evaluation import evaluate_rank, pairwise_distance
+from dino_recog.evaluation import query_gallery_metrics
 from dino_recog.feature_cache import cached_features
 
 log = logging.getLogger("dino_recog.eval_reid")
@@ -59,12 +61,12 @@ def main(
                   num_workers=cfg.data.num_workers)  # fmt: skip
         qf, q_pids, q_cams = cached_features(model, query, device, cache_dir, **kw)
         gf, g_pids, g_cams = cached_features(model, gallery, device, cache_dir, **kw)
-        # as evaluation.evaluate_query_gallery, from the (possibly cached) features
-        r = evaluate_rank(pairwise_distance(qf.numpy(), gf.numpy(), cfg.eval.metric), q_pids, g_pids, q_cams, g_cams)
-        results = {f"rank{k}": float(r["cmc"][min(k, len(r["cmc"])) - 1]) for k in (1, 5, 10)}
-        results.update(mAP=r["mAP"], mINP=r["mINP"], num_skipped=r["num_skipped"])
+        e = cfg.eval
+        results = query_gallery_metrics(qf, gf, q_pids, g_pids, q_cams, g_cams, e.metric, **eval_options(e))
+        options = {"rerank": [e.rerank_k1, e.rerank_k2, e.rerank_lambda] if e.rerank else None,
+                   "aqe": [e.aqe_k, e.aqe_alpha] if e.aqe else None}  # fmt: skip
         results = {"checkpoint": str(checkpoint), "data": cfg.data.test.name, **data.info, "metric": cfg.eval.metric,
-                   "flip": cfg.eval.flip, **results}  # fmt: skip
+                   "flip": cfg.eval.flip, **options, **results}  # fmt: skip
         if dist.is_main_process():
             rows = [f"{k:>8}: {100 * results[k]:6.2f}" for k in ("rank1", "rank5", "rank10", "mAP", "mINP")]
             print(f"{cfg.data.test.name} ({len(data.query)} queries, {len(data.gallery)} gallery), {checkpoint}")
@@ -88,8 +90,13 @@ def _flags(parser) -> None:
         "--save-ranks", metavar="DIR", help="also draw the worst queries' ranked lists (ranks.png, .json)"
     )
     parser.add_argument("--cache-dir", help="keep query/gallery features here and reuse them while nothing changed")
+    parser.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (same as eval.rerank=true)")
+    parser.add_argument("--aqe", action="store_true", help="average query expansion (same as eval.aqe=true)")
 
 
 if __name__ == "__main__":
     cfg, args = load_config(C.RecogConfig, "cfg_recog.yaml", __doc__.split("\n")[0], add_arguments=_flags)
+    cfg.eval.rerank |= args.rerank
+    cfg.eval.aqe |= args.aqe
+    cfg.eval.validate("eval")
     main(cfg, args.checkpoint, args.json, save_ranks=args.save_ranks, cache_dir=args.cache_dir)

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from dino_recog import checkpoint as ckpt
 from dino_recog import config as C
 from dino_recog import distributed as dist
-from dino_recog.cli import apply_speed_options, load_config, start_run
+from dino_recog.cli import apply_speed_options, eval_options, load_config, start_run
 from dino_recog.data import datasets as ds
 from dino_recog.data.build import query_gallery, train_records
 from dino_recog.data.samplers import PKSampler
@@ -203,7 +203,8 @@ def main(cfg: C.RecogConfig, export_onnx: bool = False) -> dict[str, float]:
 
         def evaluate() -> dict[str, float]:
             return evaluate_query_gallery(net, *eval_sets, device, cfg.eval.metric, cfg.eval.flip,
-                                          cfg.data.test_batch_size, cfg.data.num_workers)  # fmt: skip
+                                          cfg.data.test_batch_size, cfg.data.num_workers,
+                                          **eval_options(cfg.eval))  # fmt: skip
 
         metrics = None
         if start_epoch == 0:

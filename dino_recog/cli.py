@@ -14,7 +14,7 @@ import torch
 from . import config as C
 from . import distributed as dist
 
-__all__ = ["apply_speed_options", "load_config", "start_run"]
+__all__ = ["apply_speed_options", "eval_options", "load_config", "start_run"]
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,3 +63,12 @@ def apply_speed_options(run: C.RunConfig, *backbones: torch.nn.Module) -> None:
 
     for b in backbones:
         configure_speed(b, run.fused_attn, run.grad_checkpointing, run.channels_last, run.compile)
+
+
+def eval_options(e: C.RecogEvalConfig) -> dict:
+    """The optional evaluation steps of `eval.*` as keyword arguments of `evaluation.query_gallery_metrics`."""
+    return {
+        "rerank": (e.rerank_k1, e.rerank_k2, e.rerank_lambda) if e.rerank else None,
+        "aqe": (e.aqe_k, e.aqe_alpha) if e.aqe else None,
+        "topk": e.topk,
+    }

@@ -418,10 +418,27 @@ class RecogEvalConfig:
     eval_every: int = 10  # epochs between query/gallery evaluations (0 = only at the end)
     metric: str = "cosine"  # cosine | euclidean distance between embeddings (fast-reid default cosine)
     flip: bool = False  # average the features of the image and its mirror
+    rerank: bool = False  # k-reciprocal re-ranking (Zhong et al. 2017) of the query-gallery distances
+    rerank_k1: int = 20  # k1 of re-ranking (fast-reid / torchreid 20; TransReID reports with 50)
+    rerank_k2: int = 6  # k2, local query expansion (fast-reid / torchreid 6; TransReID 15)
+    rerank_lambda: float = 0.3  # weight of the original distance in the re-ranked one (all 0.3)
+    aqe: bool = False  # alpha-weighted average query expansion (fast-reid TEST.AQE)
+    aqe_k: int = 5  # neighbours averaged by query expansion, the item itself included (fast-reid 5)
+    aqe_alpha: float = 3.0  # similarity exponent of query expansion (fast-reid 3.0)
+    topk: int = 0  # >0: rank with a faiss top-k search (huge galleries; mAP@k, mINP@k); 0: the full ranking
 
     def validate(self, path: str) -> None:
         _non_negative(path + ".eval_every", self.eval_every)
         _choice(path + ".metric", self.metric, ("cosine", "euclidean"))
+        for key in ("rerank_k1", "rerank_k2", "aqe_k"):
+            _positive(f"{path}.{key}", getattr(self, key))
+        _unit_interval(path + ".rerank_lambda", self.rerank_lambda)
+        _non_negative(path + ".aqe_alpha", self.aqe_alpha)
+        _non_negative(path + ".topk", self.topk)
+        if self.rerank and self.topk:
+            raise ConfigError(
+                f"{path}.rerank with {path}.topk={self.topk}: re-ranking needs the full distance matrix; set topk=0"
+            )
 
 
 @dataclass

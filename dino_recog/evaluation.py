@@ -20,6 +20,7 @@ __all__ = [
     "knn_classify",
     "knn_votes",
     "evaluate_query_gallery",
+    "query_gallery_metrics",
 ]
 
 
@@ -353,6 +354,54 @@ def _evaluate_topk(q, g, q_pids, g_pids, q_camids, g_camids, metric: str, max_ra
     return stats.result()
 
 
+def query_gallery_metrics(
+    qf: np.ndarray | torch.Tensor,
+    gf: np.ndarray | torch.Tensor,
+    q_pids: np.ndarray,
+    g_pids: np.ndarray,
+    q_camids: np.ndarray,
+    g_camids: np.ndarray,
+    metric: str = "cosine",
+    rerank: tuple[int, int, float] | None = None,
+    aqe: tuple[int, float] | None = None,
+    topk: int = 0,
+    knn: tuple[int, float] | None = None,
+) -> dict[str, float]:
+    """Rank-1/5/10, mAP, mINP (fractions) of query features against gallery features, with the optional steps.
+
+    Args:
+        rerank: (k1, k2, lambda) of k-reciprocal re-ranking (`rerank.re_rank_features`), or None.
+        aqe: (k, alpha) of alpha-weighted query expansion applied to queries and gallery first, or None.
+        topk: > 0 ranks with a faiss top-k search (`evaluate_features`: mAP@k, mINP@k); 0 the full ranking.
+        knn: (k, temperature) to also report DINO's weighted-kNN top-1, each query classified by its gallery
+            neighbours (distractors, pid 0, are no class).
+
+    Returns:
+        rank1, rank5, rank10, mAP, mINP, num_skipped, (cutoff when topk), (knn_top1 when asked).
+    """
+    from .rerank import average_query_expansion, re_rank_features
+
+    qf = qf.numpy() if isinstance(qf, torch.Tensor) else np.asarray(qf)
+    gf = gf.numpy() if isinstance(gf, torch.Tensor) else np.asarray(gf)
+    if aqe is not None:
+        qf, gf = average_query_expansion(qf, gf, k=aqe[0], alpha=aqe[1])
+    if rerank is not None:
+        dist = re_rank_features(qf, gf, rerank[0], rerank[1], rerank[2], metric=metric)
+        r = evaluate_rank(dist, q_pids, g_pids, q_camids, g_camids, cutoff=topk or None)
+    else:
+        r = evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, metric, topk=topk or None)
+    cmc = r["cmc"]
+    out = {f"rank{k}": float(cmc[min(k, len(cmc)) - 1]) for k in (1, 5, 10)}
+    out.update(mAP=r["mAP"], mINP=r["mINP"], num_skipped=r["num_skipped"])
+    if topk:
+        out["cutoff"] = topk
+    if knn is not None:
+        bank = np.asarray(g_pids) > 0
+        pred = knn_classify(gf[bank], np.asarray(g_pids)[bank], qf, k=knn[0], temperature=knn[1])
+        out["knn_top1"] = float((pred == np.asarray(q_pids)).mean())
+    return out
+
+
 def evaluate_query_gallery(
     model: nn.Module,
     query: Dataset,
@@ -363,24 +412,14 @@ def evaluate_query_gallery(
     batch_size: int = 256,
     num_workers: int = 0,
     knn: tuple[int, float] | None = None,
+    **options,
 ) -> dict[str, float]:
-    """Extract query and gallery features with `model` and run the re-identification protocol.
-
-    Args:
-        knn: (k, temperature) to also report DINO's weighted-kNN top-1, each query classified by its gallery
-            neighbours (distractors, pid 0, are no class).
+    """Extract query and gallery features with `model` and run the re-identification protocol
+    (`query_gallery_metrics`; `options` are its rerank / aqe / topk).
 
     Returns:
         rank1, rank5, rank10, mAP, mINP (fractions), num_skipped queries, and knn_top1 when asked.
     """
     qf, q_pids, q_cams = extract_features(model, query, device, batch_size, num_workers, flip)
     gf, g_pids, g_cams = extract_features(model, gallery, device, batch_size, num_workers, flip)
-    r = evaluate_features(qf, gf, q_pids, g_pids, q_cams, g_cams, metric)
-    cmc = r["cmc"]
-    out = {f"rank{k}": float(cmc[min(k, len(cmc)) - 1]) for k in (1, 5, 10)}
-    out.update(mAP=r["mAP"], mINP=r["mINP"], num_skipped=r["num_skipped"])
-    if knn is not None:
-        bank = g_pids > 0
-        pred = knn_classify(gf[bank], g_pids[bank], qf, k=knn[0], temperature=knn[1])
-        out["knn_top1"] = float((pred == q_pids).mean())
-    return out
+    return query_gallery_metrics(qf, gf, q_pids, g_pids, q_cams, g_cams, metric, knn=knn, **options)

@@ -12,8 +12,15 @@ import torch
 from dino_recog.checkpoint import save_reid_model
 from dino_recog.data import datasets as ds
 from dino_recog.data.transforms import reid_test_transform
-from dino_recog.evaluation import evaluate_query_gallery, extract_features, knn_classify
+from dino_recog.evaluation import (
+    evaluate_query_gallery,
+    evaluate_rank,
+    extract_features,
+    knn_classify,
+    pairwise_distance,
+)
 from dino_recog.models import build_backbone, build_reid_model
+from dino_recog.rerank import average_query_expansion, re_rank_features
 
 ROOT = Path(__file__).resolve().parents[1]
 VIT = ["model.arch=vit_small", "model.depth=2", "model.embed_dim=32", "model.num_heads=2", "model.patch_size=8"]
@@ -55,6 +62,25 @@ def test_eval_reid_on_a_stage2_model(small_demo, tmp_path):
     for k in ("rank1", "rank5", "rank10", "mAP", "mINP"):
         assert result[k] == pytest.approx(expected[k], abs=1e-6)
     assert f"{100 * expected['mAP']:6.2f}" in out
+
+    # --rerank / --aqe / eval.topk: the same features through the re-ranking and query-expansion functions
+    run("eval_reid.py", "--checkpoint", tmp_path / "model.pth", "--json", tmp_path / "rr.json", "--rerank", "--aqe",
+        f"data.test={{name: market1501, root: {market}}}", "data.num_workers=0", "eval.rerank_k1=8",
+        "eval.rerank_k2=3")  # fmt: skip
+    query, gallery = demo_sets(small_demo)
+    qf, q_pids, q_cams = extract_features(model.eval(), query, torch.device("cpu"))
+    gf, g_pids, g_cams = extract_features(model, gallery, torch.device("cpu"))
+    qx, gx = average_query_expansion(qf, gf, k=5, alpha=3.0)
+    ref = evaluate_rank(re_rank_features(qx, gx, 8, 3, 0.3), q_pids, g_pids, q_cams, g_cams)
+    reranked = json.loads((tmp_path / "rr.json").read_text())
+    assert reranked["mAP"] == pytest.approx(ref["mAP"], abs=1e-6) and reranked["rerank"] == [8, 3, 0.3]
+    assert reranked["mAP"] != pytest.approx(result["mAP"], abs=1e-4)  # the options did change the ranking
+    run("eval_reid.py", "--checkpoint", tmp_path / "model.pth", "--json", tmp_path / "top.json", "eval.topk=5",
+        f"data.test={{name: market1501, root: {market}}}", "data.num_workers=0")  # fmt: skip
+    top = json.loads((tmp_path / "top.json").read_text())
+    cut = evaluate_rank(pairwise_distance(qf, gf), q_pids, g_pids, q_cams, g_cams, cutoff=5)
+    assert (top["cutoff"], top["rank5"]) == (5, pytest.approx(result["rank5"], abs=1e-9))
+    assert top["mAP"] == pytest.approx(cut["mAP"], abs=1e-9) and top["mAP"] <= result["mAP"]
 
 
 def test_eval_knn_on_a_backbone_export(small_demo, tmp_path):
