@@ -168,6 +168,9 @@ def main(cfg: C.RecogConfig, export_onnx: bool = False) -> dict[str, float]:
                 model, device_ids=[device.index] if device.type == "cuda" else None
             )
         net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        for name, (_, fn) in losses.terms.items():  # loss weights start from rank 0's, as DDP does for the model
+            if name != "distill":
+                dist.broadcast_tensors([*fn.parameters(), *fn.buffers()])
         t = cfg.train
         groups = reid_param_groups(
             net, t.bias_lr_factor, t.head_lr_factor, t.layer_decay if is_vit(cfg.model.arch) else 1.0
@@ -221,6 +224,10 @@ def main(cfg: C.RecogConfig, export_onnx: bool = False) -> dict[str, float]:
             done = epoch + 1
             log.info("epoch %d/%d: %s", done, t.epochs, fmt_metrics(stats))
             runlog.write("epoch", done * steps_per_epoch, epoch=done, **stats)
+            # The model and the loss terms' own weights (margin classes, centres, DINO head) must agree on every rank.
+            prints = dist.fingerprints([*net.parameters(), *losses.parameters()])  # BN statistics stay per rank
+            if not torch.equal(prints, prints[:1].expand_as(prints)):
+                raise RuntimeError(f"epoch {done}: the model or the loss weights differ across ranks:\n{prints}")
             evaluated = (cfg.eval.eval_every and done % cfg.eval.eval_every == 0) or done == t.epochs
             if evaluated:
                 metrics = evaluate()

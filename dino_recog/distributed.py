@@ -11,7 +11,7 @@ import logging
 import os
 import random
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -137,6 +137,32 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if is_initialized():
         dist.all_reduce(out)
     return out
+
+
+@torch.no_grad()
+def broadcast_tensors(tensors: Iterable[torch.Tensor], src: int = 0) -> None:
+    """Overwrite `tensors` in place with rank `src`'s values (state that DDP does not broadcast itself, such as the
+    weights of loss modules, which each rank initialises from its own random seed)."""
+    if not is_initialized() or get_world_size() == 1:
+        return
+    for t in tensors:
+        dist.broadcast(t.data, src)
+
+
+def all_reduce_gradients(params: Iterable[torch.nn.Parameter]) -> None:
+    """Average the gradients of parameters that DDP does not manage (loss modules with their own weights: CosFace /
+    ArcFace class weights, centre-loss centres, an auxiliary DINO head) over all processes, in one collective.
+    Every rank must pass the same parameters, each with a gradient."""
+    if not is_initialized() or get_world_size() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= get_world_size()
+    for g, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        g.copy_(reduced)
 
 
 def all_gather_variable(tensor: torch.Tensor) -> list[torch.Tensor]:

@@ -177,6 +177,14 @@ class RecogLosses:
         total = sum(self.terms[k][0] * v for k, v in values.items())
         return total, values
 
+    def parameters(self) -> list[nn.Parameter]:
+        """The trainable weights the loss terms hold themselves (outside the recognition model and its DDP)."""
+        params = []
+        for name, (_, fn) in self.terms.items():
+            module = fn.head if name == "dino" else fn  # the DINO wrapper's student is the model's own backbone
+            params += [p for p in module.parameters() if p.requires_grad]
+        return params
+
     def after_step(self) -> None:
         """After each optimiser step: the EMA teacher of the auxiliary DINO term follows the backbone."""
         if "dino" in self.terms:
@@ -210,6 +218,7 @@ def train_one_epoch_recog(
         Epoch averages of the total loss and of each term, the batch accuracy of the classifier, skipped images.
     """
     model.train()
+    loss_params = losses.parameters()
     sums: dict[str, torch.Tensor] = {}
     correct = seen = n = skipped = 0
     t_start, images = time.perf_counter(), 0
@@ -232,6 +241,7 @@ def train_one_epoch_recog(
         if center_optimizer is not None:
             center_optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        dist.all_reduce_gradients(loss_params)  # DDP averages the model's gradients, not those of the loss terms
         if clip_grad > 0:
             scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(_unwrap(model).parameters(), clip_grad)

@@ -112,3 +112,23 @@ def test_dino_as_an_auxiliary_loss(small_demo, tmp_path):
     train_recog.main(cfg(small_demo, tmp_path / "aux", *extra[1:], "train.epochs=2"))
     state = ckpt.load_checkpoint(tmp_path / "aux" / "checkpoint_0002.pth")
     assert int(state["losses"]["dino"]["step"]) == 2 * steps
+
+
+def test_two_processes_keep_the_loss_weights_identical(small_demo, tmp_path):
+    """With 2 CPU processes, the weights that live in the loss terms (CosFace classes, centres, the auxiliary DINO
+    head and teacher) start from rank 0's and get all-reduced gradients; train_recog checks their fingerprints
+    across ranks after every epoch and raises if they differ."""
+    import os
+    import subprocess
+
+    market = small_demo / "market"
+    args = TINY + [
+        f"data.train=[{{name: market1501, root: {market}}}]", f"data.test={{name: market1501, root: {market}}}",
+        f"run.output_dir={tmp_path / 'run'}", "train.epochs=2", "model.feature=cls_mean", "loss.cosface_weight=0.5",
+        "loss.center_weight=0.0005", "loss.dino_aux_weight=0.5", "loss.dino_aux_out_dim=32",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(["bash", "train.sh", "cpu", "2", "train_recog.py", *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "run" / "checkpoint_0002.pth").is_file()
