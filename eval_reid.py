@@ -19,11 +19,9 @@ import json
 import logging
 from pathlib import Path
 
-from dino_recog import checkpoint as ckpt
 from dino_recog import config as C
 from dino_recog import distributed as dist
-from dino_recog.cli import eval_options, load_config
-from dino_recog.data.build import query_gallery
+from dino_recog.cli import eval_options, load_config, recog_eval_model
 from dino_recog.evaluation import query_gallery_metrics
 from dino_recog.feature_cache import cached_features
 
@@ -39,24 +37,7 @@ def main(
 ) -> dict[str, float]:
     with dist.session(cfg.run.device) as device:
         dist.setup_logging()
-        m = cfg.model
-        backbone = dict(
-            name=m.arch,
-            img_size=tuple(cfg.aug.size),
-            patch_size=m.patch_size,
-            depth=m.depth or None,
-            embed_dim=m.embed_dim or None,
-            num_heads=m.num_heads or None,
-            last_stride=m.last_stride,
-        )
-        model = ckpt.load_feature_model(checkpoint, backbone, m.pretrained_key).to(device)
-        spec = getattr(model, "spec", {})
-        size, mean, std = (
-            spec.get("img_size", cfg.aug.size),
-            spec.get("mean", cfg.aug.mean),
-            spec.get("std", cfg.aug.std),
-        )
-        data, query, gallery = query_gallery(cfg.data.test, size, mean, std)
+        model, backbone, data, query, gallery = recog_eval_model(cfg, checkpoint, device)
         kw = dict(arch=backbone, flip=cfg.eval.flip, batch_size=cfg.data.test_batch_size,
                   num_workers=cfg.data.num_workers)  # fmt: skip
         qf, q_pids, q_cams = cached_features(model, query, device, cache_dir, **kw)

@@ -14,7 +14,7 @@ import torch
 from . import config as C
 from . import distributed as dist
 
-__all__ = ["apply_speed_options", "eval_options", "load_config", "start_run"]
+__all__ = ["apply_speed_options", "eval_options", "load_config", "recog_eval_model", "start_run"]
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,3 +72,24 @@ def eval_options(e: C.RecogEvalConfig) -> dict:
         "aqe": (e.aqe_k, e.aqe_alpha) if e.aqe else None,
         "topk": e.topk,
     }
+
+
+def recog_eval_model(cfg: C.RecogConfig, checkpoint: str, device: torch.device):
+    """The model of any checkpoint as stage-2 evaluation sees it, and the configured query/gallery preprocessed as
+    that model expects (a stage-2 model brings its own size and normalisation; backbone weights take `model.*`).
+
+    Returns:
+        (model on `device`, the backbone arguments used for backbone weights, ReIDData, query set, gallery set).
+    """
+    from . import checkpoint as ckpt
+    from .data.build import query_gallery
+
+    m = cfg.model
+    backbone = dict(name=m.arch, img_size=tuple(cfg.aug.size), patch_size=m.patch_size, depth=m.depth or None,
+                    embed_dim=m.embed_dim or None, num_heads=m.num_heads or None,
+                    last_stride=m.last_stride)  # fmt: skip
+    model = ckpt.load_feature_model(checkpoint, backbone, m.pretrained_key).to(device)
+    spec = getattr(model, "spec", {})
+    size, mean, std = spec.get("img_size", cfg.aug.size), spec.get("mean", cfg.aug.mean), spec.get("std", cfg.aug.std)
+    data, query, gallery = query_gallery(cfg.data.test, size, mean, std)
+    return model, backbone, data, query, gallery

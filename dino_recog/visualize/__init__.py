@@ -61,27 +61,11 @@ def ranks_from_config(
     cfg: C.RecogConfig, checkpoint: str, out: str, num_queries: int = 20, order: str = "worst", topk: int = 10
 ) -> None:
     """Rank lists of a checkpoint on the configured query/gallery, the model built as eval_reid.py builds it."""
-    from .. import checkpoint as ckpt
-    from ..data.build import query_gallery
+    from ..cli import recog_eval_model
 
     with dist.session(cfg.run.device) as device:
         dist.setup_logging()
-        m = cfg.model
-        backbone = dict(
-            name=m.arch,
-            img_size=tuple(cfg.aug.size),
-            patch_size=m.patch_size,
-            depth=m.depth or None,
-            embed_dim=m.embed_dim or None,
-            num_heads=m.num_heads or None,
-            last_stride=m.last_stride,
-        )
-        model = ckpt.load_feature_model(checkpoint, backbone, m.pretrained_key).to(device)
-        spec = getattr(model, "spec", {})
-        size = spec.get("img_size", cfg.aug.size)
-        _, query, gallery = query_gallery(
-            cfg.data.test, size, spec.get("mean", cfg.aug.mean), spec.get("std", cfg.aug.std)
-        )
+        model, _, _, query, gallery = recog_eval_model(cfg, checkpoint, device)
         files = save_rank_lists(
             model,
             query,
