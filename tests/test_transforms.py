@@ -35,7 +35,7 @@ def test_crop_ratio_follows_the_output_aspect():
 
 def test_part_aware_local_crops_come_from_their_body_region():
     t = MultiCropTransform((64, 32), local_crops_number=6, local_crops_size=(32, 16), part_aware=True)
-    regions = [(tf.transforms[0].top, tf.transforms[0].bottom) for tf in t.locals]
+    regions = [(spec.region.top, spec.region.bottom) for spec in t.locals]
     assert regions == [r for r in BODY_REGIONS for _ in range(2)]
     img = person()
     top = np.asarray(_RegionCrop(0.0, 0.5)(img))
