@@ -21,6 +21,7 @@ from dino_recog import config as C
 from dino_recog import distributed as dist
 from dino_recog.cli import apply_speed_options, load_config, start_run
 from dino_recog.data import datasets as ds
+from dino_recog.data.batch_augment import BatchAugment
 from dino_recog.data.build import query_gallery, unlabeled_items
 from dino_recog.data.transforms import MultiCropTransform
 from dino_recog.engine import DinoStep, train_one_epoch_dino
@@ -42,7 +43,7 @@ def build_data(cfg: C.DinoConfig) -> tuple[DataLoader, DistributedSampler]:
     crops = cfg.crops
     transform = MultiCropTransform(
         crops.global_crops_size, crops.global_crops_scale, crops.local_crops_number, crops.local_crops_size,
-        crops.local_crops_scale, crops.part_aware_local_crops, crops.mean, crops.std,
+        crops.local_crops_scale, crops.part_aware_local_crops, crops.mean, crops.std, crops.gpu_augment,
     )  # fmt: skip
     items = unlabeled_items(cfg.data.train, cfg.data.keys_file) if dist.is_main_process() else None
     items = dist.broadcast_object(items)  # list the folder once, not once per process
@@ -67,6 +68,17 @@ def build_data(cfg: C.DinoConfig) -> tuple[DataLoader, DistributedSampler]:
         generator=torch.Generator(),
     )  # fmt: skip
     return loader, sampler
+
+
+def build_gpu_augment(cfg: C.DinoConfig, device: torch.device) -> BatchAugment | None:
+    """With `crops.gpu_augment`, the photometric half of the multi-crop augmentation, run on the training device.
+
+    The workers then return uint8 crops (crop, resize, flip); this module jitters, grays, blurs, solarises and
+    normalises them per sample. Its draws depend on (seed + rank, iteration) only, so resuming repeats them.
+    """
+    if not cfg.crops.gpu_augment:
+        return None
+    return BatchAugment(cfg.crops.mean, cfg.crops.std, seed=cfg.run.seed + dist.get_rank()).to(device)
 
 
 def build_model(cfg: C.DinoConfig) -> tuple[MultiCropNet, MultiCropNet]:
@@ -157,6 +169,7 @@ def main(cfg: C.DinoConfig) -> dict[str, float]:
         scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.run.amp == "fp16")
         schedule = build_schedule(cfg, steps_per_epoch)
         eval_sets = build_eval_sets(cfg)
+        augment = build_gpu_augment(cfg, device)
         runlog = RunLog(out)
 
         start_epoch = 0
@@ -183,7 +196,7 @@ def main(cfg: C.DinoConfig) -> dict[str, float]:
             loader.generator.manual_seed(cfg.run.seed + 1000 * epoch + dist.get_rank())
             stats = train_one_epoch_dino(
                 student, teacher, loss_fn, loader, optimizer, scaler, schedule, epoch, steps_per_epoch, device,
-                cfg.run.amp, cfg.train.clip_grad, runlog, cfg.run.log_every,
+                cfg.run.amp, cfg.train.clip_grad, runlog, cfg.run.log_every, augment,
             )  # fmt: skip
             done = epoch + 1
             log.info("epoch %d/%d: %s", done, cfg.train.epochs, fmt_metrics(stats))

@@ -163,6 +163,7 @@ class MultiCropConfig:
     part_aware_local_crops: bool = False  # PASS: local crops from top / middle / bottom body regions
     mean: tuple[float, float, float] = IMAGENET_MEAN  # normalisation mean (ImageNet)
     std: tuple[float, float, float] = IMAGENET_STD  # normalisation std (ImageNet)
+    gpu_augment: bool = False  # workers return uint8 crops; jitter, grayscale, blur, solarise run batched on the device
 
     def validate(self, path: str) -> None:
         for key in ("global_crops_size", "local_crops_size"):

@@ -74,6 +74,7 @@ def train_one_epoch_dino(
     clip_grad: float,
     runlog: RunLog,
     log_every: int = 50,
+    augment: Callable[[list[torch.Tensor], int], list[torch.Tensor]] | None = None,
 ) -> dict[str, float]:
     """One epoch of DINO (Caron et al. 2021, Algorithm 1).
 
@@ -86,6 +87,8 @@ def train_one_epoch_dino(
         student: the DDP-wrapped (or plain) student MultiCropNet.
         teacher: the teacher MultiCropNet (never DDP-wrapped, no gradients).
         loader: yields ((crops, pids, camids, index), n_skipped) as `collate_skip_none` makes them.
+        augment: `(crops, iteration) -> crops` applied on the device before the forward (the photometric half of
+            the augmentation with `crops.gpu_augment`, e.g. a `BatchAugment`); None when the workers did it all.
 
     Returns:
         Epoch averages: loss, and the number of skipped (undecodable) images.
@@ -105,6 +108,8 @@ def train_one_epoch_dino(
         s = schedule(it)
         set_schedule(optimizer, s.lr, s.weight_decay)
         crops = [c.to(device, non_blocking=True) for c in batch[0]]
+        if augment is not None:
+            crops = augment(crops, it)
 
         with autocast_context(device, amp):
             with torch.no_grad():

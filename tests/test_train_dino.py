@@ -59,6 +59,22 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(small_demo, tmp_p
     assert "resumed from" in (tmp_path / "b" / "log.txt").read_text()
 
 
+def test_gpu_augment_trains_and_resumes_exactly(small_demo, tmp_path):
+    """crops.gpu_augment: workers crop only, BatchAugment runs on the device (here the CPU) with per-step seeds."""
+    straight = tiny_cfg(small_demo, tmp_path / "a", "crops.gpu_augment=true")
+    train_dino.main(straight)
+    records = read_jsonl(tmp_path / "a" / "log.jsonl", "train")
+    assert records and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    resumed = tiny_cfg(small_demo, tmp_path / "b", "crops.gpu_augment=true")
+    train_dino.main(resumed)
+    (tmp_path / "b" / "checkpoint_0002.pth").unlink()  # as if the run had died during epoch 2
+    train_dino.main(resumed)
+    a = ckpt.load_checkpoint(tmp_path / "a" / "checkpoint_0002.pth")
+    b = ckpt.load_checkpoint(tmp_path / "b" / "checkpoint_0002.pth")
+    for k in a["teacher"]:
+        torch.testing.assert_close(a["teacher"][k], b["teacher"][k], rtol=0, atol=0, msg=f"teacher.{k}")
+
+
 def test_bad_config_stops_before_any_work(tmp_path):
     r = subprocess.run([sys.executable, "train_dino.py", "train.epoch=3"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0
