@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .data.batch_augment import BatchAugment
 from .losses.dino import DINOLoss
 from .models.dino import update_teacher
 from .models.heads import DINOHead
@@ -169,6 +170,9 @@ class DINOWrapper(nn.Module):
         for p in [*self.teacher_model.parameters(), *self.teacher_head.parameters()]:
             p.requires_grad = False
         self.loss_fn = DINOLoss(conf.out_dim, 2, conf.student_temp, conf.center_momentum)
+        identity = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        mean, std = (conf.input_mean, conf.input_std) if conf.input_mean is not None else identity
+        self.augment = BatchAugment(mean, std)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # optimiser steps taken (schedules)
 
     @torch.no_grad()
@@ -215,9 +219,9 @@ class DINOWrapper(nn.Module):
             x = x * std + mean  # back to [0, 1] for the colour operations
         views = [random_resized_crops(x, g_size, c.global_crops_scale) for _ in range(2)]
         views += [random_resized_crops(x, l_size, c.local_crops_scale) for _ in range(c.local_crops_number)]
-        if c.color_augment:
-            views = [_color_augment(v, i) for i, v in enumerate(views)]
-        if mean is not None:
+        if c.color_augment:  # per-view probabilities of DINO's pipeline, then the batch's own normalisation
+            views = self.augment(views)
+        elif mean is not None:
             views = [(v - mean) / std for v in views]
         return [v.to(images.dtype) for v in views]
 
@@ -251,33 +255,6 @@ class DINOWrapper(nn.Module):
         update_teacher(self.head, self.teacher_head, m)
         self.step += 1
         return m
-
-
-# probabilities of (blur, solarise) per view, as the official DataAugmentationDINO: global 1, global 2, locals
-_BLUR_SOLARIZE = {0: (1.0, 0.0), 1: (0.1, 0.2)}
-
-
-def _color_augment(views: torch.Tensor, index: int) -> torch.Tensor:
-    """DINO's colour augmentation of one view index for every image: colour jitter (0.4, 0.4, 0.2, 0.1) with p=0.8,
-    grayscale p=0.2, Gaussian blur (sigma in [0.1, 2]) and solarisation with the view's probabilities. (B, 3, h, w)
-    floats in [0, 1] in and out; each image draws its own parameters."""
-    import torchvision.transforms.v2 as T
-
-    p_blur, p_sol = _BLUR_SOLARIZE.get(index, (0.5, 0.0))
-    jitter = T.ColorJitter(0.4, 0.4, 0.2, 0.1)
-    k = 2 * round(0.1 * min(views.shape[-2:]) / 2) + 1  # odd kernel about 10% of the side, as the PIL blur radius
-    out = []
-    for v in views:
-        if torch.rand(()) < 0.8:
-            v = jitter(v)
-        if torch.rand(()) < 0.2:
-            v = T.functional.rgb_to_grayscale(v, num_output_channels=3)
-        if k > 1 and torch.rand(()) < p_blur:
-            v = T.functional.gaussian_blur(v, [k, k], [float(torch.empty(()).uniform_(0.1, 2.0))] * 2)
-        if torch.rand(()) < p_sol:
-            v = T.functional.solarize(v, 0.5)
-        out.append(v.clamp(0, 1))
-    return torch.stack(out)
 
 
 def _koleo(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
