@@ -1,11 +1,15 @@
 """Benchmark of the re-identification protocol (distance + CMC + mAP + mINP) at Market-1501 and MSMT17 sizes.
 
     python bench/eval_rank.py [--msmt] [--reference]
+    python bench/eval_rank.py --features [--msmt]     # from features: chunked distances, and the faiss top-k path
 
 Synthetic features with realistic sizes and identity / camera counts (Market-1501: 3,368 queries x 15,913 gallery,
 751 identities, 6 cameras; MSMT17: 11,659 x 82,161, 3,060 identities, 15 cameras), 768-d. Prints one table: seconds
 and peak resident memory growth of `evaluate_rank` (and of the distance computation), and checks the result against
 a reference that sorts every row (np.argsort, stable), as torchreid's vectorised evaluators do.
+
+--features times `evaluate_features` instead, which computes the distances chunk by chunk inside the protocol (no
+Q x G matrix), and its faiss top-100 path; run it as its own command so the peak memory is its own.
 
 --reference (after `bash bench/ref_env.sh`) adds a second table at Market-1501 size: the published fast-reid and
 torchreid evaluators (`evaluate_rank`, which without a compiled rank_cy, as installed from PyPI, runs the Python
@@ -24,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dino_recog.evaluation import evaluate_rank, pairwise_distance  # noqa: E402
+from dino_recog.evaluation import evaluate_features, evaluate_rank, pairwise_distance  # noqa: E402
 
 NOISE = 3.0  # feature noise around the identity centre: realistic rank-1 and mAP, with hard negatives
 
@@ -81,6 +85,17 @@ def run(name: str, nq: int, ng: int, ids: int, cams: int, check: bool) -> str:
     return line
 
 
+def run_features(name: str, nq: int, ng: int, ids: int, cams: int, topk: int | None) -> str:
+    qf, gf, q_pids, g_pids, q_cams, g_cams = problem(nq, ng, ids, cams)
+    base = peak_mb()
+    t0 = time.perf_counter()
+    r = evaluate_features(qf, gf, q_pids, g_pids, q_cams, g_cams, "cosine", topk=topk)
+    t1 = time.perf_counter()
+    path = f"faiss top-{topk}" if topk else "chunked dense"
+    return (f"| {name} | {nq:,} x {ng:,} | {path} | {t1 - t0:.2f} | {peak_mb() - base:,.0f} | "
+            f"{100 * r['cmc'][0]:.2f} / {100 * r['mAP']:.2f} |")  # fmt: skip
+
+
 def run_reference(nq: int, ng: int, ids: int, cams: int) -> list[str]:
     """Our evaluate_rank against the published evaluators on one distance matrix; asserts agreement within 1e-6."""
     from reference import load  # bench/reference.py: files of bench/.venv-ref, loaded by path
@@ -120,7 +135,16 @@ def main() -> None:
     parser.add_argument(
         "--reference", action="store_true", help="fast-reid's and torchreid's evaluators at Market size"
     )
+    parser.add_argument("--features", action="store_true", help="evaluate_features: chunked and faiss top-100 paths")
     args = parser.parse_args()
+    if args.features:
+        print("| problem | queries x gallery | path | total s | peak RSS growth MB | rank-1 / mAP(@k) |")
+        print("|---|---|---|---|---|---|")
+        sizes = [("Market-1501 size", 3368, 15913, 751, 6)] + [("MSMT17 size", 11659, 82161, 3060, 15)] * args.msmt
+        for size in sizes:
+            for topk in (None, 100):
+                print(run_features(*size, topk), flush=True)
+        return
     print("| problem | queries x gallery | distance s | protocol s | total s | peak RSS growth MB | rank-1 / mAP | "
           "argsort reference s |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
