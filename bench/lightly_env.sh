@@ -4,11 +4,10 @@
 #     bash bench/lightly_env.sh            # PYTHON=/path/to/project/python to choose the project interpreter
 #
 # The venv sees the project venv's packages through a .pth file, so lightly runs on exactly the torch, torchvision,
-# Pillow and numpy that our transform runs on: the benchmark then compares the two augmentation pipelines, not two
-# library builds (and nothing of several GB is installed twice). lightly itself is installed without its
-# dependencies: its transforms import torch, torchvision, PIL, numpy and lightning-utilities (a small pure-Python
-# package, installed here); pytorch_lightning and hydra, which the
-# wheel declares, are needed by its training utilities, never imported here.
+# Pillow and numpy that our transform runs on: the benchmark compares the two augmentation pipelines, not two
+# library builds (and nothing of several GB is installed twice). lightly itself is installed without its declared
+# dependencies: its transforms import only torch, torchvision, PIL, numpy and lightning-utilities (a small
+# pure-Python package, installed here); pytorch_lightning and hydra serve its training utilities, not used here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
