@@ -30,6 +30,7 @@ __all__ = [
     "barrier",
     "all_reduce_mean",
     "all_reduce_sum",
+    "all_reduce_max",
     "all_gather_variable",
     "broadcast_object",
     "fingerprints",
@@ -136,6 +137,14 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     out = tensor.clone()
     if is_initialized():
         dist.all_reduce(out)
+    return out
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of `tensor` over all processes (a new tensor; the input is not changed)."""
+    out = tensor.clone()
+    if is_initialized():
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
     return out
 
 
