@@ -5,6 +5,8 @@
 
 Reads top to bottom like the paper's Algorithm 1: build data, student and teacher, optimiser; then per epoch run
 `engine.train_one_epoch_dino`, checkpoint, export the teacher backbone, and evaluate it when a labeled set is given.
+With `dino.version: v2` the same loop trains DINOv2 (Oquab et al. 2023): iBOT on masked global crops and KoLeo are
+added to the DINO loss (preset: configs/luperson/dinov2_vit_small.yaml).
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ from dino_recog.cli import apply_speed_options, load_config, start_run
 from dino_recog.data import datasets as ds
 from dino_recog.data.batch_augment import BatchAugment
 from dino_recog.data.build import query_gallery, unlabeled_items
+from dino_recog.data.masking import BlockMaskGenerator
 from dino_recog.data.transforms import MultiCropTransform
-from dino_recog.engine import DinoStep, train_one_epoch_dino
+from dino_recog.engine import DinoStep, DinoV2Terms, train_one_epoch_dino
 from dino_recog.evaluation import evaluate_query_gallery
-from dino_recog.losses import DINOLoss
-from dino_recog.models import DINOHead, MultiCropNet, build_backbone
+from dino_recog.losses import DINOLoss, IBOTPatchLoss
+from dino_recog.models import DINOHead, MaskedMultiCropNet, MultiCropNet, build_backbone
 from dino_recog.optim import build_optimizer, param_groups
 from dino_recog.runlog import RunLog, fmt_metrics
 from dino_recog.schedules import cosine_schedule, linear_warmup, scaled_lr
@@ -82,23 +85,46 @@ def build_gpu_augment(cfg: C.DinoConfig, device: torch.device) -> BatchAugment |
 
 
 def build_model(cfg: C.DinoConfig) -> tuple[MultiCropNet, MultiCropNet]:
-    """Student (with stochastic depth) and teacher (without); the teacher starts as a copy of the student."""
+    """Student (with stochastic depth) and teacher (without); the teacher starts as a copy of the student.
+
+    With dino.version v2 both are MaskedMultiCropNets (mask token; a separate iBOT head of the DINO head's size if
+    asked for)."""
     m = cfg.model
 
     def net(drop_path: float) -> MultiCropNet:
         backbone, dim = build_backbone(
             m.arch, img_size=cfg.crops.global_crops_size, patch_size=m.patch_size, drop_path_rate=drop_path,
             depth=m.depth or None, embed_dim=m.embed_dim or None, num_heads=m.num_heads or None,
+            layerscale=m.layerscale, num_register_tokens=m.num_register_tokens,
         )  # fmt: skip
         head = DINOHead(dim, m.out_dim, m.use_bn_in_head, m.norm_last_layer, hidden_dim=m.hidden_dim,
                         bottleneck_dim=m.bottleneck_dim)  # fmt: skip
-        return MultiCropNet(backbone, head)
+        if cfg.dino.version == "v1":
+            return MultiCropNet(backbone, head)
+        ibot_head = DINOHead(dim, m.out_dim, False, m.norm_last_layer, hidden_dim=m.hidden_dim,
+                             bottleneck_dim=m.bottleneck_dim) if cfg.dino.separate_ibot_head else None  # fmt: skip
+        return MaskedMultiCropNet(backbone, head, ibot_head)
 
     student, teacher = net(m.drop_path_rate), net(0.0)
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad = False
     return student, teacher
+
+
+def build_losses(cfg: C.DinoConfig) -> tuple[DINOLoss, DinoV2Terms | None]:
+    """The DINO loss; with dino.version v2 also the DINOv2 terms: iBOT (its own centre), KoLeo and the mask sampler
+    over the global crops' patch grid."""
+    d = cfg.dino
+    loss_fn = DINOLoss(cfg.model.out_dim, 2, d.student_temp, d.center_momentum, d.centering)
+    if d.version == "v1":
+        return loss_fn, None
+    patch = cfg.model.patch_size
+    grid = (cfg.crops.global_crops_size[0] // patch, cfg.crops.global_crops_size[1] // patch)  # (h, w) patches
+    ibot = IBOTPatchLoss(cfg.model.out_dim, d.student_temp, d.center_momentum, d.centering)
+    v2 = DinoV2Terms(ibot, BlockMaskGenerator(grid), tuple(d.mask_ratio_min_max), d.mask_sample_probability,
+                     d.ibot_weight, d.koleo_weight)  # fmt: skip
+    return loss_fn, v2
 
 
 def build_schedule(cfg: C.DinoConfig, steps_per_epoch: int):
@@ -157,10 +183,13 @@ def main(cfg: C.DinoConfig) -> dict[str, float]:
             )
             teacher.load_state_dict(student.module.state_dict())  # DDP broadcast rank 0's student; copy it again
         net = student.module if isinstance(student, nn.parallel.DistributedDataParallel) else student
-        loss_fn = DINOLoss(cfg.model.out_dim, 2, cfg.dino.student_temp, cfg.dino.center_momentum).to(device)
+        loss_fn, v2 = build_losses(cfg)
+        loss_fn = loss_fn.to(device)
+        if v2 is not None:
+            v2.ibot_loss.to(device)
         optimizer = build_optimizer(
             cfg.train.optimizer,
-            param_groups(net),
+            param_groups(net, cfg.train.layer_decay, cfg.train.patch_embed_lr_mult),
             0.0,
             cfg.train.weight_decay,
             cfg.train.momentum,
@@ -181,6 +210,8 @@ def main(cfg: C.DinoConfig) -> dict[str, float]:
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
             loss_fn.load_state_dict(state["dino_loss"])
+            if v2 is not None:
+                v2.ibot_loss.load_state_dict(state["ibot_loss"])
             start_epoch = int(state["epoch"])
             log.info("resumed from %s at epoch %d", path, start_epoch)
         elif eval_sets is not None:
@@ -196,13 +227,14 @@ def main(cfg: C.DinoConfig) -> dict[str, float]:
             loader.generator.manual_seed(cfg.run.seed + 1000 * epoch + dist.get_rank())
             stats = train_one_epoch_dino(
                 student, teacher, loss_fn, loader, optimizer, scaler, schedule, epoch, steps_per_epoch, device,
-                cfg.run.amp, cfg.train.clip_grad, runlog, cfg.run.log_every, augment,
+                cfg.run.amp, cfg.train.clip_grad, runlog, cfg.run.log_every, augment, v2,
             )  # fmt: skip
             done = epoch + 1
             log.info("epoch %d/%d: %s", done, cfg.train.epochs, fmt_metrics(stats))
             runlog.write("epoch", done * steps_per_epoch, epoch=done, **stats)
             # The teacher and the centre must be identical on every rank (DDP keeps the students in step).
-            prints = dist.fingerprints([*teacher.state_dict().values(), loss_fn.center])
+            centres = [loss_fn.center] + ([v2.ibot_loss.center] if v2 is not None else [])
+            prints = dist.fingerprints([*teacher.state_dict().values(), *centres])
             if not torch.equal(prints, prints[:1].expand_as(prints)):
                 raise RuntimeError(f"epoch {done}: the teacher or the DINO centre differs across ranks:\n{prints}")
             if dist.is_main_process():
@@ -212,6 +244,8 @@ def main(cfg: C.DinoConfig) -> dict[str, float]:
                     "iteration": done * steps_per_epoch, "config": C.to_dict(cfg), "rng": ckpt.rng_state(),
                     "teacher_fingerprints": prints.cpu(),
                 }  # fmt: skip
+                if v2 is not None:
+                    state["ibot_loss"] = v2.ibot_loss.state_dict()
                 ckpt.save_checkpoint(state, out / f"checkpoint_{done:04d}.pth")
                 ckpt.prune_checkpoints(out, cfg.run.keep_last, cfg.eval.saveckp_freq)
                 if done == cfg.train.epochs or (cfg.eval.export_every and done % cfg.eval.export_every == 0):

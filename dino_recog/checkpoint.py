@@ -195,8 +195,8 @@ def extract_backbone_state(obj: Mapping, key: str = "teacher") -> dict[str, torc
         if not isinstance(v, torch.Tensor):
             continue
         k = k.removeprefix("module.")
-        if k.startswith("head.") or k.startswith("neck.") or k.startswith("classifier."):
-            continue  # the DINO head or a recognition head, not backbone weights
+        if k.startswith(("head.", "ibot_head.", "neck.", "classifier.")) or k == "mask_token":
+            continue  # the DINO / iBOT head, DINOv2's mask token or a recognition head, not backbone weights
         state[k.removeprefix("backbone.")] = v
     return state
 
@@ -221,18 +221,53 @@ def _resize_pos_embed(pos_embed: torch.Tensor, model: nn.Module) -> torch.Tensor
     return resample_abs_pos_embed(pos_embed, new_size=list(grid), old_size=list(old), num_prefix_tokens=prefix)
 
 
+def _match_layerscale(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> None:
+    """Make ViT LayerScale agree between the weights and the model, exactly (in place on `state`).
+
+    LayerScale multiplies the output of the block's last linear layer (attention `proj`, MLP `fc2`) by gamma, so
+    a gamma the model has no place for is folded into that layer's weight and bias (DINOv2 weights into a plain ViT);
+    a model with LayerScale loading weights without it gets gamma = 1.
+    """
+    folded = 0
+    for key in [k for k in state if k.endswith((".ls1.gamma", ".ls2.gamma")) and k not in own]:
+        block, branch = key.rsplit(".", 2)[:2]
+        linear = f"{block}.attn.proj" if branch == "ls1" else f"{block}.mlp.fc2"
+        if f"{linear}.weight" not in state:
+            continue  # not a timm block; reported as an unexpected key
+        gamma = state.pop(key)  # (D,)
+        state[f"{linear}.weight"] = state[f"{linear}.weight"] * gamma.unsqueeze(1)  # (D, D_in): scale each output
+        if f"{linear}.bias" in state:
+            state[f"{linear}.bias"] = state[f"{linear}.bias"] * gamma
+        folded += 1
+    ones = [k for k in own if k.endswith((".ls1.gamma", ".ls2.gamma")) and k not in state]
+    for key in ones:
+        state[key] = torch.ones_like(own[key])
+    if folded:
+        log.info("folded %d LayerScale gammas into the linear layers before them (the model has no LayerScale)", folded)
+    if ones:
+        log.info("set %d LayerScale gammas to 1 (the weights have no LayerScale)", len(ones))
+
+
 def load_backbone_weights(model: nn.Module, path: str | os.PathLike, key: str = "teacher") -> dict[str, list[str]]:
     """Load backbone weights into `model` from any supported file (see `extract_backbone_state`).
 
-    Position embeddings are interpolated to the model's input size. Missing and unexpected keys are logged and
-    returned; a tensor whose shape differs (another architecture) is an error listing every mismatched key with both
-    shapes, and so is a file that shares no key with the model.
+    Position embeddings are interpolated to the model's input size. LayerScale (DINOv2) in the weights but not in
+    the model is folded into the layers before it, exactly. Missing and unexpected keys are logged and returned; a
+    tensor whose shape differs (another architecture) is an error listing every mismatched key with both shapes, and
+    so are a file that shares no key with the model and another number of register tokens.
 
     Returns:
         {"missing": [...], "unexpected": [...]}
     """
     state = extract_backbone_state(load_checkpoint(path), key)
     own = model.state_dict()
+    if "pos_embed" in own:
+        n_file = state["reg_token"].shape[1] if "reg_token" in state else 0
+        n_model = own["reg_token"].shape[1] if "reg_token" in own else 0
+        if n_file != n_model:
+            raise CheckpointError(f"{path}: the weights have {n_file} register tokens, the model {n_model}; build the "
+                                  f"backbone with num_register_tokens={n_file}")  # fmt: skip
+        _match_layerscale(state, own)
     if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
         state["pos_embed"] = _resize_pos_embed(state["pos_embed"], model)
     mismatched = [

@@ -124,6 +124,8 @@ class DinoModelConfig:
     bottleneck_dim: int = 256  # DINO head bottleneck before the weight-normalised last layer
     norm_last_layer: bool = True  # freeze the weight-norm magnitude of the last layer (official True)
     use_bn_in_head: bool = False  # BatchNorm in the head MLP (official False)
+    layerscale: float = 0.0  # ViT LayerScale: residual branches x a learned gamma started here (DINOv2 1e-5); 0 = off
+    num_register_tokens: int = 0  # ViT register tokens after the CLS token (Darcet et al. 2024; DINOv2 0, "reg" 4)
 
     def validate(self, path: str) -> None:
         _choice(path + ".arch", self.arch, ARCHS)
@@ -132,6 +134,10 @@ class DinoModelConfig:
         _check_vit_size(path, self)
         for key in ("out_dim", "hidden_dim", "bottleneck_dim"):
             _positive(f"{path}.{key}", getattr(self, key))
+        _non_negative(path + ".layerscale", self.layerscale)
+        _non_negative(path + ".num_register_tokens", self.num_register_tokens)
+        if self.arch not in VIT_ARCHS and (self.layerscale or self.num_register_tokens):
+            raise ConfigError(f"{path}.arch: {self.arch} with layerscale or num_register_tokens, which are ViT options")
 
 
 @dataclass
@@ -143,6 +149,13 @@ class DinoLossConfig:
     center_momentum: float = 0.9  # EMA of the teacher-output centre (paper 0.9)
     momentum_teacher: float = 0.996  # base EMA momentum of the teacher, cosine to 1 (official 0.996)
     freeze_last_layer: int = 1  # epochs during which the head's last layer gets no gradient (official 1)
+    version: str = "v1"  # v1: DINO | v2: DINOv2, DINO + iBOT loss on masked global crops + KoLeo (Oquab et al. 2023)
+    centering: str = "center"  # teacher targets: center (EMA centre) | sinkhorn_knopp (3 iterations; DINOv2 ViT-L/g)
+    koleo_weight: float = 0.1  # v2: KoLeo regulariser on the student's global-crop CLS features (DINOv2 0.1)
+    ibot_weight: float = 1.0  # v2: iBOT masked-patch loss (DINOv2 1.0)
+    mask_ratio_min_max: tuple[float, float] = (0.1, 0.5)  # v2: fraction of the patches a masked crop hides (DINOv2)
+    mask_sample_probability: float = 0.5  # v2: fraction of the global crops that are masked (DINOv2 0.5)
+    separate_ibot_head: bool = False  # v2: patch tokens through their own head of the same size (DINOv2 false)
 
     def validate(self, path: str) -> None:
         for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
@@ -151,6 +164,14 @@ class DinoLossConfig:
         _unit_interval(path + ".center_momentum", self.center_momentum)
         _unit_interval(path + ".momentum_teacher", self.momentum_teacher)
         _non_negative(path + ".freeze_last_layer", self.freeze_last_layer)
+        _choice(path + ".version", self.version, ("v1", "v2"))
+        _choice(path + ".centering", self.centering, ("center", "sinkhorn_knopp"))
+        _non_negative(path + ".koleo_weight", self.koleo_weight)
+        _non_negative(path + ".ibot_weight", self.ibot_weight)
+        lo, hi = self.mask_ratio_min_max
+        if not 0 <= lo <= hi <= 1:
+            raise ConfigError(f"{path}.mask_ratio_min_max: {[lo, hi]} is not a range 0 <= low <= high <= 1")
+        _unit_interval(path + ".mask_sample_probability", self.mask_sample_probability)
 
 
 @dataclass
@@ -201,6 +222,8 @@ class DinoTrainConfig:
     weight_decay_end: float = 0.4  # end of the cosine weight-decay schedule (official 0.4)
     clip_grad: float = 3.0  # max gradient norm; 0 disables (official 3.0)
     momentum: float = 0.9  # SGD momentum
+    layer_decay: float = 1.0  # ViT layer-wise lr decay: lr x decay^(L + 1 - depth) (DINOv2 0.9; 1 = off)
+    patch_embed_lr_mult: float = 1.0  # lr factor of the ViT patch embedding (DINOv2 0.2)
 
     def validate(self, path: str) -> None:
         _choice(path + ".optimizer", self.optimizer, ("adamw", "sgd"))
@@ -216,6 +239,9 @@ class DinoTrainConfig:
         _non_negative(path + ".weight_decay_end", self.weight_decay_end)
         _non_negative(path + ".clip_grad", self.clip_grad)
         _unit_interval(path + ".momentum", self.momentum)
+        if not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"{path}.layer_decay: {self.layer_decay!r}; expected a value in (0, 1]")
+        _non_negative(path + ".patch_embed_lr_mult", self.patch_embed_lr_mult)
 
 
 @dataclass
@@ -241,7 +267,7 @@ class DinoConfig:
     run: RunConfig = field(default_factory=RunConfig)  # output, seed, resume, device, precision, logging
     data: DinoDataConfig = field(default_factory=DinoDataConfig)  # unlabeled images, batch, workers
     model: DinoModelConfig = field(default_factory=DinoModelConfig)  # backbone and DINO head
-    dino: DinoLossConfig = field(default_factory=DinoLossConfig)  # loss temperatures, centre, teacher EMA
+    dino: DinoLossConfig = field(default_factory=DinoLossConfig)  # loss temperatures, centre, teacher EMA, DINOv2
     crops: MultiCropConfig = field(default_factory=MultiCropConfig)  # multi-crop augmentation
     train: DinoTrainConfig = field(default_factory=DinoTrainConfig)  # optimiser and schedules
     eval: DinoEvalConfig = field(default_factory=DinoEvalConfig)  # monitoring, checkpoints, exports
@@ -253,6 +279,13 @@ class DinoConfig:
             raise ConfigError(
                 f"dino.warmup_teacher_temp_epochs: {self.dino.warmup_teacher_temp_epochs} is more than "
                 f"train.epochs {self.train.epochs}"
+            )
+        if self.dino.version == "v2" and self.model.arch not in VIT_ARCHS:
+            raise ConfigError(f"dino.version: v2 masks patch tokens and needs a ViT, not model.arch {self.model.arch}")
+        if self.dino.version == "v2" and self.model.use_bn_in_head:
+            raise ConfigError(
+                "model.use_bn_in_head: true with dino.version v2; the head sees CLS and patch tokens together, whose "
+                "batch statistics would mix (DINOv2 has no BatchNorm either)"
             )
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "barrier",
     "all_reduce_mean",
     "all_reduce_sum",
+    "all_reduce_max",
     "all_gather_variable",
     "broadcast_object",
     "fingerprints",
@@ -163,6 +164,14 @@ def all_reduce_gradients(params: Iterable[torch.nn.Parameter]) -> None:
     flat /= get_world_size()
     for g, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
         g.copy_(reduced)
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of `tensor` over all processes (a new tensor; the input is not changed)."""
+    out = tensor.clone()
+    if is_initialized():
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
 
 
 def all_gather_variable(tensor: torch.Tensor) -> list[torch.Tensor]:

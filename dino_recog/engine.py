@@ -5,22 +5,26 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
 from . import distributed as dist
+from .data.masking import BlockMaskGenerator, sample_batch_masks
 from .losses.dino import DINOLoss, collapse_stats
+from .losses.dinov2 import IBOTPatchLoss, KoLeoLoss
 from .models.dino import update_teacher
 from .optim import set_schedule
 from .runlog import RunLog
 
 __all__ = [
     "DinoStep",
+    "DinoV2Terms",
     "NonFiniteLossError",
     "RecogLosses",
     "autocast_context",
@@ -44,6 +48,57 @@ class DinoStep:
     momentum: float
     teacher_temp: float
     freeze_last_layer: bool
+
+
+@dataclass
+class DinoV2Terms:
+    """What DINOv2 (Oquab et al. 2023) adds to a DINO iteration: masks on the student's global crops, the iBOT
+    masked-patch loss and the KoLeo regulariser, with their weights."""
+
+    ibot_loss: IBOTPatchLoss
+    mask_generator: BlockMaskGenerator  # over the patch grid of a global crop
+    mask_ratio_min_max: tuple[float, float] = (0.1, 0.5)
+    mask_sample_probability: float = 0.5
+    ibot_weight: float = 1.0
+    koleo_weight: float = 0.1
+    koleo_loss: KoLeoLoss = field(default_factory=KoLeoLoss)
+
+
+def dinov2_losses(
+    student: nn.Module,
+    teacher: nn.Module,
+    crops: list[torch.Tensor],
+    loss_fn: DINOLoss,
+    v2: DinoV2Terms,
+    teacher_temp: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """One DINOv2 forward: loss = DINO + ibot_weight x iBOT + koleo_weight x KoLeo.
+
+    Masks are drawn for the n_global x B global crops (`sample_batch_masks`, from torch's generator so seeding torch
+    fixes them); the teacher sees the unmasked global crops, the student the masked ones and the local crops. KoLeo
+    is summed over the global crops, each crop's batch on its own, as DINOv2 does.
+
+    Args:
+        student, teacher: MaskedMultiCropNets (the student possibly DDP-wrapped).
+
+    Returns:
+        (loss, {"dino", "ibot", "koleo"} unweighted terms, student CLS outputs (n_crops x B, K), teacher CLS outputs
+        (n_global x B, K)).
+    """
+    n_global = loss_fn.n_global_crops
+    rng = random.Random(int(torch.randint(2**62, ()).item()))
+    masks = sample_batch_masks(v2.mask_generator, n_global * crops[0].shape[0], v2.mask_ratio_min_max,
+                               v2.mask_sample_probability, rng).to(crops[0].device)  # fmt: skip
+    with torch.no_grad():
+        t = teacher(crops[:n_global], masks, mask_inputs=False)
+    s = student(crops, masks)
+    terms = {
+        "dino": loss_fn(s["cls"], t["cls"], teacher_temp),
+        "ibot": v2.ibot_loss(s["patch"], t["patch"], masks, teacher_temp),
+        "koleo": sum(v2.koleo_loss(f) for f in s["cls_features"].chunk(n_global)),
+    }
+    loss = terms["dino"] + v2.ibot_weight * terms["ibot"] + v2.koleo_weight * terms["koleo"]
+    return loss, terms, s["cls"], t["cls"]
 
 
 def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
@@ -75,8 +130,9 @@ def train_one_epoch_dino(
     runlog: RunLog,
     log_every: int = 50,
     augment: Callable[[list[torch.Tensor], int], list[torch.Tensor]] | None = None,
+    v2: DinoV2Terms | None = None,
 ) -> dict[str, float]:
-    """One epoch of DINO (Caron et al. 2021, Algorithm 1).
+    """One epoch of DINO (Caron et al. 2021, Algorithm 1), or of DINOv2 with `v2`.
 
     For each batch of multi-crop views: teacher on the 2 global crops, student on all crops, DINO loss (which updates
     the centre), backward, gradient clipping, the head's last layer frozen in the first epochs, optimiser step, then
@@ -89,15 +145,17 @@ def train_one_epoch_dino(
         loader: yields ((crops, pids, camids, index), n_skipped) as `collate_skip_none` makes them.
         augment: `(crops, iteration) -> crops` applied on the device before the forward (the photometric half of
             the augmentation with `crops.gpu_augment`, e.g. a `BatchAugment`); None when the workers did it all.
+        v2: the DINOv2 terms (student and teacher are then MaskedMultiCropNets); see `dinov2_losses`.
 
     Returns:
-        Epoch averages: loss, and the number of skipped (undecodable) images.
+        Epoch averages: loss (and with v2 its terms dino, ibot, koleo), and the number of skipped images.
     """
     student.train()
     teacher.train()  # as in the official code: BatchNorm (ResNet, BN head) normalises with the batch statistics
     net = _unwrap(student)
-    last_layer = [p for n, p in net.head.named_parameters() if n.startswith("last_layer")]
+    last_layer = [p for n, p in net.named_parameters() if n.startswith(("head.last_layer", "ibot_head.last_layer"))]
     loss_sum, n_loss, skipped = torch.zeros((), device=device), 0, 0
+    term_sums: dict[str, torch.Tensor] = {}
     t_start, images = time.perf_counter(), 0
     bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not dist.is_main_process(), leave=False)
     for i, (batch, n_bad) in enumerate(loader):
@@ -111,11 +169,16 @@ def train_one_epoch_dino(
         if augment is not None:
             crops = augment(crops, it)
 
+        terms: dict[str, torch.Tensor] = {}
         with autocast_context(device, amp):
-            with torch.no_grad():
-                teacher_out = teacher(crops[: loss_fn.n_global_crops])  # (2B, K)
-            student_out = student(crops)  # (n_crops * B, K)
-            loss = loss_fn(student_out, teacher_out, s.teacher_temp)
+            if v2 is not None:
+                loss, terms, student_out, teacher_out = dinov2_losses(student, teacher, crops, loss_fn, v2,
+                                                                      s.teacher_temp)  # fmt: skip
+            else:
+                with torch.no_grad():
+                    teacher_out = teacher(crops[: loss_fn.n_global_crops])  # (2B, K)
+                student_out = student(crops)  # (n_crops * B, K)
+                loss = loss_fn(student_out, teacher_out, s.teacher_temp)
 
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"non-finite DINO loss {loss.item()} at epoch {epoch}, iteration {it}")
@@ -132,6 +195,8 @@ def train_one_epoch_dino(
         update_teacher(net, teacher, s.momentum)
 
         loss_sum += loss.detach()
+        for k, v in terms.items():
+            term_sums[k] = term_sums.get(k, 0.0) + v.detach().float()
         n_loss += 1
         images += crops[0].shape[0] * dist.get_world_size()
         if it % log_every == 0:
@@ -139,20 +204,23 @@ def train_one_epoch_dino(
                 student_out.detach(), teacher_out, loss_fn.center, loss_fn.student_temp, s.teacher_temp
             )
             value = loss.item()  # one sync every log_every iterations only
+            term_values = {k: v.item() for k, v in terms.items()}
             rate = images / (time.perf_counter() - t_start)
             runlog.write(
                 "train", it, epoch=epoch, loss=value, lr=s.lr, weight_decay=s.weight_decay, momentum=s.momentum,
-                teacher_temp=s.teacher_temp, images_per_s=rate, **stats,
+                teacher_temp=s.teacher_temp, images_per_s=rate, **stats, **term_values,
             )  # fmt: skip
-            _warn_collapse(value, stats, it, epoch, teacher_out.shape[-1])
+            _warn_collapse(term_values.get("dino", value), stats, it, epoch, teacher_out.shape[-1])
             bar.set_postfix(loss=f"{value:.4f}", lr=f"{s.lr:.2e}", img_s=f"{rate:.0f}")
         bar.update(1)
     bar.close()
     loss_avg = dist.all_reduce_mean(loss_sum / max(n_loss, 1)).item()
+    term_avgs = {k: dist.all_reduce_mean(v / max(n_loss, 1)).item() for k, v in term_sums.items()}
     skipped = int(dist.all_reduce_sum(torch.tensor([skipped], device=device)).item())
     if skipped:
         log.warning("epoch %d: skipped %d undecodable training images (see the warnings above)", epoch, skipped)
-    return {"loss": loss_avg, "skipped_images": skipped, "images_per_s": images / (time.perf_counter() - t_start)}
+    return {"loss": loss_avg, **term_avgs, "skipped_images": skipped,
+            "images_per_s": images / (time.perf_counter() - t_start)}  # fmt: skip
 
 
 @dataclass

@@ -157,7 +157,8 @@ def _backbone_from_config(config: Any) -> tuple[dict[str, Any], dict[str, Any]] 
     m, crops = config["model"], config.get("crops") or {}
     size = tuple(crops.get("global_crops_size", DEFAULT_IMAGE_SIZE))
     kwargs = dict(name=m["arch"], img_size=size, patch_size=m.get("patch_size", 16), depth=m.get("depth") or None,
-                  embed_dim=m.get("embed_dim") or None, num_heads=m.get("num_heads") or None)  # fmt: skip
+                  embed_dim=m.get("embed_dim") or None, num_heads=m.get("num_heads") or None,
+                  layerscale=m.get("layerscale", 0.0), num_register_tokens=m.get("num_register_tokens", 0))  # fmt: skip
     prep = {"img_size": size, "mean": crops.get("mean", IMAGENET_MEAN), "std": crops.get("std", IMAGENET_STD)}
     return kwargs, prep
 

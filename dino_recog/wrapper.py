@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .data.batch_augment import BatchAugment
 from .losses.dino import DINOLoss
+from .losses.dinov2 import KoLeoLoss
 from .models.dino import update_teacher
 from .models.heads import DINOHead
 from .schedules import cosine_schedule, linear_warmup
@@ -170,6 +171,7 @@ class DINOWrapper(nn.Module):
         for p in [*self.teacher_model.parameters(), *self.teacher_head.parameters()]:
             p.requires_grad = False
         self.loss_fn = DINOLoss(conf.out_dim, 2, conf.student_temp, conf.center_momentum)
+        self.koleo = KoLeoLoss()
         identity = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
         mean, std = (conf.input_mean, conf.input_std) if conf.input_mean is not None else identity
         self.augment = BatchAugment(mean, std)
@@ -244,7 +246,7 @@ class DINOWrapper(nn.Module):
         if self.conf.koleo_weight:
             b = images.shape[0]
             global_feats = student_feats[: 2 * b].float()
-            loss = loss + self.conf.koleo_weight * (_koleo(global_feats[:b]) + _koleo(global_feats[b:])) / 2
+            loss = loss + self.conf.koleo_weight * (self.koleo(global_feats[:b]) + self.koleo(global_feats[b:])) / 2
         return self.conf.loss_weight * loss
 
     @torch.no_grad()
@@ -255,12 +257,3 @@ class DINOWrapper(nn.Module):
         update_teacher(self.head, self.teacher_head, m)
         self.step += 1
         return m
-
-
-def _koleo(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """KoLeo regulariser (Sablayrolles et al. 2019, used by DINOv2): -mean_i log min_{j != i} ||x_i - x_j|| of the
-    L2-normalised rows of x (B, D)."""
-    x = F.normalize(x, dim=1)
-    d = torch.cdist(x, x)
-    d = d + torch.diag(torch.full((len(x),), float("inf"), device=x.device))
-    return -torch.log(d.min(1).values + eps).mean()

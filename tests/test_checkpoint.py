@@ -132,3 +132,50 @@ def test_rng_state_round_trip(tmp_path):
     a = (random.random(), np.random.rand(), torch.rand(1).item())
     ckpt.set_rng_state(ckpt.load_checkpoint(tmp_path / "r.pth")["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+def dinov2_teacher(registers=0):
+    from dino_recog.models import MaskedMultiCropNet
+
+    torch.manual_seed(0)
+    vit = build_backbone("vit_small", img_size=(32, 16), patch_size=8, depth=2, embed_dim=32, num_heads=2,
+                         layerscale=1e-5, num_register_tokens=registers)[0]  # fmt: skip
+    net = MaskedMultiCropNet(vit, DINOHead(32, 10, hidden_dim=16, bottleneck_dim=8), DINOHead(32, 10, hidden_dim=16))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # gammas far from 1e-5 and different per channel
+    return net
+
+
+def test_dinov2_layerscale_is_folded_into_a_plain_vit_exactly(tmp_path):
+    net = dinov2_teacher()
+    x = torch.randn(3, 3, 32, 16)
+    ckpt.save_checkpoint({"teacher": net.state_dict(), "epoch": 1}, tmp_path / "checkpoint.pth")
+    plain = tiny_vit()
+    result = ckpt.load_backbone_weights(plain, tmp_path / "checkpoint.pth")
+    assert result == {"missing": [], "unexpected": []}  # mask token and iBOT head are not backbone weights
+    torch.testing.assert_close(features(plain, x), features(net.backbone, x), rtol=1e-5, atol=1e-5)
+    # The other way: plain weights into a LayerScale model, whose gammas become 1.
+    scaled = build_backbone("vit_small", img_size=(32, 16), patch_size=8, depth=2, embed_dim=32, num_heads=2,
+                            layerscale=1e-5)[0]  # fmt: skip
+    ckpt.save_checkpoint(plain.state_dict(), tmp_path / "plain.pth")
+    assert ckpt.load_backbone_weights(scaled, tmp_path / "plain.pth")["missing"] == []
+    torch.testing.assert_close(features(scaled, x), features(plain, x), rtol=1e-5, atol=1e-5)
+
+
+def test_register_tokens_must_match_and_come_with_the_stage1_config(tmp_path):
+    from dino_recog import config as C
+    from dino_recog.extract import load_model
+
+    net = dinov2_teacher(registers=2)
+    overrides = ["dino.version=v2", "model.depth=2", "model.embed_dim=32", "model.num_heads=2", "model.patch_size=8",
+                 "model.layerscale=1e-5", "model.num_register_tokens=2", "crops.global_crops_size=[32,16]",
+                 "crops.local_crops_size=[16,8]"]  # fmt: skip
+    cfg = C.load(None, overrides, cls=C.DinoConfig)
+    ckpt.save_checkpoint({"teacher": net.state_dict(), "config": C.to_dict(cfg)}, tmp_path / "checkpoint.pth")
+    with pytest.raises(ckpt.CheckpointError, match="the weights have 2 register tokens, the model 0"):
+        ckpt.load_backbone_weights(tiny_vit(), tmp_path / "checkpoint.pth")
+    model, prep = load_model(tmp_path / "checkpoint.pth")  # built from the checkpoint's config, registers included
+    x = torch.randn(2, 3, 32, 16)
+    assert prep["img_size"] == (32, 16) and model.num_reg_tokens == 2
+    torch.testing.assert_close(features(model, x), features(net.backbone, x))

@@ -131,3 +131,31 @@ def test_missing_and_malformed_files(tmp_path):
         C.load(bad)
     with pytest.raises(C.ConfigError, match=r"override 'train\.lr': expected key\.sub=value"):
         C.load(None, ["train.lr"])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["dino.version=v3"], r"dino\.version: 'v3' is not one of 'v1', 'v2'"),
+        (["dino.centering=mean"], r"dino\.centering: 'mean' is not one of 'center', 'sinkhorn_knopp'"),
+        (["dino.mask_ratio_min_max=[0.5,0.1]"], r"dino\.mask_ratio_min_max: \[0\.5, 0\.1\] is not a range"),
+        (["dino.mask_sample_probability=1.5"], r"dino\.mask_sample_probability: 1\.5; expected a value in \[0, 1\]"),
+        (["train.layer_decay=0"], r"train\.layer_decay: 0\.0; expected a value in \(0, 1\]"),
+        (["dino.version=v2", "model.arch=resnet50"], r"dino\.version: v2 masks patch tokens and needs a ViT"),
+        (["dino.version=v2", "model.use_bn_in_head=true"], r"model\.use_bn_in_head: true with dino\.version v2"),
+        (["model.arch=resnet50", "model.layerscale=1e-5"], r"model\.arch: resnet50 with layerscale"),
+    ],
+)
+def test_dinov2_values_are_checked(overrides, message):
+    with pytest.raises(C.ConfigError, match=message):
+        C.load(None, overrides, cls=C.DinoConfig)
+
+
+def test_dinov2_presets_hold_the_dinov2_defaults():
+    cfg = C.load(ROOT / "configs/luperson/dinov2_vit_small.yaml", cls=C.DinoConfig)
+    d, m, t = cfg.dino, cfg.model, cfg.train
+    assert (d.version, d.momentum_teacher, d.warmup_teacher_temp, d.teacher_temp) == ("v2", 0.992, 0.04, 0.07)
+    assert (d.warmup_teacher_temp_epochs, d.koleo_weight, d.ibot_weight) == (30, 0.1, 1.0)
+    assert (d.mask_ratio_min_max, d.mask_sample_probability) == ((0.1, 0.5), 0.5)
+    assert (m.layerscale, m.drop_path_rate, t.layer_decay, t.patch_embed_lr_mult) == (1e-5, 0.1, 0.9, 0.2)
+    assert C.load(ROOT / "configs/demo/dinov2.yaml", cls=C.DinoConfig).dino.version == "v2"

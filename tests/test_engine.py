@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from dino_recog.engine import DinoStep, train_one_epoch_dino
@@ -129,3 +130,91 @@ def test_gradient_clipping_uses_the_global_norm(tmp_path):
                          lambda it: step, 0, 1, torch.device("cpu"), "fp32", clip, RunLog(tmp_path, False))  # fmt: skip
     for e, p in zip(expected, student.parameters()):
         torch.testing.assert_close(p.detach(), e, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DINOv2
+
+
+def tiny_masked_pair(separate=False):
+    from dino_recog.models import MaskedMultiCropNet
+
+    torch.manual_seed(0)
+
+    def net():
+        backbone = build_backbone("vit_small", img_size=(32, 16), patch_size=8, depth=2, embed_dim=32, num_heads=2,
+                                  layerscale=0.1)[0]  # fmt: skip
+        ibot = DINOHead(32, 64, hidden_dim=16, bottleneck_dim=8) if separate else None
+        return MaskedMultiCropNet(backbone, DINOHead(32, 64, hidden_dim=32, bottleneck_dim=16), ibot)
+
+    student, teacher = net(), net()
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad = False
+    return student, teacher
+
+
+def v2_terms(out_dim=64, koleo_weight=0.1):
+    from dino_recog.data.masking import BlockMaskGenerator
+    from dino_recog.engine import DinoV2Terms
+    from dino_recog.losses import IBOTPatchLoss
+
+    return DinoV2Terms(IBOTPatchLoss(out_dim), BlockMaskGenerator((4, 2), min_block_patches=1), (0.2, 0.6), 0.5,
+                       ibot_weight=1.0, koleo_weight=koleo_weight)  # fmt: skip
+
+
+def run_v2(student, teacher, v2, tmp_path, freeze=False, steps=3):
+    loss_fn = DINOLoss(64)
+    opt = build_optimizer("adamw", param_groups(student, 0.9, 0.2), 1e-3, 0.04)
+    step = DinoStep(lr=1e-3, weight_decay=0.04, momentum=0.9, teacher_temp=0.04, freeze_last_layer=freeze)
+    scaler, log = torch.amp.GradScaler("cpu", enabled=False), RunLog(tmp_path, tensorboard=False)
+    stats = train_one_epoch_dino(student, teacher, loss_fn, batches(steps), opt, scaler, lambda it: step, 0, steps,
+                                 torch.device("cpu"), "fp32", 3.0, log, 1, v2=v2)  # fmt: skip
+    return stats, loss_fn
+
+
+def test_dinov2_epoch_sums_the_three_terms_and_trains_the_mask_token(tmp_path):
+    student, teacher = tiny_masked_pair()
+    v2 = v2_terms(koleo_weight=0.3)
+    token = student.mask_token.detach().clone()
+    stats, loss_fn = run_v2(student, teacher, v2, tmp_path)
+    records = read_jsonl(tmp_path / "log.jsonl", "train")
+    assert len(records) == 3
+    for r in records:
+        assert r["loss"] == pytest.approx(r["dino"] + r["ibot"] + 0.3 * r["koleo"], rel=1e-5)
+        assert r["ibot"] > 0 and r["koleo"] != 0
+    for key in ("dino", "ibot", "koleo"):
+        assert stats[key] == pytest.approx(sum(r[key] for r in records) / 3, rel=1e-5)
+    assert not torch.equal(token, student.mask_token)  # the mask token is trained
+    assert v2.ibot_loss.center.abs().sum() > 0 and loss_fn.center.abs().sum() > 0  # both centres move
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_dinov2_masks_are_seeded_by_torch_and_reach_only_the_student(tmp_path):
+    """Same torch seed, same masks and losses; the teacher's CLS outputs are those of the unmasked crops."""
+    from dino_recog.engine import dinov2_losses
+
+    crops = batches(1)[0][0][0]
+    results = []
+    for _ in range(2):
+        student, teacher = tiny_masked_pair()
+        torch.manual_seed(5)
+        results.append(dinov2_losses(student, teacher, crops, DINOLoss(64), v2_terms(), 0.04))
+    (loss_a, terms_a, s_a, t_a), (loss_b, _, s_b, _) = results
+    assert torch.equal(loss_a, loss_b) and torch.equal(s_a, s_b)
+    plain = MultiCropNet(teacher.backbone, teacher.head)
+    with torch.no_grad():
+        torch.testing.assert_close(t_a, plain(crops[:2]))
+        assert not torch.allclose(s_a[:8], plain(crops)[:8])  # masked global crops
+    assert set(terms_a) == {"dino", "ibot", "koleo"}
+
+
+def test_dinov2_frozen_last_layers_include_the_separate_ibot_head(tmp_path):
+    student, teacher = tiny_masked_pair(separate=True)
+    frozen = {n: p.detach().clone() for n, p in student.named_parameters() if ".last_layer." in n}
+    assert any(n.startswith("ibot_head.") for n in frozen)
+    run_v2(student, teacher, v2_terms(), tmp_path, freeze=True)
+    for n, p in student.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    assert not torch.equal(student.ibot_head.mlp[0].weight, teacher.ibot_head.mlp[0].weight)  # the rest trains

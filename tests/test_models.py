@@ -171,3 +171,95 @@ def test_foreach_ema_equals_a_parameter_loop():
     update_teacher(s, t, 0.996)
     for e, p in zip(expected, t.parameters()):
         torch.testing.assert_close(p.detach(), e, rtol=0, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DINOv2: LayerScale, registers, the masked multi-crop network
+
+
+def test_layerscale_and_registers():
+    vit, _ = tiny_vit(layerscale=1e-5, num_register_tokens=3)
+    assert torch.equal(vit.blocks[1].ls2.gamma, torch.full((32,), 1e-5))
+    assert vit.num_prefix_tokens == 4 and vit.reg_token.shape == (1, 3, 32)
+    assert vit.forward_features(torch.randn(2, 3, 32, 16)).shape == (2, 4 + 8, 32)
+    assert vit(torch.randn(2, 3, 16, 8)).shape == (2, 32)  # local crops: position embeddings interpolated
+    assert isinstance(tiny_vit()[0].blocks[0].ls1, torch.nn.Identity)  # off by default (DINO)
+    with pytest.raises(ValueError, match="ViT options"):
+        build_backbone("resnet18", layerscale=1e-5)
+
+
+def masked_pair(registers=0, separate=False):
+    from dino_recog.models import MaskedMultiCropNet
+
+    torch.manual_seed(0)
+    vit = tiny_vit(layerscale=0.1, num_register_tokens=registers)[0]
+    ibot = DINOHead(32, 12, hidden_dim=16, bottleneck_dim=8) if separate else None
+    return MaskedMultiCropNet(vit, DINOHead(32, 10, hidden_dim=16, bottleneck_dim=8), ibot).eval()
+
+
+@pytest.mark.parametrize("registers", [0, 2])
+def test_masked_patches_show_only_the_mask_token_plus_their_position(registers):
+    net = masked_pair(registers)
+    with torch.no_grad():
+        net.mask_token.normal_()
+    x = torch.randn(2, 3, 32, 16)
+    masks = torch.zeros(2, 8, dtype=torch.bool)
+    masks[0, [1, 2, 5]] = True
+    with torch.no_grad():
+        torch.testing.assert_close(net.forward_tokens(x), net.backbone.forward_features(x))  # no mask: plain ViT
+        out = net.forward_tokens(x, masks)
+        # New pixels under the masked patches (8x8 patches on a 4x2 grid) change nothing ...
+        y = x.clone()
+        for p in (1, 2, 5):
+            y[0, :, (p // 2) * 8 : (p // 2 + 1) * 8, (p % 2) * 8 : (p % 2 + 1) * 8] = 5.0
+        torch.testing.assert_close(net.forward_tokens(y, masks), out)
+        # ... new pixels under an unmasked patch do.
+        y[0, :, :8, :8] = 5.0
+        assert not torch.allclose(net.forward_tokens(y, masks)[0], out[0])
+        assert torch.equal(out[1], net.backbone.forward_features(x)[1])  # the unmasked image is untouched
+        # With every patch masked the input is the same token everywhere; the position embedding is added after
+        # the mask token, so the outputs still differ from patch to patch.
+        everything = net.forward_tokens(x, torch.ones(2, 8, dtype=torch.bool))
+        torch.testing.assert_close(everything[0], everything[1])
+        patches = everything[0, 1 + registers :]
+        assert (patches[1:] - patches[:1]).abs().amax() > 1e-3
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_masked_net_outputs_match_the_plain_multicrop_net(separate):
+    net = masked_pair(registers=1, separate=separate)
+    plain = MultiCropNet(net.backbone, net.head).eval()
+    crops = [torch.randn(3, 3, 32, 16) for _ in range(2)] + [torch.randn(3, 3, 16, 8) for _ in range(2)]
+    masks = torch.rand(6, 8, generator=torch.Generator().manual_seed(0)) < 0.5
+    with torch.no_grad():
+        teacher = net(crops[:2], masks, mask_inputs=False)
+        student = net(crops, masks)
+        # CLS outputs crop-major, as MultiCropNet gives them; the teacher's patch outputs at the masked positions.
+        torch.testing.assert_close(teacher["cls"], plain(crops[:2]))
+        torch.testing.assert_close(net(crops, masks, mask_inputs=False)["cls"], plain(crops))
+        tokens = net.backbone.forward_features(torch.cat(crops[:2]))  # (6, 1 + 1 + 8, 32)
+        patch_head = net.ibot_head if separate else net.head
+        torch.testing.assert_close(teacher["patch"], patch_head(tokens[:, 2:][masks]))
+        torch.testing.assert_close(teacher["cls_features"], tokens[:, 0])
+    assert student["cls"].shape == (12, 10) and student["cls_features"].shape == (6, 32)
+    assert student["patch"].shape == (int(masks.sum()), 12 if separate else 10)
+    assert not torch.allclose(student["cls"][:6], teacher["cls"])  # the masks reach the student's CLS tokens
+    torch.testing.assert_close(student["cls"][6:], plain(crops)[6:])  # local crops are never masked
+    with pytest.raises(ValueError, match=r"masks \(6, 4\): the crops have 6 x 8 patches"):
+        net(crops, masks[:, :4])
+
+
+def test_masked_net_with_gradient_checkpointing_gives_the_same_gradients():
+    from dino_recog.models import configure_speed
+
+    crops = [torch.randn(2, 3, 32, 16) for _ in range(2)]
+    masks = torch.rand(4, 8, generator=torch.Generator().manual_seed(1)) < 0.5
+    grads = []
+    for checkpointing in (False, True):
+        net = masked_pair()
+        configure_speed(net.backbone, grad_checkpointing=checkpointing)
+        out = net.train()(crops, masks)
+        (out["cls"].square().sum() + out["patch"].square().sum()).backward()
+        grads.append(net.mask_token.grad.clone())
+    assert grads[0].abs().sum() > 0  # the mask token learns
+    torch.testing.assert_close(grads[1], grads[0])

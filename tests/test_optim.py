@@ -45,3 +45,21 @@ def test_set_schedule_applies_scale_and_weight_decay():
         assert g["weight_decay"] == (5e-4 if g["apply_wd"] else 0.0)
     with pytest.raises(ValueError, match="optimizer 'lamb'"):
         build_optimizer("lamb", [{"params": [torch.nn.Parameter(torch.zeros(1))]}], 0.1, 0.0)
+
+
+def test_dino_groups_with_layer_decay_and_patch_embed_lr():
+    from dino_recog.models import DINOHead, MaskedMultiCropNet
+
+    net = MaskedMultiCropNet(model().backbone, DINOHead(32, 8, hidden_dim=16, bottleneck_dim=8))
+    assert len(param_groups(net)) == 2  # DINO: no lr scales
+    groups = param_groups(net, layer_decay=0.5, patch_embed_lr_mult=0.2)
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in net.parameters())
+    # L = 2 blocks, as DINOv2's get_params_groups_with_decay: depth 0 -> 0.5^3, block i -> 0.5^(2 - i), rest 1
+    assert scale_of(groups, net.backbone.patch_embed.proj.weight) == (pytest.approx(0.125 * 0.2), True)
+    assert scale_of(groups, net.backbone.patch_embed.proj.bias) == (pytest.approx(0.125 * 0.2), False)
+    assert scale_of(groups, net.backbone.cls_token) == (0.125, True)
+    assert scale_of(groups, net.mask_token) == (0.125, True)
+    assert scale_of(groups, net.backbone.blocks[0].attn.qkv.weight) == (0.25, True)
+    assert scale_of(groups, net.backbone.blocks[1].norm1.weight) == (0.5, False)
+    assert scale_of(groups, net.backbone.norm.weight) == (1.0, False)
+    assert scale_of(groups, net.head.mlp[0].weight) == (1.0, True)

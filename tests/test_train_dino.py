@@ -1,5 +1,6 @@
 """End-to-end stage 1: distributed consistency, resume, learning."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,12 +29,16 @@ def tiny_cfg(small_demo, out, *extra):
     return C.load(ROOT / "cfg_dino.yaml", TINY + data + list(extra), cls=C.DinoConfig)
 
 
+def launch_two_processes(args):
+    env = {**os.environ, "PYTHON": sys.executable}  # train.sh would look for .venv beside the checkout
+    return subprocess.run(["bash", "train.sh", "cpu", "2", "train_dino.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
 def test_two_cpu_processes_keep_teacher_and_centre_identical(small_demo, tmp_path):
     out = tmp_path / "run"
     args = TINY + [f"data.train={{name: image_folder, root: {small_demo / 'lup' / 'images'}}}", f"run.output_dir={out}"]
-    r = subprocess.run(
-        ["bash", "train.sh", "cpu", "2", "train_dino.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+    r = launch_two_processes(args)
     assert r.returncode == 0, r.stderr[-4000:]
     state = ckpt.load_checkpoint(out / "checkpoint_0002.pth")
     prints = state["teacher_fingerprints"]
@@ -92,3 +97,43 @@ def test_dino_teacher_learns_on_the_demo_data(demo_set, tmp_path):
     assert start["epoch"] == 0 and end["epoch"] == 12
     assert end["rank1"] > start["rank1"] + 0.03, (start, end)
     assert end["mAP"] > 1.4 * start["mAP"], (start, end)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DINOv2 (dino.version v2)
+
+V2 = ["dino.version=v2", "model.layerscale=1e-5", "train.layer_decay=0.9", "train.patch_embed_lr_mult=0.2"]
+
+
+def test_dinov2_two_cpu_processes_with_sinkhorn_keep_teacher_and_centres_identical(small_demo, tmp_path):
+    """DDP over the masked student, Sinkhorn-Knopp targets reduced over both processes, the iBOT centre compared."""
+    out = tmp_path / "run"
+    data = [f"data.train={{name: image_folder, root: {small_demo / 'lup' / 'images'}}}", f"run.output_dir={out}"]
+    extra = ["dino.centering=sinkhorn_knopp", "dino.separate_ibot_head=true", "model.num_register_tokens=1"]
+    r = launch_two_processes(TINY + V2 + extra + data)
+    assert r.returncode == 0, r.stderr[-4000:]
+    state = ckpt.load_checkpoint(out / "checkpoint_0002.pth")
+    prints = state["teacher_fingerprints"]
+    assert prints.shape == (2, 3) and torch.equal(prints[0], prints[1])
+    assert "ibot_loss" in state and "mask_token" in state["teacher"]
+    assert any(k.startswith("ibot_head.") for k in state["student"])
+    assert not state["dino_loss"]["center"].any()  # Sinkhorn-Knopp: no centre
+    records = read_jsonl(out / "log.jsonl", "train")
+    assert records and {"dino", "ibot", "koleo", "loss"} <= set(records[0])
+    assert all(r["ibot"] > 0 for r in records)
+
+
+def test_dinov2_resume_gives_the_same_weights_and_ibot_centre(small_demo, tmp_path):
+    straight = tiny_cfg(small_demo, tmp_path / "a", *V2)
+    train_dino.main(straight)
+    resumed = tiny_cfg(small_demo, tmp_path / "b", *V2)
+    train_dino.main(resumed)
+    (tmp_path / "b" / "checkpoint_0002.pth").unlink()
+    train_dino.main(resumed)
+    a = ckpt.load_checkpoint(tmp_path / "a" / "checkpoint_0002.pth")
+    b = ckpt.load_checkpoint(tmp_path / "b" / "checkpoint_0002.pth")
+    assert a["ibot_loss"]["center"].abs().sum() > 0
+    for net in ("student", "teacher", "dino_loss", "ibot_loss"):
+        for k in a[net]:
+            torch.testing.assert_close(a[net][k], b[net][k], rtol=0, atol=0, msg=f"{net}.{k}")
+    assert "resumed from" in (tmp_path / "b" / "log.txt").read_text()

@@ -1,11 +1,15 @@
-"""Losses: DINO self-distillation (stage 1) and metric-learning losses (stage 2)."""
+"""Losses: DINO self-distillation with the DINOv2 terms (stage 1) and metric-learning losses (stage 2)."""
 
 from .dino import DINOLoss, collapse_stats
+from .dinov2 import IBOTPatchLoss, KoLeoLoss, sinkhorn_knopp
 from .metric import ArcFaceLoss, CenterLoss, CosFaceLoss, CrossEntropyLabelSmooth, DistillationLoss, TripletLoss
 
 __all__ = [
     "DINOLoss",
     "collapse_stats",
+    "IBOTPatchLoss",
+    "KoLeoLoss",
+    "sinkhorn_knopp",
     "ArcFaceLoss",
     "CenterLoss",
     "CosFaceLoss",

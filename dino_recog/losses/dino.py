@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import distributed as dist
+from .dinov2 import CENTERINGS, sinkhorn_knopp
 
 __all__ = ["DINOLoss", "collapse_stats"]
 
@@ -31,15 +32,26 @@ class DINOLoss(nn.Module):
 
     The centre is a buffer (saved in checkpoints). The teacher temperature is passed in by the caller, which owns
     its schedule. Runs in a single process without a process group.
+
+    With `centering="sinkhorn_knopp"` (DINOv2's alternative) P_t is `sinkhorn_knopp(g_t(x), tau_t)` over the global
+    crops of all processes instead, and the centre is neither used nor updated.
     """
 
     def __init__(
-        self, out_dim: int, n_global_crops: int = 2, student_temp: float = 0.1, center_momentum: float = 0.9
+        self,
+        out_dim: int,
+        n_global_crops: int = 2,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        centering: str = "center",
     ) -> None:
         super().__init__()
+        if centering not in CENTERINGS:
+            raise ValueError(f"centering {centering!r}: expected one of {', '.join(CENTERINGS)}")
         self.n_global_crops = n_global_crops
         self.student_temp = student_temp
         self.center_momentum = center_momentum
+        self.centering = centering
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
@@ -54,11 +66,15 @@ class DINOLoss(nn.Module):
             raise ValueError(f"{n_crops} student crops and {n_global} teacher crops leave no pair of different views")
 
         log_p = F.log_softmax(student_out.float() / self.student_temp, dim=-1).view(n_crops, batch, -1)
-        q = F.softmax((teacher_out.float().detach() - self.center) / teacher_temp, dim=-1).view(n_global, batch, -1)
+        if self.centering == "sinkhorn_knopp":
+            q = sinkhorn_knopp(teacher_out.detach(), teacher_temp).view(n_global, batch, -1)
+        else:
+            q = F.softmax((teacher_out.float().detach() - self.center) / teacher_temp, dim=-1).view(n_global, batch, -1)
         # sum_{v != i} H(q_i, p_v) = -q_i . (sum_v log p_v - log p_i): one pass over the crops instead of a double loop.
         total = -(q * (log_p.sum(0, keepdim=True) - log_p[:n_global])).sum(-1)  # (n_global, B)
         loss = total.mean(1).sum() / (n_crops * n_global - n_global)
-        self.update_center(teacher_out)
+        if self.centering == "center":
+            self.update_center(teacher_out)
         return loss
 
     @torch.no_grad()

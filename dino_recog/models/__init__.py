@@ -1,7 +1,7 @@
 """Backbones, heads, the DINO student/teacher pair and the recognition model."""
 
 from .backbones import build_backbone, configure_speed
-from .dino import MultiCropNet, update_teacher
+from .dino import MaskedMultiCropNet, MultiCropNet, update_teacher
 from .heads import BNNeckHead, DINOHead, GeM
 from .reid import ReIDModel, build_reid_model
 
@@ -9,6 +9,7 @@ __all__ = [
     "build_backbone",
     "configure_speed",
     "DINOHead",
+    "MaskedMultiCropNet",
     "MultiCropNet",
     "update_teacher",
     "BNNeckHead",

@@ -66,6 +66,8 @@ def build_backbone(
     embed_dim: int | None = None,
     num_heads: int | None = None,
     last_stride: int = 2,
+    layerscale: float = 0.0,
+    num_register_tokens: int = 0,
 ) -> tuple[nn.Module, int]:
     """Build a backbone by name.
 
@@ -77,6 +79,9 @@ def build_backbone(
         drop_path_rate: ViT stochastic depth, linearly increasing over the blocks (DINO student 0.1).
         depth, embed_dim, num_heads: override the ViT size (tests use a 2-block, 32-dim ViT).
         last_stride: ResNet stride of the last stage (1 for re-identification, 2 as in ImageNet models).
+        layerscale: ViT LayerScale (Touvron et al. 2021), each residual branch times a learned per-channel gamma
+            started at this value (DINOv2 1e-5); 0 = none.
+        num_register_tokens: ViT register tokens after the CLS token (Darcet et al. 2024), 0 = none.
 
     Returns:
         (module, feature dimension).
@@ -97,9 +102,13 @@ def build_backbone(
             dynamic_img_size=True,  # interpolate position embeddings for crops of another size
             drop_path_rate=drop_path_rate,
             norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            init_values=layerscale or None,
+            reg_tokens=num_register_tokens,
         )
         return model, dim
     if name in RESNETS:
+        if layerscale or num_register_tokens:
+            raise ValueError(f"{name}: layerscale and num_register_tokens are ViT options")
         return _resnet(name, last_stride)
     raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(list(VIT_SPECS) + list(RESNETS))}")
 
