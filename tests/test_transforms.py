@@ -166,3 +166,13 @@ def test_fast_multicrop_has_the_distribution_of_the_official_pipeline():
     assert (np.abs(gray - 0.2 * n) <= 4 * np.sqrt(n * 0.2 * 0.8)).all(), gray / n
     sharp = ours[..., 1].mean(0)
     assert sharp[0] < 0.8 * sharp[1]  # global 1 is always blurred, global 2 rarely
+
+
+def test_part_aware_crops_stay_in_their_band():
+    t = MultiCropTransform((64, 32), local_crops_number=6, local_crops_size=(32, 16), part_aware=True, gpu_augment=True)
+    for seed in range(10):
+        torch.manual_seed(seed)
+        locals_ = t(person())[2:]
+        top, bottom = locals_[:2], locals_[4:]  # 2 per region: top, middle, bottom
+        assert all(c[2].max() < 20 and c[0].min() > 235 for c in top)  # red only (bicubic rounding aside)
+        assert all(c[0].max() < 20 and c[2].min() > 235 for c in bottom)  # blue only

@@ -108,7 +108,7 @@ def keep_freed_memory() -> None:
 
     The colour operations of one image allocate float buffers of a few hundred KB to a few MB. glibc serves them
     with mmap, or trims the top of the heap when they are freed, so every image faults all their pages in again: on
-    the 2-core VM of docs/benchmarks.md that was a third of the transform's time. Fixed thresholds (mmap above
+    the 2-core VM of docs/benchmarks.md that was a large share of the transform's time. Fixed thresholds (mmap above
     16 MiB, trim above 32 MiB of free heap) keep the pages; the cost is at most that much resident memory per
     worker. Does nothing where there is no ``mallopt`` (other C libraries, macOS, Windows).
     """
