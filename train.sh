@@ -13,12 +13,16 @@
 #
 # Environment (all optional):
 #   NNODES, NODE_RANK        multi-node: number of nodes and this node's index (0 on the master node)
-#   MASTER_ADDR, MASTER_PORT multi-node: address and port of node 0 (required when NNODES > 1)
-#   MAX_RESTARTS             torchrun elastic restarts of the whole worker group after a failure (default 0);
-#                            with `run.resume: auto` a restarted job continues from the last checkpoint
+#   MASTER_ADDR, MASTER_PORT multi-node: address and port of node 0 (MASTER_ADDR required when NNODES > 1; port
+#                            default 29500, checked to be free on node 0 before torchrun starts)
+#   MAX_RESTARTS             torchrun elastic restarts of the whole worker group after a worker fails (default 0):
+#                            torchrun stops the other workers and starts them all again, and with `run.resume: auto`
+#                            (the default) they continue from the last checkpoint; set run.save_every_steps so that a
+#                            failure costs minutes rather than an epoch
 #   PYTHON                   interpreter to use (default: .venv/bin/python next to this file, else python3)
 #   DRY_RUN=1                print the torchrun command instead of running it
-# A single-node run lets torchrun pick a free port (--standalone), so two jobs on one machine do not collide.
+# A single-node run lets torchrun pick a free port (--standalone), so two jobs on one machine do not collide;
+# MASTER_PORT is then not used.
 set -euo pipefail
 
 die() { echo "train.sh: $*" >&2; exit 2; }
@@ -45,11 +49,17 @@ if [ "$GPUS" = "cpu" ]; then
 elif [[ "$GPUS" =~ ^[0-9]+(,[0-9]+)*$ ]]; then
   IFS=, read -r -a ids <<< "$GPUS"
   [ "$NPROC" -le "${#ids[@]}" ] || die "NPROC=$NPROC is larger than the ${#ids[@]} GPU id(s) given in '$GPUS'"
-  export CUDA_VISIBLE_DEVICES=$GPUS
-  have=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' 2>/dev/null) \
+  dup=$(printf '%s\n' "${ids[@]}" | sort | uniq -d | head -n 1)
+  [ -z "$dup" ] || die "GPU id $dup is given twice in '$GPUS'; each process needs a GPU of its own"
+  # Count the GPUs of this machine (the ids are exported as CUDA_VISIBLE_DEVICES, replacing the caller's), then
+  # check every id: CUDA silently drops an id that does not exist, and every id after it.
+  have=$(env -u CUDA_VISIBLE_DEVICES "$PYTHON" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' 2>/dev/null) \
     || die "cannot import torch with $PYTHON; run 'make demo' once to create .venv, or set PYTHON"
   [ "$have" -gt 0 ] || die "GPUs '$GPUS' asked for but CUDA is not available here; use 'cpu' instead (bash train.sh cpu $NPROC $SCRIPT ...)"
-  [ "$have" -ge "$NPROC" ] || die "NPROC=$NPROC but only $have of the GPUs '$GPUS' are visible"
+  for id in "${ids[@]}"; do
+    [ "$id" -lt "$have" ] || die "GPU id $id does not exist: this machine has $have GPU(s), ids 0 to $((have - 1))"
+  done
+  export CUDA_VISIBLE_DEVICES=$GPUS
 else
   die "GPUS must be comma-separated GPU ids like 0,1,2,3 or 'cpu', got '$GPUS'"
 fi
@@ -61,7 +71,23 @@ if [ "$NNODES" -gt 1 ]; then
   [ -n "${MASTER_ADDR:-}" ] || die "NNODES=$NNODES needs MASTER_ADDR (the address of node 0)"
   NODE_RANK=${NODE_RANK:-0}
   [[ "$NODE_RANK" =~ ^[0-9]+$ ]] && [ "$NODE_RANK" -lt "$NNODES" ] || die "NODE_RANK must be in 0..$((NNODES - 1)), got '$NODE_RANK'"
-  args+=(--nnodes "$NNODES" --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}")
+  MASTER_PORT=${MASTER_PORT:-29500}
+  [[ "$MASTER_PORT" =~ ^[0-9]+$ ]] && [ "$MASTER_PORT" -ge 1 ] && [ "$MASTER_PORT" -le 65535 ] \
+    || die "MASTER_PORT must be a port number 1..65535, got '$MASTER_PORT'"
+  if [ "$NODE_RANK" -eq 0 ]; then
+    # Node 0 hosts the rendezvous on MASTER_PORT; a port in use would otherwise fail deep inside torchrun.
+    rc=0
+    "$PYTHON" -c 'import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+try:
+    s.bind(("", int(sys.argv[1])))
+except OSError:
+    sys.exit(3)' "$MASTER_PORT" 2>/dev/null || rc=$?
+    [ "$rc" -ne 3 ] || die "MASTER_PORT=$MASTER_PORT is already in use on this machine (node 0 hosts the rendezvous there); choose a free port, e.g. MASTER_PORT=$((MASTER_PORT + 1))"
+    [ "$rc" -eq 0 ] || die "cannot run $PYTHON to check MASTER_PORT; set PYTHON to the environment's python"
+  fi
+  args+=(--nnodes "$NNODES" --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
 else
   args+=(--standalone --nnodes 1)
 fi

@@ -16,18 +16,19 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from dino_recog import checkpoint as ckpt
 from dino_recog import config as C
 from dino_recog import distributed as dist
-from dino_recog.cli import apply_speed_options, load_config, start_run
+from dino_recog.cli import apply_speed_options, load_config, start_run, stopped_message
 from dino_recog.data import datasets as ds
 from dino_recog.data.batch_augment import BatchAugment
 from dino_recog.data.build import query_gallery, unlabeled_items
 from dino_recog.data.masking import BlockMaskGenerator
+from dino_recog.data.samplers import SeededBatches
 from dino_recog.data.transforms import MultiCropTransform
-from dino_recog.engine import DinoStep, DinoV2Terms, train_one_epoch_dino
+from dino_recog.engine import DinoStep, DinoV2Terms, NonFiniteLossError, train_one_epoch_dino
 from dino_recog.evaluation import evaluate_query_gallery
 from dino_recog.losses import DINOLoss, IBOTPatchLoss
 from dino_recog.models import DINOHead, MaskedMultiCropNet, MultiCropNet, build_backbone
@@ -42,7 +43,7 @@ log = logging.getLogger("dino_recog.train_dino")
 # Builders: the only functions that read the config
 
 
-def build_data(cfg: C.DinoConfig) -> tuple[DataLoader, DistributedSampler]:
+def build_data(cfg: C.DinoConfig) -> tuple[DataLoader, SeededBatches]:
     crops = cfg.crops
     transform = MultiCropTransform(
         crops.global_crops_size, crops.global_crops_scale, crops.local_crops_number, crops.local_crops_size,
@@ -65,12 +66,14 @@ def build_data(cfg: C.DinoConfig) -> tuple[DataLoader, DistributedSampler]:
     sampler = DistributedSampler(
         dataset, dist.get_world_size(), dist.get_rank(), shuffle=True, seed=cfg.run.seed, drop_last=True
     )
+    # Batches that can start mid-epoch, each sample with its own augmentation seed (exact mid-epoch resume).
+    batches = SeededBatches(BatchSampler(sampler, cfg.data.batch_size_per_gpu, drop_last=True), cfg.run.seed,
+                            dist.get_rank())  # fmt: skip
     loader = DataLoader(
-        dataset, batch_size=cfg.data.batch_size_per_gpu, sampler=sampler, num_workers=cfg.data.num_workers,
-        pin_memory=torch.cuda.is_available(), drop_last=True, collate_fn=ds.collate_skip_none,
-        generator=torch.Generator(),
+        dataset, batch_sampler=batches, num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
+        collate_fn=ds.collate_skip_none, generator=torch.Generator(),
     )  # fmt: skip
-    return loader, sampler
+    return loader, batches
 
 
 def build_gpu_augment(cfg: C.DinoConfig, device: torch.device) -> BatchAugment | None:
@@ -168,7 +171,7 @@ def main(cfg: C.DinoConfig) -> dict[str, float]:
     with dist.session(cfg.run.device) as device:
         start_run(cfg, out)
 
-        loader, sampler = build_data(cfg)
+        loader, batches = build_data(cfg)
         steps_per_epoch = len(loader)
         student, teacher = build_model(cfg)
         student, teacher = student.to(device), teacher.to(device)
@@ -201,34 +204,66 @@ def main(cfg: C.DinoConfig) -> dict[str, float]:
         augment = build_gpu_augment(cfg, device)
         runlog = RunLog(out)
 
-        start_epoch = 0
+        start_epoch, start_step, rng, last_saved, nonfinite = 0, 0, None, None, 0
         resume = ckpt.find_resume(cfg.run.resume, out, ("student", "teacher", "optimizer", "epoch"))
         if resume is not None:
             path, state = resume
-            net.load_state_dict(state["student"])
-            teacher.load_state_dict(state["teacher"])
+            ckpt.check_state_dict(net, state["student"], path, "student")
+            ckpt.check_state_dict(teacher, state["teacher"], path, "teacher")
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
             loss_fn.load_state_dict(state["dino_loss"])
             if v2 is not None:
                 v2.ibot_loss.load_state_dict(state["ibot_loss"])
-            start_epoch = int(state["epoch"])
-            log.info("resumed from %s at epoch %d", path, start_epoch)
+            start_epoch, start_step, rng = ckpt.resume_point(state, path, dist.get_rank(), dist.get_world_size())
+            last_saved = path
+            log.info("resumed from %s at epoch %d, step %d", path, start_epoch, start_step)
         elif eval_sets is not None:
             metrics = evaluate_backbone(teacher.backbone, eval_sets, device, cfg)
             log.info("epoch 0 (random init): %s", fmt_metrics(metrics))
             runlog.write("eval", 0, epoch=0, **metrics)
 
+        def save(epochs_done: int, step_in_epoch: int = 0, **extra: torch.Tensor) -> None:
+            """Checkpoint after `epochs_done` epochs and `step_in_epoch` steps of the next; every rank calls it."""
+            nonlocal last_saved
+            rngs = dist.all_gather_object(ckpt.rng_state())  # each rank's streams, for an exact mid-epoch resume
+            path = out / ckpt.checkpoint_name(epochs_done, step_in_epoch)
+
+            def write() -> None:
+                state = {
+                    "student": net.state_dict(), "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(), "dino_loss": loss_fn.state_dict(), "epoch": epochs_done,
+                    "step_in_epoch": step_in_epoch, "iteration": epochs_done * steps_per_epoch + step_in_epoch,
+                    "config": C.to_dict(cfg), "rng": rngs, **extra,
+                }  # fmt: skip
+                if v2 is not None:
+                    state["ibot_loss"] = v2.ibot_loss.state_dict()
+                ckpt.save_checkpoint(state, path)
+                ckpt.prune_checkpoints(out, cfg.run.keep_last, cfg.eval.saveckp_freq)
+
+            dist.run_on_main(write)  # a failed write (disk full) stops every rank, not only rank 0
+            last_saved = path
+
         metrics: dict[str, float] = {}
         for epoch in range(start_epoch, cfg.train.epochs):
-            sampler.set_epoch(epoch)
-            # Augmentation randomness is a function of (seed, epoch, rank) alone, so a resumed run repeats it exactly.
+            first = start_step if epoch == start_epoch else 0
+            batches.set_epoch(epoch, first)
+            # Each sample's augmentation has its own seed (SeededBatches); the processes' streams (stochastic depth)
+            # restart from (seed, epoch, rank) every epoch, or continue from a mid-epoch checkpoint's states.
             dist.seed_everything(cfg.run.seed + 1000 * epoch)
             loader.generator.manual_seed(cfg.run.seed + 1000 * epoch + dist.get_rank())
-            stats = train_one_epoch_dino(
-                student, teacher, loss_fn, loader, optimizer, scaler, schedule, epoch, steps_per_epoch, device,
-                cfg.run.amp, cfg.train.clip_grad, runlog, cfg.run.log_every, augment, v2,
-            )  # fmt: skip
+            if first and rng is not None:
+                ckpt.set_rng_state(rng)
+            try:
+                stats = train_one_epoch_dino(
+                    student, teacher, loss_fn, loader, optimizer, scaler, schedule, epoch, steps_per_epoch, device,
+                    cfg.run.amp, cfg.train.clip_grad, runlog, cfg.run.log_every, augment=augment, v2=v2,
+                    start_step=first, nonfinite_budget=cfg.run.skip_nonfinite_steps - nonfinite,
+                    save_every_steps=cfg.run.save_every_steps, save_checkpoint=lambda step, e=epoch: save(e, step),
+                )  # fmt: skip
+            except NonFiniteLossError as e:
+                raise NonFiniteLossError(stopped_message(e, cfg.run.skip_nonfinite_steps, last_saved)) from None
+            nonfinite += stats["nonfinite_steps"]
             done = epoch + 1
             log.info("epoch %d/%d: %s", done, cfg.train.epochs, fmt_metrics(stats))
             runlog.write("epoch", done * steps_per_epoch, epoch=done, **stats)
@@ -237,19 +272,11 @@ def main(cfg: C.DinoConfig) -> dict[str, float]:
             prints = dist.fingerprints([*teacher.state_dict().values(), *centres])
             if not torch.equal(prints, prints[:1].expand_as(prints)):
                 raise RuntimeError(f"epoch {done}: the teacher or the DINO centre differs across ranks:\n{prints}")
-            if dist.is_main_process():
-                state = {
-                    "student": net.state_dict(), "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(), "dino_loss": loss_fn.state_dict(), "epoch": done,
-                    "iteration": done * steps_per_epoch, "config": C.to_dict(cfg), "rng": ckpt.rng_state(),
-                    "teacher_fingerprints": prints.cpu(),
-                }  # fmt: skip
-                if v2 is not None:
-                    state["ibot_loss"] = v2.ibot_loss.state_dict()
-                ckpt.save_checkpoint(state, out / f"checkpoint_{done:04d}.pth")
-                ckpt.prune_checkpoints(out, cfg.run.keep_last, cfg.eval.saveckp_freq)
-                if done == cfg.train.epochs or (cfg.eval.export_every and done % cfg.eval.export_every == 0):
-                    ckpt.save_checkpoint(teacher.backbone.state_dict(), out / "teacher_backbone.pth")
+            save(done, teacher_fingerprints=prints.cpu())
+            if done == cfg.train.epochs or (cfg.eval.export_every and done % cfg.eval.export_every == 0):
+                dist.run_on_main(
+                    lambda: ckpt.save_checkpoint(teacher.backbone.state_dict(), out / "teacher_backbone.pth")
+                )
             if eval_sets is not None and (done % cfg.eval.eval_every == 0 or done == cfg.train.epochs):
                 metrics = evaluate_backbone(teacher.backbone, eval_sets, device, cfg)
                 log.info("epoch %d teacher: %s", done, fmt_metrics(metrics))

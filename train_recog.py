@@ -21,12 +21,12 @@ from torch.utils.data import DataLoader
 from dino_recog import checkpoint as ckpt
 from dino_recog import config as C
 from dino_recog import distributed as dist
-from dino_recog.cli import apply_speed_options, eval_options, load_config, start_run
+from dino_recog.cli import apply_speed_options, eval_options, load_config, start_run, stopped_message
 from dino_recog.data import datasets as ds
 from dino_recog.data.build import query_gallery, train_records
-from dino_recog.data.samplers import PKSampler
+from dino_recog.data.samplers import PKSampler, SeededBatches
 from dino_recog.data.transforms import reid_train_transform
-from dino_recog.engine import RecogLosses, train_one_epoch_recog
+from dino_recog.engine import NonFiniteLossError, RecogLosses, train_one_epoch_recog
 from dino_recog.evaluation import evaluate_query_gallery
 from dino_recog.export import export_onnx as onnx_export
 from dino_recog.losses import (
@@ -51,7 +51,7 @@ log = logging.getLogger("dino_recog.train_recog")
 # Builders: the only functions that read the config
 
 
-def build_data(cfg: C.RecogConfig) -> tuple[DataLoader, PKSampler, int, tuple[ds.ImageDataset, ds.ImageDataset]]:
+def build_data(cfg: C.RecogConfig) -> tuple[DataLoader, SeededBatches, int, tuple[ds.ImageDataset, ds.ImageDataset]]:
     a = cfg.aug
     records = train_records(cfg.data.train)
     num_classes = len({r.pid for r in records})
@@ -60,10 +60,14 @@ def build_data(cfg: C.RecogConfig) -> tuple[DataLoader, PKSampler, int, tuple[ds
     )
     sampler = PKSampler([r.pid for r in records], cfg.data.num_identities, cfg.data.num_instances,
                         dist.get_rank(), dist.get_world_size(), cfg.run.seed)  # fmt: skip
-    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                        pin_memory=torch.cuda.is_available(), collate_fn=ds.collate_skip_none)  # fmt: skip
+    # Batches that can start mid-epoch, each sample with its own augmentation seed (exact mid-epoch resume); the
+    # generator keeps the loader from drawing its worker seed from the global stream that a checkpoint restores.
+    batches = SeededBatches(sampler, cfg.run.seed, dist.get_rank())
+    loader = DataLoader(train_set, batch_sampler=batches, num_workers=cfg.data.num_workers,
+                        pin_memory=torch.cuda.is_available(), collate_fn=ds.collate_skip_none,
+                        generator=torch.Generator().manual_seed(cfg.run.seed))  # fmt: skip
     _, query, gallery = query_gallery(cfg.data.test, a.size, a.mean, a.std)
-    return loader, sampler, num_classes, (query, gallery)
+    return loader, batches, num_classes, (query, gallery)
 
 
 def model_spec(cfg: C.RecogConfig, num_classes: int) -> dict:
@@ -156,7 +160,7 @@ def main(cfg: C.RecogConfig, export_onnx: bool = False) -> dict[str, float]:
     with dist.session(cfg.run.device) as device:
         start_run(cfg, out)
 
-        loader, sampler, num_classes, eval_sets = build_data(cfg)
+        loader, batches, num_classes, eval_sets = build_data(cfg)
         steps_per_epoch = len(loader)
         model = build_model(cfg, num_classes).to(device)
         apply_speed_options(cfg.run, model.backbone)
@@ -190,37 +194,72 @@ def main(cfg: C.RecogConfig, export_onnx: bool = False) -> dict[str, float]:
         schedule = build_schedule(cfg, steps_per_epoch)
         runlog = RunLog(out)
 
-        start_epoch, best = 0, {"mAP": -1.0}
+        start_epoch, start_step, rng, last_saved, nonfinite, best = 0, 0, None, None, 0, {"mAP": -1.0}
         resume = ckpt.find_resume(cfg.run.resume, out, ("state_dict", "optimizer", "epoch"))
         if resume is not None:
             path, state = resume
-            net.load_state_dict(state["state_dict"])
+            ckpt.check_state_dict(net, state["state_dict"], path, "model")
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
             for name, sd in state["losses"].items():
-                losses.terms[name][1].load_state_dict(sd)
+                if name not in losses.terms:
+                    raise ckpt.CheckpointError(f"{path}: has a {name} loss, which the config does not switch on")
+                ckpt.check_state_dict(losses.terms[name][1], sd, path, f"{name} loss")
             if center_opt is not None:
                 center_opt.load_state_dict(state["center_optimizer"])
-            start_epoch, best = int(state["epoch"]), dict(state["best"])
-            log.info("resumed from %s at epoch %d", path, start_epoch)
+            start_epoch, start_step, rng = ckpt.resume_point(state, path, dist.get_rank(), dist.get_world_size())
+            best, last_saved = dict(state["best"]), path
+            log.info("resumed from %s at epoch %d, step %d", path, start_epoch, start_step)
 
         def evaluate() -> dict[str, float]:
             return evaluate_query_gallery(net, *eval_sets, device, cfg.eval.metric, cfg.eval.flip,
                                           cfg.data.test_batch_size, cfg.data.num_workers,
                                           **eval_options(cfg.eval))  # fmt: skip
 
+        def save(epochs_done: int, step_in_epoch: int = 0) -> None:
+            """Checkpoint after `epochs_done` epochs and `step_in_epoch` steps of the next; every rank calls it."""
+            nonlocal last_saved
+            rngs = dist.all_gather_object(ckpt.rng_state())  # each rank's streams, for an exact mid-epoch resume
+            path = out / ckpt.checkpoint_name(epochs_done, step_in_epoch)
+
+            def write() -> None:
+                state = {
+                    "kind": "reid_model", "spec": dict(net.spec), "state_dict": net.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                    "losses": {k: fn.state_dict() for k, (_, fn) in losses.terms.items() if k != "distill"},
+                    "center_optimizer": center_opt.state_dict() if center_opt is not None else {},
+                    "epoch": epochs_done, "step_in_epoch": step_in_epoch, "best": best, "config": C.to_dict(cfg),
+                    "rng": rngs,
+                }  # fmt: skip
+                ckpt.save_checkpoint(state, path)
+                ckpt.prune_checkpoints(out, cfg.run.keep_last)
+
+            dist.run_on_main(write)  # a failed write (disk full) stops every rank, not only rank 0
+            last_saved = path
+
         metrics = None
-        if start_epoch == 0:
+        if start_epoch == 0 and start_step == 0:
             metrics = evaluate()
             log.info("epoch 0 (before training): %s", fmt_metrics(metrics))
             runlog.write("eval", 0, epoch=0, **metrics)
         for epoch in range(start_epoch, t.epochs):
-            sampler.set_epoch(epoch)
-            dist.seed_everything(cfg.run.seed + 1000 * epoch)  # augmentation depends on (seed, epoch, rank) only
-            stats = train_one_epoch_recog(
-                model, losses, loader, optimizer, scaler, schedule, epoch, steps_per_epoch, device, cfg.run.amp,
-                t.clip_grad, runlog, cfg.run.log_every, center_opt,
-            )  # fmt: skip
+            first = start_step if epoch == start_epoch else 0
+            batches.set_epoch(epoch, first)
+            # Each sample's augmentation has its own seed (SeededBatches); the processes' streams (stochastic depth)
+            # restart from (seed, epoch, rank) every epoch, or continue from a mid-epoch checkpoint's states.
+            dist.seed_everything(cfg.run.seed + 1000 * epoch)
+            if first and rng is not None:
+                ckpt.set_rng_state(rng)
+            try:
+                stats = train_one_epoch_recog(
+                    model, losses, loader, optimizer, scaler, schedule, epoch, steps_per_epoch, device, cfg.run.amp,
+                    t.clip_grad, runlog, cfg.run.log_every, center_opt, start_step=first,
+                    nonfinite_budget=cfg.run.skip_nonfinite_steps - nonfinite,
+                    save_every_steps=cfg.run.save_every_steps, save_checkpoint=lambda step, e=epoch: save(e, step),
+                )  # fmt: skip
+            except NonFiniteLossError as e:
+                raise NonFiniteLossError(stopped_message(e, cfg.run.skip_nonfinite_steps, last_saved)) from None
+            nonfinite += stats["nonfinite_steps"]
             done = epoch + 1
             log.info("epoch %d/%d: %s", done, t.epochs, fmt_metrics(stats))
             runlog.write("epoch", done * steps_per_epoch, epoch=done, **stats)
@@ -233,19 +272,10 @@ def main(cfg: C.RecogConfig, export_onnx: bool = False) -> dict[str, float]:
                 metrics = evaluate()
                 log.info("epoch %d: %s", done, fmt_metrics(metrics))
                 runlog.write("eval", done * steps_per_epoch, epoch=done, **metrics)
-            if dist.is_main_process():
-                if evaluated and metrics["mAP"] > best["mAP"]:
-                    best = {"epoch": done, **metrics}
-                    ckpt.save_reid_model(net, out / "best.pth")
-                state = {
-                    "kind": "reid_model", "spec": dict(net.spec), "state_dict": net.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                    "losses": {k: fn.state_dict() for k, (_, fn) in losses.terms.items() if k != "distill"},
-                    "center_optimizer": center_opt.state_dict() if center_opt is not None else {},
-                    "epoch": done, "best": best, "config": C.to_dict(cfg), "rng": ckpt.rng_state(),
-                }  # fmt: skip
-                ckpt.save_checkpoint(state, out / f"checkpoint_{done:04d}.pth")
-                ckpt.prune_checkpoints(out, cfg.run.keep_last)
+            if evaluated and metrics["mAP"] > best["mAP"]:
+                best = {"epoch": done, **metrics}
+                dist.run_on_main(lambda: ckpt.save_reid_model(net, out / "best.pth"))
+            save(done)
             dist.barrier()
         if start_epoch >= t.epochs:  # resumed a finished run: report it again
             metrics = evaluate()

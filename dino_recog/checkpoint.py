@@ -29,9 +29,12 @@ __all__ = [
     "list_checkpoints",
     "latest_checkpoint",
     "find_resume",
+    "checkpoint_name",
+    "check_state_dict",
     "prune_checkpoints",
     "rng_state",
     "set_rng_state",
+    "resume_point",
     "extract_backbone_state",
     "load_backbone_weights",
     "save_reid_model",
@@ -42,7 +45,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-CKPT_RE = re.compile(r"^checkpoint_(\d{4,})\.pth$")
+# checkpoint_EEEE.pth after EEEE epochs; checkpoint_EEEE_SSSSSS.pth after EEEE epochs and SSSSSS steps of the next one.
+CKPT_RE = re.compile(r"^checkpoint_(\d{4,})(?:_(\d{6,}))?\.pth$")
+_TMP_RE = re.compile(r"^\.checkpoint_.*\.pth\.tmp-(\d+)$")
 
 
 class CheckpointError(ValueError):
@@ -91,30 +96,74 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
+    version = obj.get("format_version")
+    if version is not None and (not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION):
+        raise CheckpointError(
+            f"{path}: format_version {version!r}, but this dino_recog reads format 1 to {FORMAT_VERSION}; "
+            "it was written by another (newer?) version of dino_recog"
+        )
     return obj
 
 
+def checkpoint_name(epoch: int, step_in_epoch: int = 0) -> str:
+    """The file name of a training checkpoint after `epoch` epochs and `step_in_epoch` steps of the next one."""
+    return f"checkpoint_{epoch:04d}.pth" if step_in_epoch == 0 else f"checkpoint_{epoch:04d}_{step_in_epoch:06d}.pth"
+
+
+def _position(name: str) -> tuple[int, int] | None:
+    m = CKPT_RE.match(name)
+    return None if m is None else (int(m.group(1)), int(m.group(2) or 0))
+
+
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """`checkpoint_NNNN.pth` files in `output_dir`, newest epoch first."""
+    """`checkpoint_EEEE.pth` and mid-epoch `checkpoint_EEEE_SSSSSS.pth` files in `output_dir`, newest first."""
     d = Path(output_dir)
     if not d.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := CKPT_RE.match(p.name))]
+    found = [(pos, p) for p in d.iterdir() if (pos := _position(p.name)) is not None]
     return [p for _, p in sorted(found, reverse=True)]
 
 
+def _check_training_state(path: Path, state: dict, required: tuple[str, ...]) -> None:
+    if "format_version" not in state:
+        raise CheckpointError(
+            f"{path}: not a dino_recog training checkpoint (no format_version); to start from these weights use "
+            "model.pretrained (stage 2) or load_backbone_weights, not run.resume"
+        )
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: lacks {', '.join(missing)}; not a training checkpoint of this stage")
+
+
 def latest_checkpoint(output_dir: str | os.PathLike, required: tuple[str, ...] = ()) -> tuple[Path, dict] | None:
-    """The newest checkpoint in `output_dir` that loads and has the `required` keys; corrupt ones are reported and
-    skipped so that a crash during the last save costs one epoch, not the run."""
+    """The newest checkpoint in `output_dir` that loads and has the `required` keys.
+
+    Unusable ones (truncated, corrupt, foreign, another format version) are reported and skipped, so a crash during
+    the last save costs the steps since the one before, not the run.
+
+    Returns:
+        (path, state), or None when `output_dir` holds no checkpoint file at all.
+
+    Raises:
+        CheckpointError: there are checkpoint files but none is usable (starting over would silently mix a new run
+            with the files of the old one); the message lists each file and what is wrong with it.
+    """
+    problems = []
     for path in list_checkpoints(output_dir):
         try:
             state = load_checkpoint(path)
-            missing = [k for k in required if k not in state]
-            if missing:
-                raise CheckpointError(f"{path}: lacks {', '.join(missing)}")
+            _check_training_state(path, state, required)
+            if problems:
+                log.warning("resuming from %s, the newest usable checkpoint", path)
             return path, state
         except CheckpointError as e:
             log.warning("skipping unusable checkpoint: %s", e)
+            problems.append(str(e))
+    if problems:
+        raise CheckpointError(
+            f"{output_dir}: no usable checkpoint among {len(problems)}:\n  " + "\n  ".join(problems)
+            + "\nmove them away, or write the run into another run.output_dir"
+        )  # fmt: skip
     return None
 
 
@@ -125,18 +174,45 @@ def find_resume(resume: str, output_dir: str | os.PathLike, required: tuple[str,
     if resume == "auto":
         return latest_checkpoint(output_dir, required)
     state = load_checkpoint(resume)
-    missing = [k for k in required if k not in state]
-    if missing:
-        raise CheckpointError(f"{resume}: lacks {', '.join(missing)}; not a checkpoint of this stage")
+    _check_training_state(Path(resume), state, required)
     return Path(resume), state
 
 
 def prune_checkpoints(output_dir: str | os.PathLike, keep_last: int, keep_every: int = 0) -> None:
-    """Delete all but the newest `keep_last` checkpoints, keeping every epoch that is a multiple of `keep_every`."""
+    """Delete all but the newest `keep_last` checkpoints (end-of-epoch and mid-epoch alike), keeping every end-of-epoch
+    checkpoint whose epoch is a multiple of `keep_every`; also delete temporary files that a killed process left."""
     for path in list_checkpoints(output_dir)[keep_last:]:
-        epoch = int(CKPT_RE.match(path.name).group(1))
-        if not (keep_every and epoch % keep_every == 0):
+        epoch, step = _position(path.name)
+        if not (keep_every and step == 0 and epoch % keep_every == 0):
             path.unlink(missing_ok=True)
+    for path in Path(output_dir).iterdir():
+        m = _TMP_RE.match(path.name)
+        if m and int(m.group(1)) != os.getpid():  # left by a process that died while saving
+            path.unlink(missing_ok=True)
+
+
+def check_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor], path: str | os.PathLike, what: str) -> None:
+    """Load `state` into `module` strictly, or raise a CheckpointError that names the file and lists every key whose
+    shape differs (with both shapes) and every missing or unexpected key.
+
+    Args:
+        what: which part of the checkpoint this is (e.g. "student"), for the message.
+    """
+    own = module.state_dict()
+    problems = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape
+    ]
+    problems += [f"{k}: missing from the checkpoint" for k in own if k not in state]
+    problems += [f"{k}: in the checkpoint, not in the model" for k in state if k not in own]
+    if problems:
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        raise CheckpointError(
+            f"{path}: the {what} weights do not fit the configured model (another architecture or config?); "
+            f"{len(problems)} mismatched keys:\n  " + "\n  ".join(shown)
+        )
+    module.load_state_dict(state)
 
 
 def rng_state() -> dict:
@@ -166,6 +242,27 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def resume_point(state: Mapping, path: str | os.PathLike, rank: int, world_size: int) -> tuple[int, int, dict | None]:
+    """Where a training checkpoint continues: (epoch, step within that epoch, this rank's RNG state or None).
+
+    An end-of-epoch checkpoint gives step 0 and no RNG state: the training scripts reseed every epoch from
+    (seed, epoch, rank). A mid-epoch one (`step_in_epoch` > 0) gives the RNG state each rank had when it was written
+    (key `rng`, one per rank), if the number of processes is the same; with another number the data of the rest of
+    that epoch is split differently anyway, so the run goes on, not bit-identical to an uninterrupted one, with a
+    warning.
+    """
+    epoch, step = int(state["epoch"]), int(state.get("step_in_epoch", 0))
+    if step == 0:
+        return epoch, 0, None
+    rngs = state.get("rng")
+    if not isinstance(rngs, list) or len(rngs) != world_size:
+        n = len(rngs) if isinstance(rngs, list) else "an unknown number of"
+        log.warning("%s was written by %s processes, this run has %d: the rest of epoch %d sees its data in another "
+                    "order than an uninterrupted run would", path, n, world_size, epoch)  # fmt: skip
+        return epoch, step, None
+    return epoch, step, rngs[rank]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

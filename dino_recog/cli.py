@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -14,7 +15,7 @@ import torch
 from . import config as C
 from . import distributed as dist
 
-__all__ = ["apply_speed_options", "eval_options", "load_config", "recog_eval_model", "start_run"]
+__all__ = ["apply_speed_options", "eval_options", "load_config", "recog_eval_model", "start_run", "stopped_message"]
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,13 +49,35 @@ def load_config(
 
 
 def start_run(cfg: object, output_dir: Path) -> None:
-    """What every run does first, after joining the process group: logging (rank 0), the resolved config printed
-    once and saved as OUTPUT/config.yaml, and the per-rank seed."""
+    """What every run does first, after joining the process group: a check that the output directory is writable,
+    logging (rank 0), the resolved config printed once and saved as OUTPUT/config.yaml, and the per-rank seed."""
+    dist.run_on_main(lambda: _check_writable(Path(output_dir)))
     dist.setup_logging(str(output_dir))
     logging.getLogger("dino_recog").info("resolved config:\n%s", C.dump(cfg))
     if dist.is_main_process():
         C.save(cfg, Path(output_dir) / "config.yaml")
     dist.seed_everything(cfg.run.seed)
+
+
+def _check_writable(output_dir: Path) -> None:
+    """Fail now, with the directory named, rather than at the first checkpoint hours later."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise OSError(
+            e.errno, f"run.output_dir {output_dir}: cannot write there ({e.strerror or e}); set run.output_dir to a "
+            "writable directory"
+        ) from None  # fmt: skip
+
+
+def stopped_message(error: Exception, tolerated: int, last_saved: Path | None) -> str:
+    """What a run that stops at a non-finite loss says: the engine's where and loss terms, and what to resume from."""
+    return (
+        f"{error}; the run stopped (run.skip_nonfinite_steps={tolerated} used up) and wrote nothing from this state; "
+        f"last good checkpoint: {last_saved or 'none (none written yet)'}"
+    )
 
 
 def apply_speed_options(run: C.RunConfig, *backbones: torch.nn.Module) -> None:

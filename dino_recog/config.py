@@ -75,7 +75,9 @@ class RunConfig:
     device: str = "auto"  # auto: cuda when available, else cpu; or cuda / cpu
     amp: str = "bf16"  # bf16 (when the device supports it), fp16 (with a gradient scaler) or fp32
     log_every: int = 50  # iterations between JSON-lines / tensorboard records
-    keep_last: int = 3  # how many epoch checkpoints are kept
+    keep_last: int = 3  # how many checkpoints (end-of-epoch and mid-epoch) are kept
+    save_every_steps: int = 0  # also checkpoint every this many iterations inside an epoch; 0 = at epoch ends only
+    skip_nonfinite_steps: int = 0  # NaN/inf-loss steps skipped (no update) before the run stops; 0 = stop at the first
     fused_attn: bool = True  # ViT attention through fused scaled_dot_product_attention (false: explicit softmax)
     fused_optimizer: bool = True  # on CUDA, the fused AdamW/Adam/SGD kernels (else the foreach implementation)
     compile: bool = False  # torch.compile the backbone (one graph per crop size; first steps are slow)
@@ -87,6 +89,8 @@ class RunConfig:
         _choice(path + ".amp", self.amp, ("bf16", "fp16", "fp32"))
         _positive(path + ".log_every", self.log_every)
         _positive(path + ".keep_last", self.keep_last)
+        _non_negative(path + ".save_every_steps", self.save_every_steps)
+        _non_negative(path + ".skip_nonfinite_steps", self.skip_nonfinite_steps)
         if not self.output_dir:
             raise ConfigError(f"{path}.output_dir: empty; expected a directory to write the run into")
 
@@ -275,6 +279,10 @@ class DinoConfig:
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate(f.name)
+        if self.model.arch in VIT_ARCHS:
+            _check_patches("crops.global_crops_size", self.crops.global_crops_size, self.model.patch_size)
+            if self.crops.local_crops_number:
+                _check_patches("crops.local_crops_size", self.crops.local_crops_size, self.model.patch_size)
         if self.dino.warmup_teacher_temp_epochs > self.train.epochs:
             raise ConfigError(
                 f"dino.warmup_teacher_temp_epochs: {self.dino.warmup_teacher_temp_epochs} is more than "
@@ -490,6 +498,20 @@ class RecogConfig:
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate(f.name)
+        if self.model.arch in VIT_ARCHS:
+            _check_patches("aug.size", self.aug.size, self.model.patch_size)
+        if self.loss.triplet_weight > 0 or self.loss.center_weight > 0:
+            # Batch-hard mining needs a positive (another image of the anchor's identity) and a negative in the batch.
+            if self.data.num_instances < 2:
+                raise ConfigError(
+                    f"data.num_instances: {self.data.num_instances} with a triplet or centre loss; expected >= 2 "
+                    "(a positive pair needs two images of one identity in the batch)"
+                )
+            if self.data.num_identities < 2:
+                raise ConfigError(
+                    f"data.num_identities: {self.data.num_identities} with a triplet or centre loss; expected >= 2 "
+                    "(a negative needs a second identity in the batch)"
+                )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -506,6 +528,15 @@ def _check_vit_size(path: str, model: DinoModelConfig | RecogModelConfig) -> Non
         _non_negative(f"{path}.{key}", getattr(model, key))
     if model.embed_dim and model.num_heads and model.embed_dim % model.num_heads:
         raise ConfigError(f"{path}.embed_dim: {model.embed_dim} is not divisible by num_heads {model.num_heads}")
+
+
+def _check_patches(key: str, size: tuple[int, int], patch_size: int) -> None:
+    """A ViT input must be a whole number of patches in height and width (at least one each)."""
+    if any(v % patch_size or v < patch_size for v in size):
+        raise ConfigError(
+            f"{key}: {list(size)} is not a multiple of model.patch_size {patch_size} in height and width; "
+            f"expected e.g. {[max(patch_size, round(v / patch_size) * patch_size) for v in size]}"
+        )
 
 
 def _positive(key: str, value: float) -> None:

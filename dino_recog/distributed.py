@@ -10,9 +10,11 @@ import datetime
 import logging
 import os
 import random
+import signal
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -32,7 +34,9 @@ __all__ = [
     "all_reduce_sum",
     "all_reduce_max",
     "all_gather_variable",
+    "all_gather_object",
     "broadcast_object",
+    "run_on_main",
     "fingerprints",
     "seed_everything",
     "setup_logging",
@@ -40,6 +44,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def launched() -> bool:
@@ -87,11 +92,42 @@ def init(device: str = "auto", timeout_minutes: int = 30) -> torch.device:
     else:
         dev = torch.device("cpu")
     if launched() and not is_initialized():
+        _die_with_launcher()
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs)
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+        # torchrun keeps its store across elastic restarts (--max-restarts), and what a process group writes there
+        # (a gloo peer's address, NCCL's unique id) outlives the attempt: a restarted rank may read a dead peer's
+        # entry and fail or hang while connecting. A prefix per attempt keeps the restarted group apart.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"dino_recog/attempt_{attempt}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **kwargs)
         log.debug("rank %d/%d joined (%s on %s)", get_rank(), get_world_size(), backend, dev)
     return dev
+
+
+def _die_with_launcher() -> None:
+    """Under torchrun on Linux, have the kernel SIGKILL this worker when the launcher process dies.
+
+    torchrun starts every worker in a session of its own, so a SIGKILL to the launcher's process group (kill -9 by a
+    scheduler, the OOM killer) would otherwise leave the workers running and writing the output directory while a
+    restarted job starts a second set of them.
+    """
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    except (OSError, AttributeError) as e:
+        log.debug("workers will not die with the launcher: %s", e)
+        return
+    if os.getppid() == 1:  # the launcher died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def shutdown() -> None:
@@ -199,6 +235,38 @@ def all_gather_variable(tensor: torch.Tensor) -> list[torch.Tensor]:
     out = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(out, padded.contiguous())
     return [t[:n] for t, n in zip(out, lengths)]
+
+
+def all_gather_object(obj: object) -> list:
+    """Every rank's `obj` (picklable, e.g. RNG states), in rank order; `[obj]` when not distributed."""
+    if not is_initialized():
+        return [obj]
+    out: list = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def run_on_main(fn: Callable[[], T]) -> T | None:
+    """Run `fn` on rank 0 only (file writes); if it raises there, every rank raises.
+
+    Without this, the other ranks would wait for rank 0 at their next collective, which under NCCL means until the
+    timeout. Rank 0 re-raises the original exception; the others raise a RuntimeError carrying its message.
+
+    Returns:
+        `fn()` on rank 0, None on the other ranks.
+    """
+    result, error = None, None
+    if is_main_process():
+        try:
+            result = fn()
+        except Exception as e:  # re-raised below, after the other ranks have heard of it
+            error = e
+    message = broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"rank 0 failed: {message}")
+    return result
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

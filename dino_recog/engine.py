@@ -131,6 +131,10 @@ def train_one_epoch_dino(
     log_every: int = 50,
     augment: Callable[[list[torch.Tensor], int], list[torch.Tensor]] | None = None,
     v2: DinoV2Terms | None = None,
+    start_step: int = 0,
+    nonfinite_budget: int = 0,
+    save_every_steps: int = 0,
+    save_checkpoint: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """One epoch of DINO (Caron et al. 2021, Algorithm 1), or of DINOv2 with `v2`.
 
@@ -142,23 +146,33 @@ def train_one_epoch_dino(
     Args:
         student: the DDP-wrapped (or plain) student MultiCropNet.
         teacher: the teacher MultiCropNet (never DDP-wrapped, no gradients).
-        loader: yields ((crops, pids, camids, index), n_skipped) as `collate_skip_none` makes them.
+        loader: yields ((crops, pids, camids, index), n_skipped) as `collate_skip_none` makes them; when resuming
+            mid-epoch it starts at batch `start_step` (see `SeededBatches`).
         augment: `(crops, iteration) -> crops` applied on the device before the forward (the photometric half of
             the augmentation with `crops.gpu_augment`, e.g. a `BatchAugment`); None when the workers did it all.
         v2: the DINOv2 terms (student and teacher are then MaskedMultiCropNets); see `dinov2_losses`.
+        start_step: the index in the epoch of the loader's first batch.
+        nonfinite_budget: how many more steps with a NaN or infinite loss may be skipped (no optimiser, EMA or centre
+            update); one more raises NonFiniteLossError. The decision is taken on all ranks together.
+        save_every_steps, save_checkpoint: `save_checkpoint(steps_done_in_epoch)` is called after every
+            `save_every_steps`-th iteration (counted over the run) that does not end the epoch.
 
     Returns:
-        Epoch averages: loss (and with v2 its terms dino, ibot, koleo), and the number of skipped images.
+        Epoch averages: loss (and with v2 its terms dino, ibot, koleo); the numbers of skipped (undecodable) images
+        and of skipped non-finite steps.
     """
     student.train()
     teacher.train()  # as in the official code: BatchNorm (ResNet, BN head) normalises with the batch statistics
     net = _unwrap(student)
     last_layer = [p for n, p in net.named_parameters() if n.startswith(("head.last_layer", "ibot_head.last_layer"))]
-    loss_sum, n_loss, skipped = torch.zeros((), device=device), 0, 0
+    loss_sum, n_loss, skipped, nonfinite = torch.zeros((), device=device), 0, 0, 0
     term_sums: dict[str, torch.Tensor] = {}
+    # what a forward pass changes: BatchNorm statistics, the DINO (and iBOT) centres
+    buffers = _buffers(net, teacher, loss_fn, *([v2.ibot_loss] if v2 is not None else []))
     t_start, images = time.perf_counter(), 0
-    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not dist.is_main_process(), leave=False)
-    for i, (batch, n_bad) in enumerate(loader):
+    bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch}", disable=not dist.is_main_process(),
+               leave=False)  # fmt: skip
+    for i, (batch, n_bad) in enumerate(loader, start_step):
         skipped += n_bad
         if batch is None:  # every image of the batch was undecodable
             continue
@@ -168,6 +182,7 @@ def train_one_epoch_dino(
         crops = [c.to(device, non_blocking=True) for c in batch[0]]
         if augment is not None:
             crops = augment(crops, it)
+        saved = [b.clone() for b in buffers] if nonfinite_budget > nonfinite else None
 
         terms: dict[str, torch.Tensor] = {}
         with autocast_context(device, amp):
@@ -180,8 +195,10 @@ def train_one_epoch_dino(
                 student_out = student(crops)  # (n_crops * B, K)
                 loss = loss_fn(student_out, teacher_out, s.teacher_temp)
 
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"non-finite DINO loss {loss.item()} at epoch {epoch}, iteration {it}")
+        if _any_nonfinite(loss):
+            _skip_or_raise("DINO", epoch, it, {"loss": loss, **terms}, nonfinite, nonfinite_budget, buffers, saved)
+            nonfinite += 1
+            continue
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if clip_grad > 0:
@@ -213,13 +230,16 @@ def train_one_epoch_dino(
             _warn_collapse(term_values.get("dino", value), stats, it, epoch, teacher_out.shape[-1])
             bar.set_postfix(loss=f"{value:.4f}", lr=f"{s.lr:.2e}", img_s=f"{rate:.0f}")
         bar.update(1)
+        if save_checkpoint is not None and save_every_steps and (it + 1) % save_every_steps == 0:
+            if i + 1 < steps_per_epoch:  # the end of the epoch has a checkpoint of its own
+                save_checkpoint(i + 1)
     bar.close()
     loss_avg = dist.all_reduce_mean(loss_sum / max(n_loss, 1)).item()
     term_avgs = {k: dist.all_reduce_mean(v / max(n_loss, 1)).item() for k, v in term_sums.items()}
     skipped = int(dist.all_reduce_sum(torch.tensor([skipped], device=device)).item())
     if skipped:
         log.warning("epoch %d: skipped %d undecodable training images (see the warnings above)", epoch, skipped)
-    return {"loss": loss_avg, **term_avgs, "skipped_images": skipped,
+    return {"loss": loss_avg, **term_avgs, "skipped_images": skipped, "nonfinite_steps": nonfinite,
             "images_per_s": images / (time.perf_counter() - t_start)}  # fmt: skip
 
 
@@ -279,6 +299,10 @@ def train_one_epoch_recog(
     runlog: RunLog,
     log_every: int = 50,
     center_optimizer: torch.optim.Optimizer | None = None,
+    start_step: int = 0,
+    nonfinite_budget: int = 0,
+    save_every_steps: int = 0,
+    save_checkpoint: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """One epoch of supervised re-identification training on P x K batches.
 
@@ -286,17 +310,22 @@ def train_one_epoch_recog(
         model: the DDP-wrapped (or plain) ReIDModel, in train mode returning {"feat", "neck", "logits"}.
         schedule: iteration -> learning rate (times each group's lr_scale).
         center_optimizer: the separate optimiser of the centre-loss centres (BoT), if that term is on.
+        start_step, nonfinite_budget, save_every_steps, save_checkpoint: as in `train_one_epoch_dino`.
 
     Returns:
-        Epoch averages of the total loss and of each term, the batch accuracy of the classifier, skipped images.
+        Epoch averages of the total loss and of each term, the batch accuracy of the classifier, the numbers of
+        skipped images and of skipped non-finite steps.
     """
     model.train()
     loss_params = losses.parameters()
     sums: dict[str, torch.Tensor] = {}
-    correct = seen = n = skipped = 0
+    correct = seen = n = skipped = nonfinite = 0
+    # what a forward pass changes: BatchNorm statistics (of the distillation teacher too, which runs in train mode)
+    buffers = _buffers(model, *(fn for _, fn in losses.terms.values()), *filter(None, [losses.teacher]))
     t_start, images = time.perf_counter(), 0
-    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not dist.is_main_process(), leave=False)
-    for i, (batch, n_bad) in enumerate(loader):
+    bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch}", disable=not dist.is_main_process(),
+               leave=False)  # fmt: skip
+    for i, (batch, n_bad) in enumerate(loader, start_step):
         skipped += n_bad
         if batch is None:
             continue
@@ -304,12 +333,15 @@ def train_one_epoch_recog(
         lr = schedule(it)
         set_schedule(optimizer, lr)
         x, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        saved = [b.clone() for b in buffers] if nonfinite_budget > nonfinite else None
         with autocast_context(device, amp):
             out = model(x)
             loss, values = losses(out, labels, x)
-        if not torch.isfinite(loss):
-            terms = ", ".join(f"{k} {v.item():.4g}" for k, v in values.items())
-            raise NonFiniteLossError(f"non-finite loss {loss.item()} at epoch {epoch}, iteration {it} ({terms})")
+        if _any_nonfinite(loss):
+            terms = {"loss": loss, **values}
+            _skip_or_raise("re-id", epoch, it, terms, nonfinite, nonfinite_budget, buffers, saved)
+            nonfinite += 1
+            continue
         optimizer.zero_grad(set_to_none=True)
         if center_optimizer is not None:
             center_optimizer.zero_grad(set_to_none=True)
@@ -348,6 +380,9 @@ def train_one_epoch_recog(
             )
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
         bar.update(1)
+        if save_checkpoint is not None and save_every_steps and (it + 1) % save_every_steps == 0:
+            if i + 1 < steps_per_epoch:  # the end of the epoch has a checkpoint of its own
+                save_checkpoint(i + 1)
     bar.close()
     stats = {k: dist.all_reduce_mean(v / max(n, 1)).item() for k, v in sums.items()}
     if seen:
@@ -355,8 +390,47 @@ def train_one_epoch_recog(
     skipped = int(dist.all_reduce_sum(torch.tensor([skipped], device=device)).item())
     if skipped:
         log.warning("epoch %d: skipped %d undecodable training images (see the warnings above)", epoch, skipped)
-    stats.update(skipped_images=skipped, images_per_s=images / (time.perf_counter() - t_start))
+    stats.update(
+        skipped_images=skipped, nonfinite_steps=nonfinite, images_per_s=images / (time.perf_counter() - t_start)
+    )
     return stats
+
+
+def _buffers(*modules: nn.Module) -> list[torch.Tensor]:
+    return [b for m in modules for b in _unwrap(m).buffers()]
+
+
+def _any_nonfinite(loss: torch.Tensor) -> bool:
+    """Whether the loss is NaN or infinite on any rank: one decision for all of them, so that they skip a step or
+    stop together (a rank that skipped the backward pass alone would leave the others waiting in DDP's all-reduce)."""
+    bad = torch.logical_not(torch.isfinite(loss.detach())).float().reshape(1)
+    return bool(dist.all_reduce_sum(bad).item())
+
+
+def _skip_or_raise(
+    stage: str,
+    epoch: int,
+    it: int,
+    terms: dict[str, torch.Tensor],
+    skipped: int,
+    budget: int,
+    buffers: list[torch.Tensor],
+    saved: list[torch.Tensor] | None,
+) -> None:
+    """After a non-finite loss (on any rank): put back the buffers the forward pass changed and skip the step, or
+    raise NonFiniteLossError when `budget` steps have been skipped already. Every rank calls this together."""
+    row = torch.stack([v.detach().float().reshape(()) for v in terms.values()]).reshape(1, -1)
+    rows = dist.all_gather_variable(row)
+    values = "; ".join(
+        f"rank {r}: " + ", ".join(f"{k} {v:.4g}" for k, v in zip(terms, t[0].tolist())) for r, t in enumerate(rows)
+    )
+    where = f"non-finite {stage} loss at epoch {epoch}, iteration {it} ({values})"
+    if skipped >= budget:
+        raise NonFiniteLossError(where)
+    with torch.no_grad():
+        for b, s in zip(buffers, saved):
+            b.copy_(s)
+    log.warning("%s: step skipped, no update (%d more tolerated)", where, budget - skipped - 1)
 
 
 def _warn_collapse(loss: float, stats: dict[str, float], it: int, epoch: int, out_dim: int) -> None:

@@ -7,19 +7,22 @@ training and refuses them while evaluating.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
 import os
+import random
 import re
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import lmdb
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
@@ -473,6 +476,10 @@ class ImageDataset(Dataset):
     so one bad file among millions does not end a run; with ``train=False`` it raises, since evaluation results must
     cover every image.
 
+    An item may be asked for as ``dataset[(i, seed)]`` (what :class:`~dino_recog.data.samplers.SeededBatches` yields):
+    the transform then draws its randomness (python, numpy and torch CPU generators) from `seed` alone, and the
+    process's own generators are left as they were.
+
     Args:
         items: ``list[Record]``, ``list[str]`` of paths, or ``LMDBImages``.
         transform: applied to the RGB ``PIL.Image``.
@@ -492,7 +499,8 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[Any, int, int, int] | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, int, int, int] | None:
+        i, seed = key if isinstance(key, tuple) else (key, None)
         item = self.items[i]
         if isinstance(self.items, LMDBImages):
             name, pid, camid = f"{self.items.path}[{self.items.keys[i]}]", -1, -1
@@ -508,7 +516,26 @@ class ImageDataset(Dataset):
                 raise
             logger.warning("skipping a training image: %s", e)  # the message names the file
             return None
-        return (self.transform(img) if self.transform is not None else img), pid, camid, i
+        if self.transform is None:
+            return img, pid, camid, i
+        with _seeded(seed) if seed is not None else contextlib.nullcontext():
+            return self.transform(img), pid, camid, i
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed the python, numpy and torch CPU generators for the block, then put back their previous states (in the main
+    process, with num_workers=0, those streams also drive dropout and stochastic depth)."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.default_generator.manual_seed(seed)  # not torch.manual_seed: that would reseed the GPUs too
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 def collate_skip_none(batch: list[Any]) -> tuple[Any, int]:

@@ -6,9 +6,9 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-from torch.utils.data import Sampler
+from torch.utils.data import BatchSampler, Sampler
 
-__all__ = ["PKSampler"]
+__all__ = ["PKSampler", "SeededBatches"]
 
 
 class PKSampler(Sampler[list[int]]):
@@ -74,3 +74,42 @@ class PKSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return self.num_batches
+
+
+class SeededBatches(Sampler[list[tuple[int, int]]]):
+    """The batches of an epoch from batch `start` on, each index paired with the seed of its augmentation.
+
+    What makes a run resumable in the middle of an epoch: the epoch's batches come in the same order whatever batch
+    it starts from (the wrapped sampler is a function of seed and epoch), and each sample's augmentation is drawn from
+    a seed of its own, a function of (seed, epoch, rank, batch, position in the batch), which `ImageDataset` uses for
+    the transform. Augmentation then depends neither on where the epoch started nor on the number of DataLoader
+    workers, and the same image twice in one batch (PK sampling with replacement) is augmented twice differently.
+
+    Args:
+        batches: a batch sampler (PKSampler, or BatchSampler over a DistributedSampler); its `set_epoch` (or that of
+            the sampler a BatchSampler wraps) is called by `set_epoch`.
+        seed: base seed of the run.
+        rank: this process.
+    """
+
+    def __init__(self, batches: Sampler[list[int]], seed: int, rank: int = 0) -> None:
+        self.batches, self.seed, self.rank = batches, seed, rank
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Iterate epoch `epoch`, skipping its first `start` batches (they were trained before a checkpoint)."""
+        self.epoch, self.start = epoch, start
+        inner = self.batches.sampler if isinstance(self.batches, BatchSampler) else self.batches
+        if hasattr(inner, "set_epoch"):
+            inner.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for b, batch in enumerate(self.batches):
+            if b < self.start:
+                continue  # the plan of the whole epoch is still drawn, so the remaining batches are the same
+            seeds = np.random.default_rng([self.seed, self.epoch, self.rank, b]).integers(0, 2**62, len(batch))
+            yield [(int(i), int(s)) for i, s in zip(batch, seeds)]
+
+    def __len__(self) -> int:
+        """Batches of a whole epoch, also when it starts later: iteration numbers stay those of the full epoch."""
+        return len(self.batches)
