@@ -619,6 +619,7 @@ class Payload:
         return self.fn, self.args
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's remark on the bare pickle, refused anyway
 def test_a_crafted_pickle_is_refused_by_every_loader_and_runs_nothing(images, small_demo, tmp_path):
     from dino_recog.extract import FeatureExtractor, load_model
 
