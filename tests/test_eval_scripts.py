@@ -1,4 +1,5 @@
-"""eval_reid.py and eval_knn.py on the small demo set, against the evaluation functions called directly."""
+"""eval_reid.py and eval_knn.py on the small demo set, against the evaluation functions called directly (on the CPU
+in both, so that a GPU machine compares like with like)."""
 
 import json
 import subprocess
@@ -56,7 +57,7 @@ def test_eval_reid_on_a_stage2_model(small_demo, tmp_path):
     save_reid_model(model, tmp_path / "model.pth")
     market = small_demo / "market"
     out = run("eval_reid.py", "--checkpoint", tmp_path / "model.pth", "--json", tmp_path / "r.json",
-              f"data.test={{name: market1501, root: {market}}}", "data.num_workers=0")  # fmt: skip
+              f"data.test={{name: market1501, root: {market}}}", "data.num_workers=0", "run.device=cpu")  # fmt: skip
     result = json.loads((tmp_path / "r.json").read_text())
     expected = evaluate_query_gallery(model.eval(), *demo_sets(small_demo), torch.device("cpu"))
     for k in ("rank1", "rank5", "rank10", "mAP", "mINP"):
@@ -65,7 +66,7 @@ def test_eval_reid_on_a_stage2_model(small_demo, tmp_path):
 
     # --rerank / --aqe / eval.topk: the same features through the re-ranking and query-expansion functions
     run("eval_reid.py", "--checkpoint", tmp_path / "model.pth", "--json", tmp_path / "rr.json", "--rerank", "--aqe",
-        f"data.test={{name: market1501, root: {market}}}", "data.num_workers=0", "eval.rerank_k1=8",
+        f"data.test={{name: market1501, root: {market}}}", "data.num_workers=0", "run.device=cpu", "eval.rerank_k1=8",
         "eval.rerank_k2=3")  # fmt: skip
     query, gallery = demo_sets(small_demo)
     qf, q_pids, q_cams = extract_features(model.eval(), query, torch.device("cpu"))
@@ -76,7 +77,7 @@ def test_eval_reid_on_a_stage2_model(small_demo, tmp_path):
     assert reranked["mAP"] == pytest.approx(ref["mAP"], abs=1e-6) and reranked["rerank"] == [8, 3, 0.3]
     assert reranked["mAP"] != pytest.approx(result["mAP"], abs=1e-4)  # the options did change the ranking
     run("eval_reid.py", "--checkpoint", tmp_path / "model.pth", "--json", tmp_path / "top.json", "eval.topk=5",
-        f"data.test={{name: market1501, root: {market}}}", "data.num_workers=0")  # fmt: skip
+        f"data.test={{name: market1501, root: {market}}}", "data.num_workers=0", "run.device=cpu")  # fmt: skip
     top = json.loads((tmp_path / "top.json").read_text())
     cut = evaluate_rank(pairwise_distance(qf, gf), q_pids, g_pids, q_cams, g_cams, cutoff=5)
     assert (top["cutoff"], top["rank5"]) == (5, pytest.approx(result["rank5"], abs=1e-9))
@@ -90,7 +91,7 @@ def test_eval_knn_on_a_backbone_export(small_demo, tmp_path):
     market = small_demo / "market"
     run("eval_knn.py", "--checkpoint", tmp_path / "teacher_backbone.pth", "--k", 1, 5, "--json", tmp_path / "k.json",
         f"data.eval_set={{name: market1501, root: {market}}}", "crops.global_crops_size=[32,16]",
-        "crops.local_crops_size=[16,8]", "data.num_workers=0", *VIT)  # fmt: skip
+        "crops.local_crops_size=[16,8]", "data.num_workers=0", "run.device=cpu", *VIT)  # fmt: skip
     result = json.loads((tmp_path / "k.json").read_text())
     query, gallery = demo_sets(small_demo)
     qf, q_pids, _ = extract_features(backbone, query, torch.device("cpu"))

@@ -194,7 +194,8 @@ def image_folder(root):
 def test_cli_writes_features_and_file_list(model_path, tmp_path, capsys):
     root = image_folder(tmp_path / "imgs")
     out = tmp_path / "out" / "feats.npy"
-    assert main(["--checkpoint", str(model_path), "--images", str(root), "--out", str(out), "--batch-size", "2"]) == 0
+    args = ["--checkpoint", str(model_path), "--images", str(root), "--out", str(out), "--batch-size", "2"]
+    assert main([*args, "--device", "cpu"]) == 0  # the CPU on a GPU machine too: compared with CPU features below
     names = (tmp_path / "out" / "feats.txt").read_text().splitlines()
     assert names == ["a.jpg", "b.png"]
     feats = np.load(out, allow_pickle=False)
