@@ -77,7 +77,8 @@ class MaskedMultiCropNet(MultiCropNet):
     def forward(
         self, crops: list[torch.Tensor], masks: torch.Tensor, mask_inputs: bool = True
     ) -> dict[str, torch.Tensor]:
-        """
+        """Head outputs of all crops' CLS tokens and of the global crops' masked patch tokens.
+
         Args:
             crops: the global crops first (all of one size), then the local crops; each (B, 3, H, W).
             masks: (n_global * B, N) bool over the patches of the global crops, crop-major like the crops.
