@@ -117,10 +117,12 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|")
         print(f"| no re-ranking (cosine distance) | - | - | - | - | - | {score(q_g)} |", flush=True)
         del q_g
-        first = None
+        first, stats_of = None, {}
         for name in names:
             cmd = [sys.executable, __file__, "--worker", name, "--dir", str(folder)]
-            stats = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            stats = stats_of[name] = json.loads(
+                subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
+            )
             out = np.load(folder / f"out_{name}.npy")
             first = first if first is not None else (name, out)
             delta = f"{np.abs(out - first[1]).max():.1e}" if first[0] == "fastreid" and name != "fastreid" else "-"
@@ -128,6 +130,14 @@ def main() -> None:
             cells = [label, kind, f"{stats['seconds']:.2f}", f"{stats['cpu']:.2f}", f"{stats['peak_growth_mb']:,.0f}"]
             print("| " + " | ".join([*cells, delta, score(out)]) + " |", flush=True)
             del out
+        for name in ("re_rank", "re_rank_features"):
+            if "fastreid" in stats_of and name in stats_of:
+                ref, ours = stats_of["fastreid"], stats_of[name]
+                print(
+                    f"fast-reid / {name}: {ref['cpu'] / ours['cpu']:.1f}x the CPU time, "
+                    f"{ref['seconds'] / ours['seconds']:.1f}x the wall time, "
+                    f"{ref['peak_growth_mb'] / ours['peak_growth_mb']:.1f}x the peak memory growth"
+                )
         print(
             f"load average at end: {os.getloadavg()[0]:.2f} (2 cores shared with other work: compare CPU seconds too)"
         )
