@@ -5,17 +5,18 @@
 
 Synthetic 768-d features from bench/eval_rank.py (Market-1501 size: 3,368 queries x 15,913 gallery). The cosine
 distance matrices q_g, q_q, g_g (float32, as `pairwise_distance` gives them) are saved to a temporary folder; every
-implementation then runs in a fresh process that loads its inputs and reports seconds and the growth of its peak
-resident memory above the loaded inputs (VmHWM - VmRSS, Linux). `re_rank_features` starts from the features instead and
-computes its distances itself. Results are compared with fast-reid's (max |delta|) and scored with `evaluate_rank`.
-At MSMT17 size (11,659 x 82,161) only `re_rank_features` runs: g_g alone would be 27 GB, each of the reference's
-N x N matrices 35 GB.
+implementation then runs in a fresh process that loads its inputs and reports wall and CPU seconds (all threads: the
+reference is single-threaded, ours uses both cores) and the growth of its peak resident memory above the loaded inputs
+(VmHWM - VmRSS, Linux). `re_rank_features` starts from the features instead and computes its distances itself.
+Results are compared with fast-reid's (max |delta|) and scored with `evaluate_rank`. At MSMT17 size (11,659 x
+82,161) only `re_rank_features` runs: g_g alone would be 27 GB, each of the reference's N x N matrices 35 GB.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -56,7 +57,7 @@ def reset_peak() -> None:
 
 
 def worker(name: str, folder: Path) -> None:
-    """Run one implementation on the saved inputs; print seconds and peak RSS growth as JSON; save the result."""
+    """Run one implementation on the saved inputs; print its times and peak RSS growth as JSON; save the result."""
     import torch  # noqa: F401  (imported before the baseline by every worker: its memory is no implementation's)
     from reference import load
 
@@ -70,10 +71,10 @@ def worker(name: str, folder: Path) -> None:
         fn = re_rank if name == "re_rank" else load(f"{name}.rerank").re_ranking
     reset_peak()
     base = rss_mb("VmRSS")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn(*inputs, k1=20, k2=6, lambda_value=0.3)
-    seconds = time.perf_counter() - t0
-    print(json.dumps({"seconds": seconds, "peak_growth_mb": rss_mb("VmHWM") - base, "base_mb": base}))
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    print(json.dumps({"seconds": seconds, "cpu": cpu, "peak_growth_mb": rss_mb("VmHWM") - base, "base_mb": base}))
     np.save(folder / f"out_{name}.npy", np.asarray(out, dtype=np.float32))
 
 
@@ -108,26 +109,38 @@ def main() -> None:
             return f"{100 * r['cmc'][0]:.2f} / {100 * r['mAP']:.2f}"
 
         print(f"{args.size}: {nq:,} queries x {ng:,} gallery, k1=20, k2=6, lambda=0.3", flush=True)
+        print(f"load average at start: {os.getloadavg()[0]:.2f}")
         print(
-            "| implementation | input | seconds | peak RSS growth MB | max abs difference to fast-reid | rank-1 / mAP |"
+            "| implementation | input | seconds | CPU seconds | peak RSS growth MB | max abs diff. to fast-reid | "
+            "rank-1 / mAP |"
         )
-        print("|---|---|---|---|---|---|")
-        print(f"| no re-ranking (cosine distance) | - | - | - | - | {score(q_g)} |", flush=True)
+        print("|---|---|---|---|---|---|---|")
+        print(f"| no re-ranking (cosine distance) | - | - | - | - | - | {score(q_g)} |", flush=True)
         del q_g
-        first = None
+        first, stats_of = None, {}
         for name in names:
             cmd = [sys.executable, __file__, "--worker", name, "--dir", str(folder)]
-            stats = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            stats = stats_of[name] = json.loads(
+                subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
+            )
             out = np.load(folder / f"out_{name}.npy")
             first = first if first is not None else (name, out)
             delta = f"{np.abs(out - first[1]).max():.1e}" if first[0] == "fastreid" and name != "fastreid" else "-"
             label, kind, _ = IMPLEMENTATIONS[name]
-            print(
-                f"| {label} | {kind} | {stats['seconds']:.2f} | {stats['peak_growth_mb']:,.0f} | {delta} | "
-                f"{score(out)} |",
-                flush=True,
-            )
+            cells = [label, kind, f"{stats['seconds']:.2f}", f"{stats['cpu']:.2f}", f"{stats['peak_growth_mb']:,.0f}"]
+            print("| " + " | ".join([*cells, delta, score(out)]) + " |", flush=True)
             del out
+        for name in ("re_rank", "re_rank_features"):
+            if "fastreid" in stats_of and name in stats_of:
+                ref, ours = stats_of["fastreid"], stats_of[name]
+                print(
+                    f"fast-reid / {name}: {ref['cpu'] / ours['cpu']:.1f}x the CPU time, "
+                    f"{ref['seconds'] / ours['seconds']:.1f}x the wall time, "
+                    f"{ref['peak_growth_mb'] / ours['peak_growth_mb']:.1f}x the peak memory growth"
+                )
+        print(
+            f"load average at end: {os.getloadavg()[0]:.2f} (2 cores shared with other work: compare CPU seconds too)"
+        )
 
 
 if __name__ == "__main__":
