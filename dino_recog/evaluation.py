@@ -27,8 +27,8 @@ __all__ = [
 @torch.no_grad()
 def extract_features(
     model: nn.Module,
-    dataset: Dataset,
-    device: torch.device,
+    dataset: Dataset | DataLoader,
+    device: torch.device | None = None,
     batch_size: int = 256,
     num_workers: int = 0,
     flip: bool = False,
@@ -40,11 +40,18 @@ def extract_features(
 
     Args:
         model: maps (B, 3, H, W) to (B, D); put in eval mode here and restored afterwards.
+        dataset: the images, or a DataLoader over them (its dataset, batch size and workers are used; its sampler
+            is not, since every rank extracts its own shard in order).
+        device: where the model runs; None: the device of its parameters.
         flip: average with the features of the horizontally mirrored images.
 
     Returns:
         (N, D) float32 CPU features, (N,) pids, (N,) camids.
     """
+    if isinstance(dataset, DataLoader):
+        dataset, batch_size, num_workers = dataset.dataset, dataset.batch_size or batch_size, dataset.num_workers
+    if device is None:
+        device = next(model.parameters()).device
     n, rank, world = len(dataset), dist.get_rank(), dist.get_world_size()
     shard = Subset(dataset, range(rank * n // world, (rank + 1) * n // world))
     loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, shuffle=False)

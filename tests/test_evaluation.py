@@ -196,3 +196,9 @@ def test_sharded_extraction_with_two_processes_equals_one_process(small_demo, tm
     torch.testing.assert_close(got["feats"], feats, rtol=1e-5, atol=1e-6)
     assert got["pids"].tolist() == [x.pid for x in records] == pids.tolist()
     assert got["camids"].tolist() == camids.tolist()
+    # the form, extract_features(model, loader): the loader's dataset and batch size, the model's device
+    from torch.utils.data import DataLoader
+
+    by_loader, pids2, _ = extract_features(model, DataLoader(data, batch_size=5, shuffle=True))
+    torch.testing.assert_close(by_loader, feats, rtol=1e-5, atol=1e-6)  # in dataset order, whatever the sampler
+    assert pids2.tolist() == pids.tolist()
