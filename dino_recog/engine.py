@@ -169,6 +169,7 @@ def train_one_epoch_dino(
     term_sums: dict[str, torch.Tensor] = {}
     # what a forward pass changes: BatchNorm statistics, the DINO (and iBOT) centres
     buffers = _buffers(net, teacher, loss_fn, *([v2.ibot_loss] if v2 is not None else []))
+    watch = _NonFiniteWatch("DINO", epoch, device)
     t_start, images = time.perf_counter(), 0
     bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch}", disable=not dist.is_main_process(),
                leave=False)  # fmt: skip
@@ -195,10 +196,13 @@ def train_one_epoch_dino(
                 student_out = student(crops)  # (n_crops * B, K)
                 loss = loss_fn(student_out, teacher_out, s.teacher_temp)
 
-        if _any_nonfinite(loss):
-            _skip_or_raise("DINO", epoch, it, {"loss": loss, **terms}, nonfinite, nonfinite_budget, buffers, saved)
-            nonfinite += 1
-            continue
+        if nonfinite_budget > nonfinite:  # a step may still be skipped: decide now, on all ranks (one host sync)
+            if _any_nonfinite(loss):
+                _skip_or_raise("DINO", epoch, it, {"loss": loss, **terms}, nonfinite, nonfinite_budget, buffers, saved)
+                nonfinite += 1
+                continue
+        else:  # no sync in the hot loop: checked at log intervals, before checkpoints and at the end of the epoch
+            watch.record(it, {"loss": loss, **terms})
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if clip_grad > 0:
@@ -217,6 +221,7 @@ def train_one_epoch_dino(
         n_loss += 1
         images += crops[0].shape[0] * dist.get_world_size()
         if it % log_every == 0:
+            watch.check()
             stats = collapse_stats(
                 student_out.detach(), teacher_out, loss_fn.center, loss_fn.student_temp, s.teacher_temp
             )
@@ -232,8 +237,10 @@ def train_one_epoch_dino(
         bar.update(1)
         if save_checkpoint is not None and save_every_steps and (it + 1) % save_every_steps == 0:
             if i + 1 < steps_per_epoch:  # the end of the epoch has a checkpoint of its own
+                watch.check()  # never a checkpoint from a non-finite state
                 save_checkpoint(i + 1)
     bar.close()
+    watch.check()
     loss_avg = dist.all_reduce_mean(loss_sum / max(n_loss, 1)).item()
     term_avgs = {k: dist.all_reduce_mean(v / max(n_loss, 1)).item() for k, v in term_sums.items()}
     skipped = int(dist.all_reduce_sum(torch.tensor([skipped], device=device)).item())
@@ -322,6 +329,7 @@ def train_one_epoch_recog(
     correct = seen = n = skipped = nonfinite = 0
     # what a forward pass changes: BatchNorm statistics (of the distillation teacher too, which runs in train mode)
     buffers = _buffers(model, *(fn for _, fn in losses.terms.values()), *filter(None, [losses.teacher]))
+    watch = _NonFiniteWatch("re-id", epoch, device)
     t_start, images = time.perf_counter(), 0
     bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch}", disable=not dist.is_main_process(),
                leave=False)  # fmt: skip
@@ -337,11 +345,14 @@ def train_one_epoch_recog(
         with autocast_context(device, amp):
             out = model(x)
             loss, values = losses(out, labels, x)
-        if _any_nonfinite(loss):
-            terms = {"loss": loss, **values}
-            _skip_or_raise("re-id", epoch, it, terms, nonfinite, nonfinite_budget, buffers, saved)
-            nonfinite += 1
-            continue
+        if nonfinite_budget > nonfinite:  # a step may still be skipped: decide now, on all ranks (one host sync)
+            if _any_nonfinite(loss):
+                _skip_or_raise("re-id", epoch, it, {"loss": loss, **values}, nonfinite, nonfinite_budget, buffers,
+                               saved)  # fmt: skip
+                nonfinite += 1
+                continue
+        else:  # no sync in the hot loop: checked at log intervals, before checkpoints and at the end of the epoch
+            watch.record(it, {"loss": loss, **values})
         optimizer.zero_grad(set_to_none=True)
         if center_optimizer is not None:
             center_optimizer.zero_grad(set_to_none=True)
@@ -369,6 +380,7 @@ def train_one_epoch_recog(
         n += 1
         images += len(labels) * dist.get_world_size()
         if it % log_every == 0:
+            watch.check()
             rate = images / (time.perf_counter() - t_start)
             runlog.write(
                 "train",
@@ -382,8 +394,10 @@ def train_one_epoch_recog(
         bar.update(1)
         if save_checkpoint is not None and save_every_steps and (it + 1) % save_every_steps == 0:
             if i + 1 < steps_per_epoch:  # the end of the epoch has a checkpoint of its own
+                watch.check()
                 save_checkpoint(i + 1)
     bar.close()
+    watch.check()
     stats = {k: dist.all_reduce_mean(v / max(n, 1)).item() for k, v in sums.items()}
     if seen:
         stats["train_acc"] = float(correct) / seen
@@ -398,6 +412,40 @@ def train_one_epoch_recog(
 
 def _buffers(*modules: nn.Module) -> list[torch.Tensor]:
     return [b for m in modules for b in _unwrap(m).buffers()]
+
+
+class _NonFiniteWatch:
+    """The first non-finite step of this rank, recorded on the device without a host sync (the hot loop keeps the
+    GPU queue full); `check()` decides on all ranks together and raises NonFiniteLossError naming that step and
+    every rank's loss terms there. Called at log intervals, before each checkpoint and at the end of the epoch, so a
+    non-finite state is never saved; the steps between the bad one and the check are lost with it."""
+
+    def __init__(self, stage: str, epoch: int, device: torch.device) -> None:
+        self.stage, self.epoch = stage, epoch
+        self.first = torch.full((), -1, dtype=torch.long, device=device)  # iteration of the first bad step, or -1
+        self.values: torch.Tensor | None = None  # the loss terms at that step
+        self.names: list[str] = []
+
+    def record(self, it: int, terms: dict[str, torch.Tensor]) -> None:
+        row = torch.stack([v.detach().float().reshape(()) for v in terms.values()])
+        if self.values is None:
+            self.values, self.names = torch.zeros_like(row), list(terms)
+        new = torch.logical_not(torch.isfinite(row).all()) & (self.first < 0)
+        self.values = torch.where(new, row, self.values)
+        self.first = torch.where(new, torch.full_like(self.first, it), self.first)
+        self.last = row
+
+    def check(self) -> None:
+        if not bool(dist.all_reduce_sum((self.first >= 0).float().reshape(1)).item()):
+            return
+        # every rank reports: its terms at its first bad step, or (all finite there) at its latest step
+        values = torch.where(self.first >= 0, self.values, self.last)
+        rows = dist.all_gather_variable(torch.cat([self.first.float().reshape(1), values]).reshape(1, -1))
+        it = min(int(t[0, 0]) for t in rows if t[0, 0] >= 0)
+        terms = "; ".join(f"rank {r}: " + ", ".join(f"{k} {v:.4g}" for k, v in zip(self.names, t[0, 1:].tolist()))
+                          + ("" if int(t[0, 0]) in (-1, it) else f" (at iteration {int(t[0, 0])})")
+                          for r, t in enumerate(rows))  # fmt: skip
+        raise NonFiniteLossError(f"non-finite {self.stage} loss at epoch {self.epoch}, iteration {it} ({terms})")
 
 
 def _any_nonfinite(loss: torch.Tensor) -> bool:

@@ -218,3 +218,38 @@ def test_dinov2_frozen_last_layers_include_the_separate_ibot_head(tmp_path):
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
     assert not torch.equal(student.ibot_head.mlp[0].weight, teacher.ibot_head.mlp[0].weight)  # the rest trains
+
+
+def test_nonfinite_check_without_a_skip_budget_does_not_sync_every_step(tmp_path, monkeypatch):
+    """With no skip budget the hot loop only records the first non-finite step on the device; the check (one host
+    sync) runs at log intervals, before checkpoints and at the end of the epoch, and names that step."""
+    import pytest
+
+    import dino_recog.engine as engine
+
+    def per_step_sync(loss):
+        raise AssertionError("the per-step host sync ran although no step may be skipped")
+
+    monkeypatch.setattr(engine, "_any_nonfinite", per_step_sync)
+    student, teacher = tiny_pair()
+    loss_fn = DINOLoss(64)
+    real_forward = DINOLoss.forward
+    calls = []
+
+    def nan_at_iteration_2(self, s, t, temp):
+        calls.append(1)
+        loss = real_forward(self, s, t, temp)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(DINOLoss, "forward", nan_at_iteration_2)
+    opt = build_optimizer("adamw", param_groups(student), 1e-3, 0.04)
+    step = DinoStep(lr=1e-3, weight_decay=0.04, momentum=0.99, teacher_temp=0.04, freeze_last_layer=False)
+    saves = []
+    with pytest.raises(
+        engine.NonFiniteLossError, match=r"non-finite DINO loss at epoch 0, iteration 2 \(rank 0: loss nan\)"
+    ):
+        train_one_epoch_dino(student, teacher, loss_fn, batches(5), opt, torch.amp.GradScaler("cpu", enabled=False),
+                             lambda it: step, 0, 5, torch.device("cpu"), "fp32", 3.0, RunLog(tmp_path, False),
+                             log_every=100, save_every_steps=4, save_checkpoint=saves.append)  # fmt: skip
+    assert saves == []  # the step-4 checkpoint would hold the non-finite state: the check before it raised
+    assert len(calls) == 4  # no sync stopped the loop at iteration 2; the check before the save did, after step 3
