@@ -62,7 +62,7 @@ bench/.venv-ref/.installed: bench/ref_env.sh
 	touch $@
 
 test: $(VENV)/.installed-dev bench/.venv-ref/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=10
 
 lint: $(VENV)/.installed-dev
 	$(PY) -m ruff check .
