@@ -163,15 +163,13 @@ def gpu_benchmark(args) -> None:
     from torch.utils.data import DataLoader
 
     sys.path.insert(0, str(ROOT))
-    import train_dino
+    from dino_step import training_parts  # bench/dino_step.py: the same training set-up
+
     from dino_recog import config as C
-    from dino_recog.cli import apply_speed_options
     from dino_recog.data import datasets as ds
     from dino_recog.data.batch_augment import BatchAugment
     from dino_recog.data.transforms import MultiCropTransform
     from dino_recog.engine import train_one_epoch_dino
-    from dino_recog.losses import DINOLoss
-    from dino_recog.optim import build_optimizer, param_groups
     from dino_recog.runlog import RunLog
 
     device = torch.device(args.device)
@@ -224,14 +222,7 @@ def gpu_benchmark(args) -> None:
         data_only(args.steps)
         report(label, "data only", args.batch * args.steps / (time.perf_counter() - t0))
 
-        student, teacher = train_dino.build_model(cfg)
-        student, teacher = student.to(device), teacher.to(device)
-        apply_speed_options(cfg.run, student.backbone, teacher.backbone)
-        loss_fn = DINOLoss(cfg.model.out_dim, 2, cfg.dino.student_temp, cfg.dino.center_momentum).to(device)
-        optimizer = build_optimizer(cfg.train.optimizer, param_groups(student), 0.0, cfg.train.weight_decay,
-                                    cfg.train.momentum, cfg.run.fused_optimizer)  # fmt: skip
-        scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.run.amp == "fp16")
-        schedule = train_dino.build_schedule(cfg, args.steps)
+        student, teacher, loss_fn, optimizer, scaler, schedule = training_parts(cfg, device, args.steps)
         with tf.TemporaryDirectory() as logdir:
             runlog = RunLog(Path(logdir))
 

@@ -83,11 +83,10 @@ def time_epochs(run_epoch, steps: int, batch: int, device: torch.device, repeats
     return {"images_per_s": batch * steps / best, "step_ms": 1000 * best / steps, "peak_gib": peak}
 
 
-def ours(overrides: list[str], args, crops: list[torch.Tensor], device: torch.device) -> tuple[dict, float]:
-    """Our training step (the real train_one_epoch_dino) under `overrides`; returns timings and FLOPs per step."""
+def training_parts(cfg: C.DinoConfig, device: torch.device, steps_per_epoch: int):
+    """What train_dino.main builds for one process (no DDP): student, teacher, loss, optimiser, scaler, schedule."""
     import train_dino
 
-    cfg = C.load(ROOT / "cfg_dino.yaml", [*args.base, *overrides, "run.log_every=1000000000"], C.DinoConfig)
     student, teacher = train_dino.build_model(cfg)
     student, teacher = student.to(device), teacher.to(device)
     apply_speed_options(cfg.run, student.backbone, teacher.backbone)
@@ -95,7 +94,14 @@ def ours(overrides: list[str], args, crops: list[torch.Tensor], device: torch.de
     optimizer = build_optimizer(cfg.train.optimizer, param_groups(student), 0.0, cfg.train.weight_decay,
                                 cfg.train.momentum, cfg.run.fused_optimizer)  # fmt: skip
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.run.amp == "fp16")
-    schedule = train_dino.build_schedule(cfg, args.steps)
+    return student, teacher, loss_fn, optimizer, scaler, train_dino.build_schedule(cfg, steps_per_epoch)
+
+
+def ours(overrides: list[str], args, crops: list[torch.Tensor], device: torch.device) -> tuple[dict, float]:
+    """Our training step (the real train_one_epoch_dino) under `overrides`; returns timings and FLOPs per step."""
+
+    cfg = C.load(ROOT / "cfg_dino.yaml", [*args.base, *overrides, "run.log_every=1000000000"], C.DinoConfig)
+    student, teacher, loss_fn, optimizer, scaler, schedule = training_parts(cfg, device, args.steps)
     batch = ((crops, None, None, None), 0)
     loader = [batch] * args.steps
     with tempfile.TemporaryDirectory() as tmp:

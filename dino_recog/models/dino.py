@@ -10,6 +10,19 @@ from timm.models import checkpoint_seq
 __all__ = ["MaskedMultiCropNet", "MultiCropNet", "update_teacher"]
 
 
+def backbone_by_size(backbone: nn.Module, crops: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The backbone's features of a crop-major list, consecutive crops of one size batched into one call (as the
+    official `MultiCropWrapper`): [(n_same * B, D), ...] in crop order."""
+    feats, start = [], 0
+    while start < len(crops):
+        end = start + 1
+        while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
+            end += 1
+        feats.append(backbone(torch.cat(crops[start:end])))  # (n_same * B, D)
+        start = end
+    return feats
+
+
 class MultiCropNet(nn.Module):
     """Backbone followed by a head, run on a list of crops of different sizes.
 
@@ -26,13 +39,7 @@ class MultiCropNet(nn.Module):
     def forward(self, crops: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
         if isinstance(crops, torch.Tensor):
             crops = [crops]
-        feats, start = [], 0
-        while start < len(crops):
-            end = start + 1
-            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
-                end += 1
-            feats.append(self.backbone(torch.cat(crops[start:end])))  # (n_same * B, D)
-            start = end
+        feats = backbone_by_size(self.backbone, crops)
         return self.head(torch.cat(feats))  # (n_crops * B, out_dim)
 
 
@@ -95,13 +102,7 @@ class MaskedMultiCropNet(MultiCropNet):
         n_global = masks.shape[0] // batch
         tokens = self.forward_tokens(torch.cat(crops[:n_global]), masks if mask_inputs else None)
         patch_tokens = tokens[:, self.backbone.num_prefix_tokens :]  # (n_global * B, N, D)
-        feats, start = [tokens[:, 0]], n_global
-        while start < len(crops):
-            end = start + 1
-            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
-                end += 1
-            feats.append(self.backbone(torch.cat(crops[start:end])))  # (n_same * B, D)
-            start = end
+        feats = [tokens[:, 0], *backbone_by_size(self.backbone, crops[n_global:])]
         cls, masked = torch.cat(feats), patch_tokens[masks]  # (n_crops * B, D), (M, D)
         if self.ibot_head is None:  # one head call for both, as DINOv2 does with a shared head
             out = self.head(torch.cat([cls, masked]))
