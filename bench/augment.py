@@ -22,7 +22,7 @@ Each runs at our person-crop sizes (2 x 256x128 + N x 128x64) and at DINO's squa
 GPU mode (``--gpu``) measures what the training loop sees: a DataLoader with ``--workers`` processes over a folder of
 JPEGs (``--data``, default generated person crops), batch 64, then the transfer, and for the GPU path
 ``BatchAugment`` on the device: (a) data only, images/s of the loader; (b) training, images/s of
-``engine.train_one_epoch_dino`` (ViT-S/16, the default configuration) fed by that loader; (c) the same step on crops
+``engine.train_one_epoch`` (ViT-S/16, the default configuration) fed by that loader; (c) the same step on crops
 already on the device (the model's ceiling, as bench/dino_step.py). The data bottleneck is gone when (b) reaches (c).
 """
 
@@ -169,7 +169,7 @@ def gpu_benchmark(args) -> None:
     from dino_recog.data import datasets as ds
     from dino_recog.data.batch_augment import BatchAugment
     from dino_recog.data.transforms import MultiCropTransform
-    from dino_recog.engine import train_one_epoch_dino
+    from dino_recog.engine import train_one_epoch
     from dino_recog.runlog import RunLog
 
     device = torch.device(args.device)
@@ -222,7 +222,7 @@ def gpu_benchmark(args) -> None:
         data_only(args.steps)
         report(label, "data only", args.batch * args.steps / (time.perf_counter() - t0))
 
-        student, teacher, loss_fn, optimizer, scaler, schedule = training_parts(cfg, device, args.steps)
+        task, optimizer, scaler, schedule, opts = training_parts(cfg, device, args.steps)
         with tf.TemporaryDirectory() as logdir:
             runlog = RunLog(Path(logdir))
 
@@ -230,9 +230,8 @@ def gpu_benchmark(args) -> None:
                 """The real training loop over `steps` batches of `source`; images/s."""
                 sync()
                 t0 = time.perf_counter()
-                train_one_epoch_dino(student, teacher, loss_fn, itertools.islice(source, steps), optimizer, scaler,
-                                     schedule, e, args.steps, device, cfg.run.amp, cfg.train.clip_grad, runlog,
-                                     cfg.run.log_every, augment_fn)  # fmt: skip
+                task.augment = augment_fn
+                train_one_epoch(task, itertools.islice(source, steps), optimizer, scaler, schedule, e, runlog, opts)
                 sync()
                 return args.batch * steps / (time.perf_counter() - t0)
 

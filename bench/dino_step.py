@@ -4,9 +4,9 @@
     python bench/dino_step.py --official /path/to/facebookresearch/dino   # + the official step, same GPU, same run
     python bench/dino_step.py --tiny --device cpu                 # CPU: a 4-block 64-d ViT on 64x32 / 32x16 crops
 
-A step is exactly what `engine.train_one_epoch_dino` runs (teacher forward on the global crops, student forward on
-all crops, DINO loss, backward, gradient clipping, optimiser step, EMA of the teacher), timed over whole epochs of
-`--steps` iterations on crops that already sit on the device, so the number is the model's speed, not the data
+A step is exactly what `engine.train_one_epoch` runs for the DINO task (teacher forward on the global crops, student
+forward on all crops, DINO loss, backward, gradient clipping, optimiser step, EMA of the teacher), timed over whole
+epochs of `--steps` iterations on crops that already sit on the device, so the number is the model's speed, not the data
 pipeline's (bench/augment.py measures that). Each variant is the default configuration with some `key=value`
 overrides of cfg_dino.yaml.
 
@@ -33,10 +33,10 @@ sys.path.insert(0, str(ROOT))
 
 from dino_recog import config as C  # noqa: E402
 from dino_recog.cli import apply_speed_options  # noqa: E402
-from dino_recog.engine import train_one_epoch_dino  # noqa: E402
-from dino_recog.losses import DINOLoss  # noqa: E402
-from dino_recog.optim import build_optimizer, param_groups  # noqa: E402
+from dino_recog.engine import LoopOptions, train_one_epoch  # noqa: E402
+from dino_recog.optim import build_optimizer  # noqa: E402
 from dino_recog.runlog import RunLog  # noqa: E402
+from dino_recog.tasks import build_dino_task, dino_schedule  # noqa: E402
 
 # variant name -> cfg_dino.yaml overrides on top of the defaults
 VARIANTS = {
@@ -84,40 +84,36 @@ def time_epochs(run_epoch, steps: int, batch: int, device: torch.device, repeats
 
 
 def training_parts(cfg: C.DinoConfig, device: torch.device, steps_per_epoch: int):
-    """What train_dino.main builds for one process (no DDP): student, teacher, loss, optimiser, scaler, schedule."""
-    import train_dino
-
-    student, teacher = train_dino.build_model(cfg)
-    student, teacher = student.to(device), teacher.to(device)
-    apply_speed_options(cfg.run, student.backbone, teacher.backbone)
-    loss_fn = DINOLoss(cfg.model.out_dim, 2, cfg.dino.student_temp, cfg.dino.center_momentum).to(device)
-    optimizer = build_optimizer(cfg.train.optimizer, param_groups(student), 0.0, cfg.train.weight_decay,
+    """What train_dino.main builds for one process (no DDP): the task, optimiser, scaler, schedule, loop options."""
+    task = build_dino_task(cfg).to(device)
+    apply_speed_options(cfg.run, task.student.backbone, task.teacher.backbone)
+    optimizer = build_optimizer(cfg.train.optimizer, task.param_groups(), 0.0, cfg.train.weight_decay,
                                 cfg.train.momentum, cfg.run.fused_optimizer)  # fmt: skip
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.run.amp == "fp16")
-    return student, teacher, loss_fn, optimizer, scaler, train_dino.build_schedule(cfg, steps_per_epoch)
+    opts = LoopOptions(steps_per_epoch, cfg.run.amp, cfg.train.clip_grad, cfg.run.log_every)
+    return task, optimizer, scaler, dino_schedule(cfg, steps_per_epoch), opts
 
 
 def ours(overrides: list[str], args, crops: list[torch.Tensor], device: torch.device) -> tuple[dict, float]:
-    """Our training step (the real train_one_epoch_dino) under `overrides`; returns timings and FLOPs per step."""
+    """Our training step (the real engine.train_one_epoch) under `overrides`; returns timings and FLOPs per step."""
 
     cfg = C.load(ROOT / "cfg_dino.yaml", [*args.base, *overrides, "run.log_every=1000000000"], C.DinoConfig)
-    student, teacher, loss_fn, optimizer, scaler, schedule = training_parts(cfg, device, args.steps)
+    task, optimizer, scaler, schedule, opts = training_parts(cfg, device, args.steps)
     batch = ((crops, None, None, None), 0)
     loader = [batch] * args.steps
     with tempfile.TemporaryDirectory() as tmp:
         runlog = RunLog(Path(tmp))
 
         def run_epoch(epoch: int) -> None:
-            train_one_epoch_dino(student, teacher, loss_fn, loader, optimizer, scaler, schedule, epoch, args.steps,
-                                 device, cfg.run.amp, cfg.train.clip_grad, runlog, cfg.run.log_every)  # fmt: skip
+            train_one_epoch(task, loader, optimizer, scaler, schedule, epoch, runlog, opts)
 
         result = time_epochs(run_epoch, args.steps, args.batch, device, args.repeats)
         runlog.close()
-    flops = step_flops(student, teacher, loss_fn, crops, cfg.run.amp, device) if not overrides else float("nan")
+    flops = step_flops(task, crops, cfg.run.amp, device) if not overrides else float("nan")
     return result, flops
 
 
-def step_flops(student, teacher, loss_fn, crops, amp: str, device) -> float:
+def step_flops(task, crops, amp: str, device) -> float:
     """Model FLOPs of one step (teacher forward + student forward and backward), counted by PyTorch's FlopCounter.
     Recomputation is not counted: this is model FLOPs, as in MFU."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -127,10 +123,10 @@ def step_flops(student, teacher, loss_fn, crops, amp: str, device) -> float:
     counter = FlopCounterMode(display=False)
     with counter, autocast_context(device, amp):
         with torch.no_grad():
-            t = teacher(crops[:2])
-        loss = loss_fn(student(crops), t, 0.04)
+            t = task.teacher(crops[:2])
+        loss = task.dino_loss(task.student(crops), t, 0.04)
         loss.backward()
-    student.zero_grad(set_to_none=True)
+    task.student.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())
 
 

@@ -3,7 +3,7 @@
     python bench/recog_step.py                         # GPU: ViT-S/16 (TransReID-SSL recipe) and ResNet-50 (BoT)
     python bench/recog_step.py --tiny --device cpu     # CPU: a 4-block 64-d ViT on 64x32 images
 
-A step is what `engine.train_one_epoch_recog` runs on one P x K batch already on the device (forward, the
+A step is what `engine.train_one_epoch` runs for the re-id task on one P x K batch already on the device (forward, the
 configured losses, backward, clipping, optimiser step); each variant is a preset plus `key=value` overrides.
 """
 
@@ -19,9 +19,10 @@ from dino_step import ROOT, show, sync, time_epochs  # bench/ is the script's di
 
 from dino_recog import config as C
 from dino_recog.cli import apply_speed_options
-from dino_recog.engine import train_one_epoch_recog
-from dino_recog.optim import build_optimizer, reid_param_groups
+from dino_recog.engine import LoopOptions, train_one_epoch
+from dino_recog.optim import build_optimizer
 from dino_recog.runlog import RunLog
+from dino_recog.tasks import ReIDStep, build_reid_task
 
 PRESETS = {
     "vit_small/16": "configs/market1501/vit_small_transreid_ssl.yaml",
@@ -38,20 +39,16 @@ NUM_CLASSES = 751  # Market-1501 training identities
 
 
 def run(preset: str, overrides: list[str], args, device: torch.device) -> dict:
-    import train_recog
-
     cfg = C.load(ROOT / preset, [*args.base, *overrides, "model.pretrained=", "run.log_every=1000000000"],
                  C.RecogConfig)  # fmt: skip
-    model = train_recog.build_model(cfg, NUM_CLASSES).to(device)
-    apply_speed_options(cfg.run, model.backbone)
-    losses = train_recog.build_losses(cfg, model.head.out_dim, NUM_CLASSES, device)
+    task = build_reid_task(cfg, NUM_CLASSES).to(device)
+    apply_speed_options(cfg.run, task.model.backbone)
     t = cfg.train
-    groups = reid_param_groups(model, t.bias_lr_factor, t.head_lr_factor, 1.0)
-    for name in ("cosface", "arcface"):
-        if name in losses.terms:
-            groups.append({"params": list(losses.terms[name][1].parameters()), "apply_wd": True})
-    optimizer = build_optimizer(t.optimizer, groups, t.lr, t.weight_decay, t.momentum, cfg.run.fused_optimizer)
+    optimizer = build_optimizer(t.optimizer, task.param_groups(t.bias_lr_factor, t.head_lr_factor), t.lr,
+                                t.weight_decay, t.momentum, cfg.run.fused_optimizer)  # fmt: skip
+    optimizers = [optimizer, *task.extra_optimizers()]
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.run.amp == "fp16")
+    opts = LoopOptions(args.steps, cfg.run.amp, t.clip_grad, cfg.run.log_every)
     p, k = cfg.data.num_identities, cfg.data.num_instances
     g = torch.Generator().manual_seed(0)
     x = torch.randn(p * k, 3, *cfg.aug.size, generator=g).to(device)
@@ -61,8 +58,7 @@ def run(preset: str, overrides: list[str], args, device: torch.device) -> dict:
         runlog = RunLog(Path(tmp))
 
         def run_epoch(epoch: int) -> None:
-            train_one_epoch_recog(model, losses, loader, optimizer, scaler, lambda it: t.lr, epoch, args.steps,
-                                  device, cfg.run.amp, t.clip_grad, runlog, cfg.run.log_every)  # fmt: skip
+            train_one_epoch(task, loader, optimizers, scaler, lambda it: ReIDStep(t.lr, it), epoch, runlog, opts)
 
         result = time_epochs(run_epoch, args.steps, p * k, device, args.repeats)
         runlog.close()

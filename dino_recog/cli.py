@@ -15,7 +15,7 @@ import torch
 from . import config as C
 from . import distributed as dist
 
-__all__ = ["apply_speed_options", "eval_options", "load_config", "recog_eval_model", "start_run", "stopped_message"]
+__all__ = ["apply_speed_options", "eval_options", "load_config", "recog_eval_model", "start_run"]
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,14 +70,6 @@ def _check_writable(output_dir: Path) -> None:
             e.errno, f"run.output_dir {output_dir}: cannot write there ({e.strerror or e}); set run.output_dir to a "
             "writable directory"
         ) from None  # fmt: skip
-
-
-def stopped_message(error: Exception, tolerated: int, last_saved: Path | None) -> str:
-    """What a run that stops at a non-finite loss says: the engine's where and loss terms, and what to resume from."""
-    return (
-        f"{error}; the run stopped (run.skip_nonfinite_steps={tolerated} used up) and wrote nothing from this state; "
-        f"last good checkpoint: {last_saved or 'none (none written yet)'}"
-    )
 
 
 def apply_speed_options(run: C.RunConfig, *backbones: torch.nn.Module) -> None:

@@ -12,7 +12,7 @@ import os
 import random
 import signal
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -38,6 +38,10 @@ __all__ = [
     "broadcast_object",
     "run_on_main",
     "fingerprints",
+    "wrap_ddp",
+    "unwrap",
+    "ddp_module",
+    "check_replicated",
     "seed_everything",
     "setup_logging",
     "session",
@@ -176,32 +180,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@torch.no_grad()
-def broadcast_tensors(tensors: Iterable[torch.Tensor], src: int = 0) -> None:
-    """Overwrite `tensors` in place with rank `src`'s values (state that DDP does not broadcast itself, such as the
-    weights of loss modules, which each rank initialises from its own random seed)."""
-    if not is_initialized() or get_world_size() == 1:
-        return
-    for t in tensors:
-        dist.broadcast(t.data, src)
-
-
-def all_reduce_gradients(params: Iterable[torch.nn.Parameter]) -> None:
-    """Average the gradients of parameters that DDP does not manage (loss modules with their own weights: CosFace /
-    ArcFace class weights, centre-loss centres, an auxiliary DINO head) over all processes, in one collective.
-    Every rank must pass the same parameters, each with a gradient."""
-    if not is_initialized() or get_world_size() == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch._utils._flatten_dense_tensors(grads)
-    dist.all_reduce(flat)
-    flat /= get_world_size()
-    for g, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-        g.copy_(reduced)
-
-
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     """Element-wise maximum of `tensor` over all processes (a new tensor; the input is not changed)."""
     out = tensor.clone()
@@ -289,6 +267,70 @@ def fingerprints(tensors: list[torch.Tensor]) -> torch.Tensor:
     weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64) / flat.numel()
     row = torch.stack([flat.sum(), (flat * flat).sum(), (flat * weights).sum()]).unsqueeze(0)
     return torch.cat(all_gather_variable(row))
+
+
+def wrap_ddp(task: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Prepare a task for several processes: every rank starts from rank 0's state (teachers and loss weights too,
+    which DDP would not broadcast), BatchNorm becomes SyncBatchNorm on CUDA (statistics over the global batch, as the
+    official code does; it needs CUDA), and `task.trainable` gets a DistributedDataParallel wrapper that
+    `ddp_module(task)` returns. The wrapper is not a submodule: the task's parameter names and state stay those of
+    the plain modules, and the teachers stay outside DDP. Nothing happens in a single process.
+
+    Returns:
+        The task.
+    """
+    if get_world_size() == 1:
+        return task
+    if device.type == "cuda" and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in task.modules()):
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(task)  # replaces the BatchNorm children in place
+    with torch.no_grad():
+        for t in [*task.parameters(), *task.buffers()]:
+            dist.broadcast(t.data, 0)
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        task.trainable, device_ids=[device.index] if device.type == "cuda" else None
+    )
+    task.__dict__["_ddp"] = ddp  # a plain attribute: not registered as a submodule
+    return task
+
+
+def ddp_module(task: torch.nn.Module) -> torch.nn.Module:
+    """What the task's training forward calls: the DDP wrapper of `task.trainable`, or the module itself."""
+    return task.__dict__.get("_ddp") or task.trainable
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
+    return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
+
+
+def _replicated(module: torch.nn.Module) -> list[torch.Tensor]:
+    """Parameters and the buffers that must agree across ranks: all but BatchNorm statistics, which each rank keeps
+    for its own batches (without SyncBatchNorm)."""
+    stats = {id(b) for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+             for b in m.buffers()}  # fmt: skip
+    return [*module.parameters(), *(b for b in module.buffers() if id(b) not in stats)]
+
+
+def check_replicated(parts: dict[str, torch.nn.Module], when: str) -> torch.Tensor:
+    """Check that the replicated state of every part (see `fingerprints`) is identical on all ranks.
+
+    Args:
+        parts: name -> module, e.g. a task's `parts()`.
+        when: where in the run, for the message (e.g. "epoch 3").
+
+    Returns:
+        The (world, 3) fingerprints of all parts together (saved in checkpoints).
+
+    Raises:
+        RuntimeError: naming the parts that differ, with their fingerprints per rank.
+    """
+    names, tensors = list(parts), [_replicated(m) for m in parts.values()]
+    rows = [fingerprints(t) if t else None for t in tensors]
+    differ = {name: r for name, r in zip(names, rows) if r is not None and not torch.equal(r, r[:1].expand_as(r))}
+    if differ:
+        raise RuntimeError(f"{when}: {', '.join(differ)} differ across ranks (fingerprint rows per rank):\n"
+                           + "\n".join(f"{name}:\n{r}" for name, r in differ.items()))  # fmt: skip
+    return fingerprints([x for t in tensors for x in t])
 
 
 def seed_everything(seed: int, per_rank: bool = True) -> int:

@@ -1,11 +1,20 @@
 import pytest
 import torch
 
-from dino_recog.engine import DinoStep, train_one_epoch_dino
+from dino_recog.engine import LoopOptions, train_one_epoch
 from dino_recog.losses import DINOLoss
 from dino_recog.models import DINOHead, MultiCropNet, build_backbone
 from dino_recog.optim import build_optimizer, param_groups
 from dino_recog.runlog import RunLog, read_jsonl
+from dino_recog.tasks import DinoStep, DinoTask
+
+
+def epoch(student, teacher, loss_fn, loader, opt, step, tmp_path, v2=None, **options):
+    """One epoch of the DINO task built from these parts, every iteration with the same scheduled values."""
+    task = DinoTask(student, teacher, loss_fn, v2)
+    opts = LoopOptions(len(loader), **{"clip_grad": 3.0, "log_every": 1, **options})
+    return train_one_epoch(task, loader, opt, torch.amp.GradScaler("cpu", enabled=False), lambda it: step, 0,
+                           RunLog(tmp_path, tensorboard=False), opts)  # fmt: skip
 
 
 def tiny_pair():
@@ -31,33 +40,8 @@ def batches(n=3, b=4):
 def run(student, teacher, tmp_path, momentum=0.996, freeze=False, steps=3):
     loss_fn = DINOLoss(64)
     opt = build_optimizer("adamw", param_groups(student), 1e-3, 0.04)
-
-    def schedule(it):
-        return DinoStep(
-            lr=1e-3,
-            weight_decay=0.04,
-            momentum=momentum,
-            teacher_temp=0.04,
-            freeze_last_layer=freeze,
-        )
-
-    log = RunLog(tmp_path, tensorboard=False)
-    stats = train_one_epoch_dino(
-        student,
-        teacher,
-        loss_fn,
-        batches(steps),
-        opt,
-        torch.amp.GradScaler("cpu", enabled=False),
-        schedule,
-        0,
-        steps,
-        torch.device("cpu"),
-        "fp32",
-        3.0,
-        log,
-        log_every=1,
-    )
+    step = DinoStep(lr=1e-3, weight_decay=0.04, momentum=momentum, teacher_temp=0.04, freeze_last_layer=freeze)
+    stats = epoch(student, teacher, loss_fn, batches(steps), opt, step, tmp_path)
     return stats, loss_fn
 
 
@@ -93,9 +77,9 @@ def test_collapse_is_warned_with_the_iteration(caplog):
     import logging
     import math
 
-    from dino_recog.engine import _warn_collapse
+    from dino_recog.tasks.dino import _warn_collapse
 
-    caplog.set_level(logging.WARNING, logger="dino_recog.engine")
+    caplog.set_level(logging.WARNING, logger="dino_recog.tasks.dino")
     ok = {"kl": 0.5, "teacher_batch_entropy": 3.0}
     _warn_collapse(2.0, ok, it=120, epoch=3, out_dim=1024)
     assert not caplog.records
@@ -126,8 +110,7 @@ def test_gradient_clipping_uses_the_global_norm(tmp_path):
 
     opt = build_optimizer("sgd", param_groups(student), lr, 0.0)
     step = DinoStep(lr=lr, weight_decay=0.0, momentum=1.0, teacher_temp=0.04, freeze_last_layer=False)
-    train_one_epoch_dino(student, teacher, DINOLoss(64), batches(1), opt, torch.amp.GradScaler("cpu", enabled=False),
-                         lambda it: step, 0, 1, torch.device("cpu"), "fp32", clip, RunLog(tmp_path, False))  # fmt: skip
+    epoch(student, teacher, DINOLoss(64), batches(1), opt, step, tmp_path, clip_grad=clip)
     for e, p in zip(expected, student.parameters()):
         torch.testing.assert_close(p.detach(), e, rtol=1e-4, atol=1e-6)
 
@@ -156,8 +139,8 @@ def tiny_masked_pair(separate=False):
 
 def v2_terms(out_dim=64, koleo_weight=0.1):
     from dino_recog.data.masking import BlockMaskGenerator
-    from dino_recog.engine import DinoV2Terms
     from dino_recog.losses import IBOTPatchLoss
+    from dino_recog.tasks import DinoV2Terms
 
     return DinoV2Terms(IBOTPatchLoss(out_dim), BlockMaskGenerator((4, 2), min_block_patches=1), (0.2, 0.6), 0.5,
                        ibot_weight=1.0, koleo_weight=koleo_weight)  # fmt: skip
@@ -167,9 +150,7 @@ def run_v2(student, teacher, v2, tmp_path, freeze=False, steps=3):
     loss_fn = DINOLoss(64)
     opt = build_optimizer("adamw", param_groups(student, 0.9, 0.2), 1e-3, 0.04)
     step = DinoStep(lr=1e-3, weight_decay=0.04, momentum=0.9, teacher_temp=0.04, freeze_last_layer=freeze)
-    scaler, log = torch.amp.GradScaler("cpu", enabled=False), RunLog(tmp_path, tensorboard=False)
-    stats = train_one_epoch_dino(student, teacher, loss_fn, batches(steps), opt, scaler, lambda it: step, 0, steps,
-                                 torch.device("cpu"), "fp32", 3.0, log, 1, v2=v2)  # fmt: skip
+    stats = epoch(student, teacher, loss_fn, batches(steps), opt, step, tmp_path, v2=v2)
     return stats, loss_fn
 
 
@@ -192,14 +173,12 @@ def test_dinov2_epoch_sums_the_three_terms_and_trains_the_mask_token(tmp_path):
 
 def test_dinov2_masks_are_seeded_by_torch_and_reach_only_the_student(tmp_path):
     """Same torch seed, same masks and losses; the teacher's CLS outputs are those of the unmasked crops."""
-    from dino_recog.engine import dinov2_losses
-
     crops = batches(1)[0][0][0]
     results = []
     for _ in range(2):
         student, teacher = tiny_masked_pair()
         torch.manual_seed(5)
-        results.append(dinov2_losses(student, teacher, crops, DINOLoss(64), v2_terms(), 0.04))
+        results.append(DinoTask(student, teacher, DINOLoss(64), v2_terms())._dinov2(student, crops, 0.04))
     (loss_a, terms_a, s_a, t_a), (loss_b, _, s_b, _) = results
     assert torch.equal(loss_a, loss_b) and torch.equal(s_a, s_b)
     plain = MultiCropNet(teacher.backbone, teacher.head)
@@ -248,8 +227,9 @@ def test_nonfinite_check_without_a_skip_budget_does_not_sync_every_step(tmp_path
     with pytest.raises(
         engine.NonFiniteLossError, match=r"non-finite DINO loss at epoch 0, iteration 2 \(rank 0: loss nan\)"
     ):
-        train_one_epoch_dino(student, teacher, loss_fn, batches(5), opt, torch.amp.GradScaler("cpu", enabled=False),
-                             lambda it: step, 0, 5, torch.device("cpu"), "fp32", 3.0, RunLog(tmp_path, False),
-                             log_every=100, save_every_steps=4, save_checkpoint=saves.append)  # fmt: skip
+        train_one_epoch(DinoTask(student, teacher, loss_fn), batches(5), opt,
+                        torch.amp.GradScaler("cpu", enabled=False), lambda it: step, 0, RunLog(tmp_path, False),
+                        LoopOptions(5, clip_grad=3.0, log_every=100, save_every_steps=4),
+                        save_checkpoint=saves.append)  # fmt: skip
     assert saves == []  # the step-4 checkpoint would hold the non-finite state: the check before it raised
     assert len(calls) == 4  # no sync stopped the loop at iteration 2; the check before the save did, after step 3

@@ -36,11 +36,12 @@ from dino_recog import distributed as D
 from dino_recog.data import datasets as ds
 from dino_recog.data.samplers import PKSampler, SeededBatches
 from dino_recog.data.transforms import MultiCropTransform
-from dino_recog.engine import DinoStep, NonFiniteLossError, train_one_epoch_dino, train_one_epoch_recog
+from dino_recog.engine import LoopOptions, NonFiniteLossError, train_one_epoch
 from dino_recog.losses import DINOLoss
 from dino_recog.models import DINOHead, MultiCropNet, build_backbone
 from dino_recog.optim import build_optimizer, param_groups
 from dino_recog.runlog import RunLog, read_jsonl
+from dino_recog.tasks import DinoStep, DinoTask, ReIDStep, build_reid_task
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -362,9 +363,9 @@ def test_a_skipped_step_changes_nothing_and_too_many_stop_the_run(tmp_path):
         student, teacher = tiny_dino_pair()
         loss_fn, opt = DINOLoss(64), build_optimizer("adamw", param_groups(student), 1e-3, 0.04)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        stats = train_one_epoch_dino(student, teacher, loss_fn, batches, opt, scaler, lambda it: step, 0, len(batches),
-                                     torch.device("cpu"), "fp32", 3.0, RunLog(tmp_path, False),
-                                     nonfinite_budget=budget)  # fmt: skip
+        stats = train_one_epoch(DinoTask(student, teacher, loss_fn), batches, opt, scaler, lambda it: step, 0,
+                                RunLog(tmp_path, False), LoopOptions(len(batches), clip_grad=3.0,
+                                                                      nonfinite_budget=budget))  # fmt: skip
         return stats, {**student.state_dict(), **{"t." + k: v for k, v in teacher.state_dict().items()},
                        "center": loss_fn.center}  # fmt: skip
 
@@ -388,13 +389,12 @@ def test_stage2_skipped_step_restores_batchnorm_statistics(small_demo, tmp_path)
 
     def run(batches, budget):
         torch.manual_seed(0)
-        model = train_recog.build_model(cfg, num_classes=4)
-        losses = train_recog.build_losses(cfg, model.head.out_dim, 4, torch.device("cpu"))
-        opt = build_optimizer("adamw", param_groups(model), 1e-3, 0.01)
-        stats = train_one_epoch_recog(model, losses, batches, opt, torch.amp.GradScaler("cpu", enabled=False),
-                                      lambda it: 1e-3, 0, len(batches), torch.device("cpu"), "fp32", 0.0,
-                                      RunLog(tmp_path, False), nonfinite_budget=budget)  # fmt: skip
-        return stats, model.state_dict()
+        task = build_reid_task(cfg, num_classes=4)
+        opt = build_optimizer("adamw", param_groups(task.model), 1e-3, 0.01)
+        stats = train_one_epoch(task, batches, opt, torch.amp.GradScaler("cpu", enabled=False),
+                                lambda it: ReIDStep(1e-3, it), 0, RunLog(tmp_path, False),
+                                LoopOptions(len(batches), nonfinite_budget=budget))  # fmt: skip
+        return stats, task.model.state_dict()
 
     stats, skipped = run([b0, bad, b1], budget=1)
     _, plain = run([b0, b1], budget=0)

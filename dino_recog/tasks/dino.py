@@ -1,0 +1,239 @@
+"""Stage 1 as one module: DINO (Caron et al. 2021) or DINOv2 (Oquab et al. 2023) self-distillation.
+
+`DinoTask` owns everything stage 1 trains or updates: the student (backbone + DINO head, with v2 a mask token and
+an optional iBOT head), its EMA teacher, the DINO loss with its centre, and with `dino.version: v2` the iBOT loss
+(its own centre), KoLeo and the block-mask sampler. `engine.train_one_epoch` runs it like any other task.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .. import config as C
+from .. import distributed as dist
+from ..data.batch_augment import BatchAugment
+from ..data.masking import BlockMaskGenerator, sample_batch_masks
+from ..losses.dino import DINOLoss, collapse_stats
+from ..losses.dinov2 import IBOTPatchLoss, KoLeoLoss
+from ..models import DINOHead, MaskedMultiCropNet, MultiCropNet, build_backbone, update_teacher
+from ..optim import param_groups
+from ..schedules import cosine_schedule, linear_warmup, scaled_lr
+
+__all__ = ["DinoStep", "DinoTask", "DinoV2Terms", "build_dino_task", "dino_schedule"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DinoStep:
+    """The scheduled values of one DINO iteration."""
+
+    lr: float
+    weight_decay: float
+    momentum: float
+    teacher_temp: float
+    freeze_last_layer: bool
+    iteration: int = 0
+
+
+@dataclass
+class DinoV2Terms:
+    """What DINOv2 adds to a DINO iteration: block masks on the student's global crops, the iBOT masked-patch loss
+    and the KoLeo regulariser, with their weights."""
+
+    ibot_loss: IBOTPatchLoss
+    mask_generator: BlockMaskGenerator  # over the patch grid of a global crop
+    mask_ratio_min_max: tuple[float, float] = (0.1, 0.5)
+    mask_sample_probability: float = 0.5
+    ibot_weight: float = 1.0
+    koleo_weight: float = 0.1
+
+
+class DinoTask(nn.Module):
+    """Student, teacher and DINO loss (plus the DINOv2 terms with `v2`).
+
+    Args:
+        student, teacher: MultiCropNets (MaskedMultiCropNets with `v2`); the teacher gets no gradients.
+        loss: the DINO loss with its centre.
+        v2: the DINOv2 terms, or None for DINO v1.
+        augment: the photometric half of the augmentation run on the device (`crops.gpu_augment`), or None.
+    """
+
+    name = "DINO"  # in messages
+
+    def __init__(self, student: MultiCropNet, teacher: MultiCropNet, loss: DINOLoss, v2: DinoV2Terms | None = None,
+                 augment: BatchAugment | None = None) -> None:  # fmt: skip
+        super().__init__()
+        self.student, self.teacher, self.dino_loss = student, teacher, loss
+        self.ibot_loss = v2.ibot_loss if v2 is not None else None
+        self.koleo_loss = KoLeoLoss()
+        self.v2, self.augment = v2, augment
+        self._last: tuple[torch.Tensor, torch.Tensor, float] | None = None
+
+    @property
+    def trainable(self) -> nn.Module:
+        return self.student  # what DDP wraps (`distributed.wrap_ddp`); the teacher stays outside
+
+    # --- what the loop calls -----------------------------------------------------------------------------------------
+    def parts(self) -> dict[str, nn.Module]:
+        """The state a checkpoint holds (its keys), resume restores and the cross-rank check compares."""
+        parts = {"student": self.student, "teacher": self.teacher, "dino_loss": self.dino_loss}
+        if self.ibot_loss is not None:
+            parts["ibot_loss"] = self.ibot_loss
+        return parts
+
+    def param_groups(self, layer_decay: float = 1.0, patch_embed_lr_mult: float = 1.0) -> list[dict]:
+        return param_groups(self.student, layer_decay, patch_embed_lr_mult)
+
+    def forward(self, batch: tuple, step: DinoStep) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One iteration's loss: teacher on the global crops, student on all crops (Algorithm 1 of the paper).
+
+        Returns:
+            (loss, {}) for v1; (loss, {"dino", "ibot", "koleo"} unweighted) for v2.
+        """
+        device = self.dino_loss.center.device
+        crops = [c.to(device, non_blocking=True) for c in batch[0]]
+        if self.augment is not None:
+            crops = self.augment(crops, step.iteration)
+        student = dist.ddp_module(self)
+        n_global = self.dino_loss.n_global_crops
+        terms: dict[str, torch.Tensor] = {}
+        if self.v2 is None:
+            with torch.no_grad():
+                teacher_out = self.teacher(crops[:n_global])  # (2B, K)
+            student_out = student(crops)  # (n_crops * B, K)
+            loss = self.dino_loss(student_out, teacher_out, step.teacher_temp)
+        else:
+            loss, terms, student_out, teacher_out = self._dinov2(student, crops, step.teacher_temp)
+        self._last = (student_out.detach(), teacher_out, step.teacher_temp)
+        return loss, terms
+
+    def _dinov2(self, student: nn.Module, crops: list[torch.Tensor], teacher_temp: float):
+        """loss = DINO + ibot_weight x iBOT + koleo_weight x KoLeo.
+
+        Masks are drawn for the n_global x B global crops from torch's generator (seeding torch fixes them); the
+        teacher sees the unmasked global crops, the student the masked ones and the local crops. KoLeo is summed
+        over the global crops, each crop's batch on its own, as DINOv2 does.
+        """
+        v2, n_global = self.v2, self.dino_loss.n_global_crops
+        rng = random.Random(int(torch.randint(2**62, ()).item()))
+        masks = sample_batch_masks(v2.mask_generator, n_global * crops[0].shape[0], v2.mask_ratio_min_max,
+                                   v2.mask_sample_probability, rng).to(crops[0].device)  # fmt: skip
+        with torch.no_grad():
+            t = self.teacher(crops[:n_global], masks, mask_inputs=False)
+        s = student(crops, masks)
+        terms = {
+            "dino": self.dino_loss(s["cls"], t["cls"], teacher_temp),
+            "ibot": self.ibot_loss(s["patch"], t["patch"], masks, teacher_temp),
+            "koleo": sum(self.koleo_loss(f) for f in s["cls_features"].chunk(n_global)),
+        }
+        loss = terms["dino"] + v2.ibot_weight * terms["ibot"] + v2.koleo_weight * terms["koleo"]
+        return loss, terms, s["cls"], t["cls"]
+
+    def cancel_gradients(self, step: DinoStep) -> None:
+        """The head's last layer gets no update in the first epochs (`dino.freeze_last_layer`), as in DINO."""
+        if step.freeze_last_layer:
+            for n, p in self.student.named_parameters():
+                if n.startswith(("head.last_layer", "ibot_head.last_layer")):
+                    p.grad = None
+
+    @torch.no_grad()
+    def after_step(self, step: DinoStep) -> None:
+        """The teacher takes an EMA step towards the student."""
+        update_teacher(self.student, self.teacher, step.momentum)
+
+    def log_stats(self, step: DinoStep, terms: dict[str, float], loss: float, epoch: int) -> dict[str, float]:
+        """At log intervals: the collapse monitors of the last batch (and a warning when they say collapse)."""
+        student_out, teacher_out, temp = self._last
+        stats = collapse_stats(student_out, teacher_out, self.dino_loss.center, self.dino_loss.student_temp, temp)
+        _warn_collapse(terms.get("dino", loss), stats, step.iteration, epoch, teacher_out.shape[-1])
+        return {"weight_decay": step.weight_decay, "momentum": step.momentum, "teacher_temp": temp, **stats}
+
+
+    def epoch_stats(self) -> dict[str, float]:
+        return {}
+
+
+def _warn_collapse(loss: float, stats: dict[str, float], it: int, epoch: int, out_dim: int) -> None:
+    """Warn about the two collapse modes of the paper's section 5.3 (after the first epoch, when start-up is over)."""
+    if epoch < 1:
+        return
+    if loss > 0.98 * math.log(out_dim) and stats["kl"] < 1e-3:
+        log.warning(
+            "iteration %d: loss %.4f is stuck near ln K = %.4f with KL(teacher||student) %.2e: uniform collapse "
+            "(try a lower teacher temperature or a larger momentum)", it, loss, math.log(out_dim), stats["kl"],
+        )  # fmt: skip
+    if stats["teacher_batch_entropy"] < 0.05:
+        log.warning(
+            "iteration %d: the teacher puts the whole batch on one prototype (batch entropy %.3f): one-dimension "
+            "collapse (check the centring)", it, stats["teacher_batch_entropy"],
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# From the config
+
+
+def _net(cfg: C.DinoConfig, drop_path: float) -> MultiCropNet:
+    m = cfg.model
+    backbone, dim = build_backbone(
+        m.arch, img_size=cfg.crops.global_crops_size, patch_size=m.patch_size, drop_path_rate=drop_path,
+        depth=m.depth or None, embed_dim=m.embed_dim or None, num_heads=m.num_heads or None,
+        layerscale=m.layerscale, num_register_tokens=m.num_register_tokens,
+    )  # fmt: skip
+    head = DINOHead(dim, m.out_dim, m.use_bn_in_head, m.norm_last_layer, hidden_dim=m.hidden_dim,
+                    bottleneck_dim=m.bottleneck_dim)  # fmt: skip
+    if cfg.dino.version == "v1":
+        return MultiCropNet(backbone, head)
+    ibot_head = DINOHead(dim, m.out_dim, False, m.norm_last_layer, hidden_dim=m.hidden_dim,
+                         bottleneck_dim=m.bottleneck_dim) if cfg.dino.separate_ibot_head else None  # fmt: skip
+    return MaskedMultiCropNet(backbone, head, ibot_head)
+
+
+def build_dino_task(cfg: C.DinoConfig) -> DinoTask:
+    """Student (with stochastic depth) and teacher (without, starting as a copy of the student), the DINO loss,
+    with v2 the iBOT loss, KoLeo and the mask sampler over the global crops' patch grid, and with
+    `crops.gpu_augment` the device-side photometric augmentation (seeded by seed + rank and the iteration only)."""
+    d = cfg.dino
+    student, teacher = _net(cfg, cfg.model.drop_path_rate), _net(cfg, 0.0)
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    loss = DINOLoss(cfg.model.out_dim, 2, d.student_temp, d.center_momentum, d.centering)
+    v2 = None
+    if d.version == "v2":
+        patch = cfg.model.patch_size
+        grid = (cfg.crops.global_crops_size[0] // patch, cfg.crops.global_crops_size[1] // patch)  # (h, w) patches
+        v2 = DinoV2Terms(IBOTPatchLoss(cfg.model.out_dim, d.student_temp, d.center_momentum, d.centering),
+                         BlockMaskGenerator(grid), tuple(d.mask_ratio_min_max), d.mask_sample_probability,
+                         d.ibot_weight, d.koleo_weight)  # fmt: skip
+    augment = None
+    if cfg.crops.gpu_augment:
+        augment = BatchAugment(cfg.crops.mean, cfg.crops.std, seed=cfg.run.seed + dist.get_rank())
+    return DinoTask(student, teacher, loss, v2, augment)
+
+
+def dino_schedule(cfg: C.DinoConfig, steps_per_epoch: int):
+    """iteration -> DinoStep, from the pure schedule functions (lr scaled linearly with the total batch)."""
+    t, d = cfg.train, cfg.dino
+    total = t.epochs * steps_per_epoch
+    lr = scaled_lr(t.lr, cfg.data.batch_size_per_gpu * dist.get_world_size())
+
+    def schedule(it: int) -> DinoStep:
+        return DinoStep(
+            lr=cosine_schedule(it, total, lr, t.min_lr, t.warmup_epochs * steps_per_epoch),
+            weight_decay=cosine_schedule(it, total, t.weight_decay, t.weight_decay_end),
+            momentum=cosine_schedule(it, total, d.momentum_teacher, 1.0),
+            teacher_temp=linear_warmup(
+                it, d.warmup_teacher_temp_epochs * steps_per_epoch, d.warmup_teacher_temp, d.teacher_temp
+            ),
+            freeze_last_layer=it < d.freeze_last_layer * steps_per_epoch,
+            iteration=it,
+        )
+
+    return schedule

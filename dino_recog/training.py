@@ -1,0 +1,152 @@
+"""What a training run carries from epoch to epoch, the same for every stage: where it resumes, what a checkpoint
+holds, how each epoch is seeded, and the last good checkpoint to name when it stops.
+
+A checkpoint is `{part: state_dict for part in task.parts()}` (a ModuleDict part as a dict of state dicts), the
+optimisers' and the gradient scaler's states, the position (`epoch`, `step_in_epoch`, `iteration`), every rank's RNG
+streams (for an exact mid-epoch resume), the resolved config, and what the script adds (`extra`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from . import checkpoint as ckpt
+from . import config as C
+from . import distributed as dist
+from .engine import LoopOptions, NonFiniteLossError, train_one_epoch
+from .runlog import RunLog, fmt_metrics
+
+__all__ = ["TrainingRun"]
+
+log = logging.getLogger(__name__)
+
+
+class TrainingRun:
+    """The checkpoint cycle of one run of a task.
+
+    Args:
+        cfg: the stage's config (`run.*`, `train.epochs`, `train.clip_grad` are read).
+        task: DinoTask / ReIDTask (possibly with its DDP wrapper).
+        optimizers: checkpoint key -> optimiser; the first is the main one (scheduled, clipped).
+        steps_per_epoch: iterations of a whole epoch.
+        keep_every: also keep every end-of-epoch checkpoint whose epoch is a multiple of this (0: none).
+        extra: what the script adds to every checkpoint (called at each save).
+    """
+
+    def __init__(self, cfg, task: nn.Module, optimizers: Mapping[str, torch.optim.Optimizer], steps_per_epoch: int,
+                 keep_every: int = 0, extra: Callable[[], dict] | None = None) -> None:  # fmt: skip
+        self.cfg, self.task, self.optimizers = cfg, task, dict(optimizers)
+        self.out = Path(cfg.run.output_dir)
+        self.steps_per_epoch, self.keep_every, self.extra = steps_per_epoch, keep_every, extra or dict
+        device = next(task.parameters()).device
+        self.scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.run.amp == "fp16")
+        self.log = RunLog(self.out)
+        self.start_epoch, self.start_step, self.rng, self.nonfinite = 0, 0, None, 0
+        self.last_saved: Path | None = None
+        self.fingerprints: torch.Tensor | None = None
+
+    # --- resume ------------------------------------------------------------------------------------------------------
+    def resume(self) -> dict | None:
+        """Continue from `run.resume` (auto: the newest usable checkpoint in the output directory): every part,
+        optimiser and the scaler restored, the position and this rank's RNG streams taken.
+
+        Returns:
+            The checkpoint (for what the script stored in `extra`), or None when the run starts fresh.
+        """
+        parts = self.task.parts()
+        found = ckpt.find_resume(self.cfg.run.resume, self.out, (*parts, "optimizer", "epoch"))
+        if found is None:
+            return None
+        path, state = found
+        for name, module in parts.items():
+            if isinstance(module, nn.ModuleDict):
+                for key, sd in state.get(name, {}).items():
+                    if key not in module:
+                        raise ckpt.CheckpointError(f"{path}: has a {key} loss, which the config does not switch on")
+                    ckpt.check_state_dict(module[key], sd, path, f"{key} loss")
+            else:
+                ckpt.check_state_dict(module, state[name], path, "model" if name == "state_dict" else name)
+        for name, opt in self.optimizers.items():
+            if state.get(name):
+                opt.load_state_dict(state[name])
+        self.scaler.load_state_dict(state["scaler"])
+        self.start_epoch, self.start_step, self.rng = ckpt.resume_point(state, path, dist.get_rank(),
+                                                                        dist.get_world_size())  # fmt: skip
+        self.nonfinite = int(state.get("nonfinite_steps", 0))  # the skip budget is one for the whole run
+        self.last_saved = path
+        log.info("resumed from %s at epoch %d, step %d", path, self.start_epoch, self.start_step)
+        return state
+
+    # --- save --------------------------------------------------------------------------------------------------------
+    def save(self, epochs_done: int, step_in_epoch: int = 0) -> Path:
+        """Checkpoint after `epochs_done` epochs and `step_in_epoch` steps of the next; every rank calls it."""
+        rngs = dist.all_gather_object(ckpt.rng_state())  # each rank's streams, for an exact mid-epoch resume
+        path = self.out / ckpt.checkpoint_name(epochs_done, step_in_epoch)
+
+        def write() -> None:
+            state = {name: ({k: m.state_dict() for k, m in module.items()} if isinstance(module, nn.ModuleDict)
+                            else module.state_dict()) for name, module in self.task.parts().items()}  # fmt: skip
+            state.update({name: opt.state_dict() for name, opt in self.optimizers.items()})
+            state.update(scaler=self.scaler.state_dict(), epoch=epochs_done, step_in_epoch=step_in_epoch,
+                         iteration=epochs_done * self.steps_per_epoch + step_in_epoch, nonfinite_steps=self.nonfinite,
+                         config=C.to_dict(self.cfg), rng=rngs, **self.extra())  # fmt: skip
+            if self.fingerprints is not None and step_in_epoch == 0:
+                state["fingerprints"] = self.fingerprints.cpu()
+            ckpt.save_checkpoint(state, path)
+            ckpt.prune_checkpoints(self.out, self.cfg.run.keep_last, self.keep_every)
+
+        dist.run_on_main(write)  # a failed write (disk full) stops every rank, not only rank 0
+        self.last_saved = path
+        return path
+
+    # --- one epoch ---------------------------------------------------------------------------------------------------
+    def begin_epoch(self, epoch: int, batches, loader) -> int:
+        """Seed the epoch and position the batches; returns the step it starts from (> 0 only when resuming).
+
+        Each sample's augmentation has its own seed (SeededBatches); the processes' streams (stochastic depth, mask
+        sampling) restart from (seed, epoch, rank) every epoch, or continue from a mid-epoch checkpoint's states.
+        """
+        first = self.start_step if epoch == self.start_epoch else 0
+        batches.set_epoch(epoch, first)
+        seed = self.cfg.run.seed + 1000 * epoch
+        dist.seed_everything(seed)
+        if getattr(loader, "generator", None) is not None:  # the workers' base seed, apart from the global stream
+            loader.generator.manual_seed(seed + dist.get_rank())
+        if first and self.rng is not None:
+            ckpt.set_rng_state(self.rng)
+        return first
+
+    def train_epoch(self, epoch: int, first: int, loader, schedule) -> dict[str, float]:
+        """`engine.train_one_epoch`, mid-epoch checkpoints included; then the epoch's record, and the check that
+        the replicated state (teachers, centres, loss weights) is identical on every rank."""
+        r = self.cfg.run
+        opts = LoopOptions(self.steps_per_epoch, r.amp, self.cfg.train.clip_grad, r.log_every,
+                           r.skip_nonfinite_steps - self.nonfinite, r.save_every_steps)  # fmt: skip
+        self.fingerprints = None
+        try:
+            stats = train_one_epoch(self.task, loader, list(self.optimizers.values()), self.scaler, schedule, epoch,
+                                    self.log, opts, first, lambda step: self.save(epoch, step))  # fmt: skip
+        except NonFiniteLossError as e:
+            raise NonFiniteLossError(stopped_message(e, r.skip_nonfinite_steps, self.last_saved)) from None
+        self.nonfinite += stats["nonfinite_steps"]
+        done = epoch + 1
+        log.info("epoch %d/%d: %s", done, self.cfg.train.epochs, fmt_metrics(stats))
+        self.log.write("epoch", done * self.steps_per_epoch, epoch=done, **stats)
+        self.fingerprints = dist.check_replicated(self.task.parts(), f"epoch {done}")
+        return stats
+
+    def close(self) -> None:
+        self.log.close()
+
+
+def stopped_message(error: Exception, tolerated: int, last_saved: Path | None) -> str:
+    """What a run that stops at a non-finite loss says: the engine's where and loss terms, and what to resume from."""
+    return (
+        f"{error}; the run stopped (run.skip_nonfinite_steps={tolerated} used up) and wrote nothing from this state; "
+        f"last good checkpoint: {last_saved or 'none (none written yet)'}"
+    )

@@ -1,0 +1,127 @@
+"""The stage modules (dino_recog/tasks): what each loss term reads, where the trainable weights live, what a
+checkpoint holds."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from dino_recog import config as C
+from dino_recog import distributed as dist
+from dino_recog.losses import CenterLoss, TripletLoss
+from dino_recog.tasks import INPUTS, LossTerm, ReIDStep, ReIDTask, build_dino_task, build_model, build_reid_task
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.arch=vit_small", "model.depth=2", "model.embed_dim=32", "model.num_heads=2", "model.patch_size=8",
+        "model.pretrained=", "model.drop_path_rate=0", "aug.size=[32,16]", "model.feature=cls_mean"]  # fmt: skip
+
+
+def recog_cfg(*extra: str) -> C.RecogConfig:
+    return C.load(ROOT / "cfg_recog.yaml", [*TINY, *extra], cls=C.RecogConfig)
+
+
+class Probe(nn.Module):
+    """A loss term nobody in the package knows: records what it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.seen = [x, labels]
+        return x.float().pow(2).mean()
+
+
+def batch(n: int = 8) -> tuple:
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(n // 2).repeat_interleave(2)
+    return (torch.randn(n, 3, 32, 16, generator=g), labels, labels, labels), 0
+
+
+@pytest.mark.parametrize("reads", ["feat", "neck"])
+def test_a_new_loss_term_receives_the_output_it_declares(reads):
+    torch.manual_seed(0)
+    model = build_model(recog_cfg(), num_classes=4)
+    probe = Probe()
+    task = ReIDTask(model, [LossTerm("probe", 0.5, probe, (reads, "labels"))]).train()
+    (x, labels, *_), _ = batch()
+    loss, terms = task((x, labels), ReIDStep(1e-3))
+    with torch.no_grad():
+        expected = model.train()(x)
+    other = "neck" if reads == "feat" else "feat"
+    assert torch.equal(probe.seen[0], expected[reads]) and not torch.equal(probe.seen[0], expected[other])
+    assert torch.equal(probe.seen[1], labels)
+    assert set(terms) == {"probe"} and torch.equal(loss, 0.5 * terms["probe"])
+
+
+def test_loss_terms_must_declare_inputs_the_model_gives():
+    with pytest.raises(ValueError, match=r"loss term 'mine': reads \['embedding'\]; expected names among " +
+                       ", ".join(INPUTS)):  # fmt: skip
+        LossTerm("mine", 1.0, Probe(), ("embedding",))
+    with pytest.raises(ValueError, match="loss term 'mine': reads \\[\\]"):
+        LossTerm("mine", 1.0, Probe(), ())
+    model = build_model(recog_cfg("loss.ce_weight=0"), num_classes=4)  # no classifier without CE / distillation
+    assert model.head.classifier is None
+    with pytest.raises(ValueError, match=r"loss terms \['mine'\] read the classifier's logits"):
+        ReIDTask(model, [LossTerm("mine", 1.0, Probe(), ("logits", "labels"))])
+    with pytest.raises(ValueError, match="reads teacher_logits, but no distillation teacher"):
+        ReIDTask(model, [LossTerm("kd", 1.0, Probe(), ("teacher_logits", "labels"))])
+
+
+def test_every_trained_weight_is_inside_what_ddp_wraps():
+    """CosFace / ArcFace classes, the centres and the auxiliary DINO head live in `task.trainable` (DDP reduces their
+    gradients); the auxiliary DINO teacher does not."""
+    cfg = recog_cfg("loss.cosface_weight=0.5", "loss.arcface_weight=0.5", "loss.center_weight=0.0005",
+                    "loss.dino_aux_weight=0.5", "loss.dino_aux_out_dim=16")  # fmt: skip
+    task = build_reid_task(cfg, num_classes=4)
+    inside = {id(p) for p in task.trainable.parameters()}
+    trained = [n for n, p in task.named_parameters() if p.requires_grad]
+    assert trained and all(id(p) in inside for p in task.parameters() if p.requires_grad), trained
+    teacher = {id(p) for p in task.dino_aux.teacher_model.parameters()}
+    assert teacher and not teacher & inside
+    assert set(task.parts()) == {"state_dict", "losses"}
+    assert set(task.parts()["losses"]) == {"ce", "triplet", "cosface", "arcface", "center", "dino"}
+    # the main optimiser gets the margin classes and the DINO head; the centres get their own SGD (BoT)
+    grouped = {id(p) for g in task.param_groups() for p in g["params"]}
+    centres = task.terms["center"].loss.weight
+    assert id(task.terms["cosface"].loss.weight) in grouped and id(centres) not in grouped
+    (sgd,) = task.extra_optimizers()
+    assert sgd.param_groups[0]["params"] == [centres] and sgd.param_groups[0]["lr"] == cfg.loss.center_lr
+
+
+def test_the_centres_learn_from_the_unweighted_centre_loss():
+    """The centre loss is weighted in the total; its centres get the gradient of the unweighted loss (BoT)."""
+    torch.manual_seed(0)
+    model = build_model(recog_cfg(), num_classes=4)
+    task = ReIDTask(model, [LossTerm("triplet", 1.0, TripletLoss(0.3), ("feat", "labels")),
+                            LossTerm("center", 0.0005, CenterLoss(model.head.out_dim, 4), ("feat", "labels"),
+                                     own_lr=0.5)]).train()  # fmt: skip
+    (x, labels, *_), _ = batch()
+    loss, _ = task((x, labels), ReIDStep(1e-3))
+    loss.backward()
+    centres = task.terms["center"].loss.weight
+    reference = centres.detach().clone().requires_grad_(True)
+    feat = model.train()(x)["feat"].detach()
+    (0.5 * (feat - reference[labels]).pow(2).sum(1).mean()).backward()
+    torch.testing.assert_close(centres.grad, reference.grad)
+
+
+def test_dino_task_parts_and_the_replicated_state():
+    cfg = C.load(ROOT / "cfg_dino.yaml", ["model.arch=resnet18", "model.out_dim=32", "model.hidden_dim=16",
+                                          "model.bottleneck_dim=8", "model.use_bn_in_head=true"],
+                 cls=C.DinoConfig)  # fmt: skip
+    task = build_dino_task(cfg)
+    assert set(task.parts()) == {"student", "teacher", "dino_loss"}
+    assert task.trainable is task.student
+    assert all(not p.requires_grad for p in task.teacher.parameters())
+    replicated = {id(t) for t in dist._replicated(task.teacher)}
+    bn = task.teacher.backbone.bn1
+    assert id(bn.weight) in replicated and id(bn.running_mean) not in replicated  # statistics stay per rank
+    assert id(task.dino_loss.center) in {id(t) for t in dist._replicated(task.dino_loss)}
+    prints = dist.check_replicated(task.parts(), "epoch 1")
+    assert prints.shape == (1, 3)
+    v2 = build_dino_task(C.load(ROOT / "cfg_dino.yaml", ["dino.version=v2", "model.arch=vit_tiny", "model.depth=1",
+                                                         "model.out_dim=32", "model.hidden_dim=16",
+                                                         "model.bottleneck_dim=8"], cls=C.DinoConfig))  # fmt: skip
+    assert set(v2.parts()) == {"student", "teacher", "dino_loss", "ibot_loss"}

@@ -1,0 +1,84 @@
+"""The checkpoint cycle shared by both stages (dino_recog/training.py): what a checkpoint holds and how it resumes,
+also from the layout written before the task modules."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dino_recog import checkpoint as ckpt
+from dino_recog import config as C
+from dino_recog.optim import build_optimizer
+from dino_recog.tasks import build_dino_task, build_reid_task
+from dino_recog.training import TrainingRun
+
+ROOT = Path(__file__).resolve().parents[1]
+VIT = ["model.arch=vit_small", "model.depth=1", "model.embed_dim=32", "model.num_heads=2", "model.patch_size=8"]
+
+
+def reid_run(out: Path, *extra: str, seed: int = 0) -> TrainingRun:
+    cfg = C.load(ROOT / "cfg_recog.yaml", [*VIT, "model.pretrained=", "aug.size=[32,16]", f"run.output_dir={out}",
+                                           "loss.cosface_weight=0.5", "loss.center_weight=0.0005", *extra],
+                 cls=C.RecogConfig)  # fmt: skip
+    torch.manual_seed(seed)
+    task = build_reid_task(cfg, num_classes=4)
+    opts = {"optimizer": build_optimizer("adamw", task.param_groups(), 1e-3, 0.01)}
+    opts.update(zip(["center_optimizer"], task.extra_optimizers()))
+    return TrainingRun(cfg, task, opts, steps_per_epoch=5, extra=lambda: {"kind": "reid_model", "best": {"mAP": 0.1}})
+
+
+def states(run: TrainingRun) -> dict[str, torch.Tensor]:
+    parts = run.task.parts()
+    flat = {f"model.{k}": v for k, v in parts["state_dict"].state_dict().items()}
+    for name, m in parts["losses"].items():
+        flat.update({f"{name}.{k}": v for k, v in m.state_dict().items()})
+    return flat
+
+
+def test_a_checkpoint_holds_every_part_and_resumes_them(tmp_path):
+    a = reid_run(tmp_path, seed=1)
+    a.nonfinite = 1
+    path = a.save(2, step_in_epoch=3)
+    state = ckpt.load_checkpoint(path)
+    assert {"state_dict", "losses", "optimizer", "center_optimizer", "scaler", "config", "rng"} <= set(state)
+    assert set(state["losses"]) == {"ce", "triplet", "cosface", "center"}
+    assert (state["epoch"], state["step_in_epoch"], state["iteration"], state["nonfinite_steps"]) == (2, 3, 13, 1)
+    assert state["kind"] == "reid_model" and state["best"] == {"mAP": 0.1}
+    b = reid_run(tmp_path, seed=2)  # other random weights, then the checkpoint's
+    assert any(not torch.equal(v, states(a)[k]) for k, v in states(b).items())
+    assert b.resume() is not None
+    assert all(torch.equal(v, states(a)[k]) for k, v in states(b).items())
+    assert (b.start_epoch, b.start_step, b.nonfinite, b.last_saved) == (2, 3, 1, path)
+
+
+def test_a_checkpoint_of_the_layout_before_the_task_modules_resumes(tmp_path):
+    """Stage-2 checkpoints written before the task modules have an empty centre optimiser when the centre loss is
+    off, no skip count and no fingerprints: they resume."""
+    a = reid_run(tmp_path, "loss.center_weight=0", seed=1)
+    path = a.save(1)
+    state = ckpt.load_checkpoint(path)
+    for key in ("nonfinite_steps", "fingerprints"):
+        state.pop(key, None)
+    state["center_optimizer"] = {}
+    ckpt.save_checkpoint({k: v for k, v in state.items() if k != "format_version"}, path)
+    b = reid_run(tmp_path, "loss.center_weight=0", seed=2)
+    assert b.resume() is not None and b.nonfinite == 0 and b.start_epoch == 1
+    assert all(torch.equal(v, states(a)[k]) for k, v in states(b).items())
+
+
+def test_resume_refuses_loss_state_the_config_does_not_switch_on(tmp_path):
+    reid_run(tmp_path).save(1)
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoint_0001.pth: has a cosface loss, which the config does "
+                       r"not switch on"):  # fmt: skip
+        reid_run(tmp_path, "loss.cosface_weight=0").resume()
+
+
+def test_dino_checkpoint_keys_are_the_parts(tmp_path):
+    cfg = C.load(ROOT / "cfg_dino.yaml", [*VIT, "model.out_dim=16", "model.hidden_dim=16", "model.bottleneck_dim=8",
+                                          "crops.global_crops_size=[32,16]", "crops.local_crops_size=[16,8]",
+                                          f"run.output_dir={tmp_path}"], cls=C.DinoConfig)  # fmt: skip
+    task = build_dino_task(cfg)
+    run = TrainingRun(cfg, task, {"optimizer": build_optimizer("adamw", task.param_groups(), 0.0, 0.04)}, 4)
+    state = ckpt.load_checkpoint(run.save(1))
+    assert {"student", "teacher", "dino_loss", "optimizer", "scaler"} <= set(state)
+    assert set(state["teacher"]) == set(task.teacher.state_dict())
