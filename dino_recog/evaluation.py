@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from . import distributed as dist
+from .embedding import embed
 
 __all__ = [
     "evaluate_rank",
@@ -58,14 +59,8 @@ def extract_features(
     was_training = model.training
     model.eval()
     feats, pids, camids = [], [], []
-    amp = device.type == "cuda" and torch.cuda.is_bf16_supported()
     for img, pid, camid, _ in tqdm(loader, desc="features", disable=not dist.is_main_process(), leave=False):
-        img = img.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            f = model(img).float()
-            if flip:
-                f = f + model(torch.flip(img, dims=[3])).float()
-        feats.append(F.normalize(f, dim=1))
+        feats.append(embed(model, img.to(device, non_blocking=True), flip))  # (B, D)
         pids.append(pid)
         camids.append(camid)
     model.train(was_training)

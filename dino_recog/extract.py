@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import yaml
 from PIL import Image
 from tqdm import tqdm
@@ -34,6 +33,7 @@ from . import checkpoint as ckpt
 from .config import IMAGENET_MEAN, IMAGENET_STD
 from .data.datasets import IMAGE_EXTENSIONS, CorruptImageError, _to_rgb, read_image
 from .data.transforms import reid_test_transform
+from .embedding import embed
 from .feature_cache import write_atomic
 
 __all__ = ["DEFAULT_IMAGE_SIZE", "FeatureExtractor", "ImageInput", "list_images", "load_model", "main"]
@@ -261,7 +261,6 @@ class FeatureExtractor:
         self.std = tuple(float(v) for v in (std if std is not None else prep["std"]))
         self.transform = reid_test_transform(self.image_size, self.mean, self.std)
         self.batch_size, self.flip, self.num_workers = batch_size, flip, num_workers
-        self._amp = self.device.type == "cuda" and torch.cuda.is_bf16_supported()  # as extract_features
         with torch.no_grad():  # one forward now: the feature size, and a wrong image size fails here, not later
             self.dim = int(self.model(torch.zeros(1, 3, *self.image_size, device=self.device)).shape[1])
 
@@ -289,14 +288,8 @@ class FeatureExtractor:
             while queued:
                 yield torch.stack([f.result() for f in queued.popleft()])
 
-    @torch.no_grad()
     def _forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(self.device, non_blocking=True)  # (B, 3, H, W)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._amp):
-            f = self.model(x).float()
-            if self.flip:
-                f = f + self.model(torch.flip(x, dims=[3])).float()
-        return F.normalize(f, dim=1).cpu()  # (B, D)
+        return embed(self.model, images.to(self.device, non_blocking=True), self.flip).cpu()  # (B, D)
 
     def __call__(self, inputs: ImageInput | Sequence[ImageInput], *, progress: bool = False) -> torch.Tensor:
         """Features of one image or a list of images (see the class docstring for the kinds accepted).
