@@ -25,116 +25,23 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import yaml
-from PIL import Image
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .config import IMAGENET_MEAN, IMAGENET_STD
-from .data.datasets import IMAGE_EXTENSIONS, CorruptImageError, _to_rgb, read_image
+from .data.datasets import IMAGE_EXTENSIONS, CorruptImageError
 from .data.transforms import reid_test_transform
+from .embedding import embed
 from .feature_cache import write_atomic
+from .image_inputs import ImageInput, as_items, to_pil
 
 __all__ = ["DEFAULT_IMAGE_SIZE", "FeatureExtractor", "ImageInput", "list_images", "load_model", "main"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_SIZE = (256, 128)  # (height, width) of a backbone checkpoint that does not say otherwise
-ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray | torch.Tensor
 _ARCH_HELP = "vit_tiny | vit_small | vit_base | resnet18 | resnet50 | resnet101"
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Inputs: validated up front (so a bad item fails before any compute), converted to RGB PIL images one batch at a time
-
-
-def _check_float_range(x: np.ndarray | torch.Tensor, what: str) -> None:
-    empty = (x.numel() if isinstance(x, torch.Tensor) else x.size) == 0
-    lo, hi = (0.0, 0.0) if empty else (float(x.min()), float(x.max()))
-    if not (lo >= 0.0 and hi <= 1.0):  # also catches NaN
-        raise ValueError(
-            f"{what} with values in [{lo:.4g}, {hi:.4g}]: expected floats in [0, 1] (not normalised: "
-            "FeatureExtractor normalises with the model's mean and std) or uint8 in 0-255"
-        )
-
-
-def _split_array(x: np.ndarray, where: str) -> list[np.ndarray]:
-    """One (H, W) or (H, W, C) array per image of a numpy input (channels last, as PIL and OpenCV have them)."""
-    if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"{where}: array of dtype {x.dtype}: expected uint8 (0-255) or a floating dtype (0-1)")
-    ok_hwc = x.ndim in (3, 4) and x.shape[-1] in (1, 3, 4)
-    height_width = x.shape[-3:-1] if ok_hwc else x.shape if x.ndim == 2 else ()
-    if not height_width or 0 in height_width:
-        hint = "; it looks channels-first: use .transpose(1, 2, 0)" if x.ndim == 3 and x.shape[0] in (1, 3) else ""
-        raise ValueError(
-            f"{where}: array of shape {x.shape}: expected (H, W), (H, W, C) or (B, H, W, C) with C = 1, 3 or 4 "
-            f"(channels last, RGB){hint}"
-        )
-    if x.dtype != np.uint8:
-        _check_float_range(x, f"{where}: float array")
-    return list(x) if x.ndim == 4 else [x]
-
-
-def _split_tensor(x: torch.Tensor, where: str) -> list[torch.Tensor]:
-    """One (C, H, W) tensor per image of a tensor input (channels first, as torchvision has them)."""
-    if x.dtype != torch.uint8 and not x.is_floating_point():
-        raise ValueError(f"{where}: tensor of dtype {x.dtype}: expected torch.uint8 (0-255) or a floating dtype (0-1)")
-    shape = tuple(x.shape)
-    ok = (x.ndim in (3, 4) and shape[-3] in (1, 3)) or x.ndim == 2
-    if not ok or 0 in shape[-2:]:
-        hint = ""
-        if x.ndim in (3, 4) and shape[-1] in (1, 3):
-            hint = f"; it looks channels-last: use .permute({'2, 0, 1' if x.ndim == 3 else '0, 3, 1, 2'})"
-        raise ValueError(
-            f"{where}: tensor of shape {shape}: expected (3, H, W) or (1, H, W) for one image, (B, 3, H, W) or "
-            f"(B, 1, H, W) for a batch, or (H, W) (channels first, RGB){hint}"
-        )
-    x = x.detach()
-    if x.is_floating_point():
-        _check_float_range(x, f"{where}: float tensor")
-    if x.ndim == 2:
-        x = x.unsqueeze(0)
-    return list(x) if x.ndim == 4 else [x]
-
-
-def _split(x: Any, where: str) -> list[Any]:
-    if isinstance(x, str | os.PathLike):
-        return [os.fspath(x)]
-    if isinstance(x, bytes | Image.Image):
-        return [x]
-    if isinstance(x, np.ndarray):
-        return _split_array(x, where)
-    if isinstance(x, torch.Tensor):
-        return _split_tensor(x, where)
-    raise TypeError(
-        f"{where}: cannot use {type(x).__name__} as an image: expected a file path, encoded bytes, a PIL image, "
-        "a numpy array or a torch tensor"
-    )
-
-
-def _as_items(inputs: ImageInput | Sequence[ImageInput]) -> list[Any]:
-    """One entry per image: a path, bytes, a PIL image, an (H, W[, C]) array or a (C, H, W) tensor, all checked."""
-    if isinstance(inputs, list | tuple):
-        return [item for i, x in enumerate(inputs) for item in _split(x, f"inputs[{i}]")]
-    return _split(inputs, "input")
-
-
-def _to_pil(item: Any) -> Image.Image:
-    """An RGB image, as `read_image` makes it from a file (alpha dropped, grayscale replicated, 16-bit scaled)."""
-    if isinstance(item, str | bytes):
-        return read_image(item)
-    if isinstance(item, Image.Image):
-        return _to_rgb(item)
-    if isinstance(item, torch.Tensor):
-        if item.is_floating_point():  # quantised like a file so every kind of input is resized the same way
-            item = (item.float() * 255).round().clamp(0, 255).to(torch.uint8)
-        item = item.cpu().permute(1, 2, 0).numpy()  # (H, W, C)
-    elif item.dtype != np.uint8:
-        item = np.clip(np.rint(item.astype(np.float64) * 255), 0, 255).astype(np.uint8)
-    if item.ndim == 3 and item.shape[2] == 1:
-        item = item[:, :, 0]
-    return _to_rgb(Image.fromarray(np.ascontiguousarray(item)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -261,7 +168,6 @@ class FeatureExtractor:
         self.std = tuple(float(v) for v in (std if std is not None else prep["std"]))
         self.transform = reid_test_transform(self.image_size, self.mean, self.std)
         self.batch_size, self.flip, self.num_workers = batch_size, flip, num_workers
-        self._amp = self.device.type == "cuda" and torch.cuda.is_bf16_supported()  # as extract_features
         with torch.no_grad():  # one forward now: the feature size, and a wrong image size fails here, not later
             self.dim = int(self.model(torch.zeros(1, 3, *self.image_size, device=self.device)).shape[1])
 
@@ -270,7 +176,7 @@ class FeatureExtractor:
                 f"flip={self.flip}, device={self.device})")  # fmt: skip
 
     def _prepare(self, item: Any) -> torch.Tensor:
-        return self.transform(_to_pil(item))  # (3, H, W)
+        return self.transform(to_pil(item))  # (3, H, W)
 
     def _batches(self, items: list[Any]) -> Iterator[torch.Tensor]:
         chunks = [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
@@ -289,14 +195,8 @@ class FeatureExtractor:
             while queued:
                 yield torch.stack([f.result() for f in queued.popleft()])
 
-    @torch.no_grad()
     def _forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(self.device, non_blocking=True)  # (B, 3, H, W)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._amp):
-            f = self.model(x).float()
-            if self.flip:
-                f = f + self.model(torch.flip(x, dims=[3])).float()
-        return F.normalize(f, dim=1).cpu()  # (B, D)
+        return embed(self.model, images.to(self.device, non_blocking=True), self.flip).cpu()  # (B, D)
 
     def __call__(self, inputs: ImageInput | Sequence[ImageInput], *, progress: bool = False) -> torch.Tensor:
         """Features of one image or a list of images (see the class docstring for the kinds accepted).
@@ -312,7 +212,7 @@ class FeatureExtractor:
             ValueError: an array or tensor of the wrong shape, dtype or value range (the message says which).
             CorruptImageError: a file or bytes that do not decode (the message names the file).
         """
-        items = _as_items(inputs)
+        items = as_items(inputs)
         total = -(-len(items) // self.batch_size)
         batches = tqdm(self._batches(items), total=total, desc="features", unit="batch", disable=not progress)
         feats = [self._forward(b) for b in batches]

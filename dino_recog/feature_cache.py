@@ -38,6 +38,7 @@ import torch.nn as nn
 
 from . import distributed as dist
 from .data.datasets import ImageDataset, LMDBImages
+from .embedding import uses_bf16
 from .evaluation import extract_features
 
 __all__ = ["CACHE_VERSION", "cache_key", "cached_features", "weights_digest", "write_atomic"]
@@ -101,11 +102,6 @@ def _images_digest(dataset: ImageDataset) -> str:
     return h.hexdigest()
 
 
-def _amp(device: torch.device) -> bool:
-    # the same rule as extract_features: bf16 autocast on a CUDA device that supports it
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
-
-
 @torch.no_grad()
 def _output_dim(model: nn.Module, dataset: ImageDataset, device: torch.device) -> int | None:
     """Feature dimension, from one image of `dataset` (None for an empty data set)."""
@@ -115,7 +111,7 @@ def _output_dim(model: nn.Module, dataset: ImageDataset, device: torch.device) -
     model.eval()
     try:
         img = dataset[0][0].unsqueeze(0).to(device)  # (1, 3, H, W)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=_amp(device)):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device)):
             return int(model(img).shape[1])
     finally:
         model.train(was_training)
@@ -143,7 +139,7 @@ def cache_key(
         "images": _images_digest(dataset),
         "transform": repr(dataset.transform),
         "flip": bool(flip),
-        "precision": "bf16" if _amp(device) else "fp32",
+        "precision": "bf16" if uses_bf16(device) else "fp32",
     }
 
 
