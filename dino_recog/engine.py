@@ -37,7 +37,7 @@ class LoopOptions:
     Args:
         steps_per_epoch: iterations of a whole epoch (iteration = epoch x steps_per_epoch + step).
         amp: bf16 | fp16 | fp32 (autocast on CUDA only).
-        clip_grad: max global gradient norm of the main optimiser's parameters; 0 disables.
+        clip_grad: max global gradient norm of the parameters of `task.trainable`; 0 disables.
         log_every: iterations between train records (and the one host sync they cost).
         nonfinite_budget: how many more steps with a NaN or infinite loss may be skipped (no optimiser, EMA or
             centre update); one more raises NonFiniteLossError. The decision is taken on all ranks together.
@@ -92,7 +92,7 @@ def train_one_epoch(
     """
     optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
     main = optimizers[0]
-    clipped = [p for g in main.param_groups for p in g["params"]]
+    clipped = list(task.trainable.parameters())  # what DDP trains (the teachers have no gradients)
     device = next(task.parameters()).device
     task.train()  # the teachers too, as in the official code: BatchNorm normalises with the batch statistics
     sums: dict[str, torch.Tensor] = {}

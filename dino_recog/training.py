@@ -59,7 +59,8 @@ class TrainingRun:
             The checkpoint (for what the script stored in `extra`), or None when the run starts fresh.
         """
         parts = self.task.parts()
-        found = ckpt.find_resume(self.cfg.run.resume, self.out, (*parts, "optimizer", "epoch"))
+        required = [name for name, m in parts.items() if not isinstance(m, nn.ModuleDict)]  # a loss state may be empty
+        found = ckpt.find_resume(self.cfg.run.resume, self.out, (*required, "optimizer", "epoch"))
         if found is None:
             return None
         path, state = found

@@ -645,9 +645,9 @@ def test_a_crafted_pickle_is_refused_by_every_loader_and_runs_nothing(images, sm
             "run.resume=auto": lambda: train_dino.main(dino_cfg(images, resume_dir)),
             "model.pretrained": lambda: train_recog.build_model(
                 recog_cfg(small_demo / "market", tmp_path / "r2", f"model.pretrained={path}"), 30),
-            "loss.distill_teacher": lambda: train_recog.build_losses(
+            "loss.distill_teacher": lambda: build_reid_task(
                 recog_cfg(small_demo / "market", tmp_path / "r3", "loss.distill_weight=1",
-                          f"loss.distill_teacher={path}"), 32, 30, torch.device("cpu")),
+                          f"loss.distill_teacher={path}"), 30),
         }  # fmt: skip
 
     for path in (evil_zip, evil_pickle):
