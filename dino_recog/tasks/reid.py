@@ -71,8 +71,10 @@ class LossTerm(nn.Module):
     def forward(self, inputs: dict[str, torch.Tensor | None]) -> torch.Tensor:
         return self.loss(*[inputs[k] for k in self.reads])
 
-    def trainable(self) -> list[nn.Parameter]:
-        return [p for p in self.loss.parameters() if p.requires_grad]
+    def params(self) -> list[nn.Parameter]:
+        """The loss's own weights (a frozen one, like the DINO head's weight-norm magnitude, is skipped by the
+        optimiser: it never gets a gradient)."""
+        return list(self.loss.parameters())
 
 
 class ReIDNet(nn.Module):
@@ -154,13 +156,13 @@ class ReIDTask(nn.Module):
         """The model's groups (`optim.reid_param_groups`), then one group per loss term with weights of its own."""
         groups = reid_param_groups(self.model, bias_lr_factor, head_lr_factor, layer_decay)
         for t in self.net.terms:
-            if t.own_lr is None and t.trainable():
-                groups.append({"params": t.trainable(), "lr_scale": t.lr_scale, "apply_wd": True})
+            if t.own_lr is None and t.params():
+                groups.append({"params": t.params(), "lr_scale": t.lr_scale, "apply_wd": True})
         return groups
 
     def extra_optimizers(self) -> list[torch.optim.Optimizer]:
         """Plain SGD for the terms that train their weights at a fixed lr of their own (BoT's centres)."""
-        return [torch.optim.SGD(t.trainable(), lr=t.own_lr) for t in self.net.terms if t.own_lr is not None]
+        return [torch.optim.SGD(t.params(), lr=t.own_lr) for t in self.net.terms if t.own_lr is not None]
 
     def forward(self, batch: tuple, step: ReIDStep) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """sum_t weight_t x term_t on one P x K batch. Returns (loss, {term name: unweighted value})."""
