@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from .atomic import atomic_write
+
 __all__ = [
     "ConfigError",
     "DatasetSpec",
@@ -782,12 +784,5 @@ def dump(cfg: Any) -> str:
 
 
 def save(cfg: Any, path: str | os.PathLike) -> None:
-    """Write the resolved config atomically (temp file + rename), so a crash never leaves half a file."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(dump(cfg))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, p)
+    """Write the resolved config atomically, so a crash never leaves half a file."""
+    atomic_write(path, lambda fh: fh.write(dump(cfg).encode("utf-8")), "config")
