@@ -15,6 +15,7 @@ preprocessing stay the same (see dino_recog/feature_cache.py).
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from pathlib import Path
@@ -71,13 +72,18 @@ def _flags(parser) -> None:
         "--save-ranks", metavar="DIR", help="also draw the worst queries' ranked lists (ranks.png, .json)"
     )
     parser.add_argument("--cache-dir", help="keep query/gallery features here and reuse them while nothing changed")
-    parser.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (same as eval.rerank=true)")
-    parser.add_argument("--aqe", action="store_true", help="average query expansion (same as eval.aqe=true)")
+
+
+# Flags for config keys, applied as overrides so that the config is validated once with them (`--rerank eval.topk=5`
+# is refused like `eval.rerank=true eval.topk=5`).
+ALIASES = {"--rerank": "eval.rerank=true", "--aqe": "eval.aqe=true"}
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[C.RecogConfig, argparse.Namespace]:
+    """The validated config and the script's flags; a config error exits with its message."""
+    return load_config(C.RecogConfig, "cfg_recog.yaml", __doc__.split("\n")[0], argv, _flags, ALIASES)
 
 
 if __name__ == "__main__":
-    cfg, args = load_config(C.RecogConfig, "cfg_recog.yaml", __doc__.split("\n")[0], add_arguments=_flags)
-    cfg.eval.rerank |= args.rerank
-    cfg.eval.aqe |= args.aqe
-    cfg.eval.validate("eval")
+    cfg, args = parse_args()
     main(cfg, args.checkpoint, args.json, save_ranks=args.save_ranks, cache_dir=args.cache_dir)

@@ -60,27 +60,9 @@ def save_checkpoint(state: Mapping, path: str | os.PathLike) -> Path:
     If writing fails (disk full, no permission), the temporary file is removed and any previous file at `path` is
     left untouched; the error names the path.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save({"format_version": FORMAT_VERSION, **state}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, f"could not write checkpoint {path}: {e.strerror}; the previous one is intact") from e
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-    return path
+    from .atomic import atomic_write  # to the top of the module once the split of checkpoint.py has landed
+
+    return atomic_write(path, lambda fh: torch.save({"format_version": FORMAT_VERSION, **state}, fh), "checkpoint")
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

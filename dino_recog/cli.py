@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
@@ -27,11 +27,14 @@ def load_config(
     description: str,
     argv: list[str] | None = None,
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    aliases: Mapping[str, str] | None = None,
 ) -> tuple[T, argparse.Namespace]:
     """Parse `[--config PATH] [flags] [key.sub=value ...]` and load the config; a config error exits with its message.
 
     Args:
         add_arguments: adds a script's own flags to the parser.
+        aliases: flags that stand for overrides, e.g. `{"--rerank": "eval.rerank=true"}`. They are applied before
+            the `key.sub=value` items, so those win, and the config is validated once with all of them.
 
     Returns:
         The validated config and the parsed arguments (for the script's own flags).
@@ -40,10 +43,14 @@ def load_config(
     parser.add_argument("--config", default=str(ROOT / default_config), help=f"YAML config (default: {default_config})")
     if add_arguments is not None:
         add_arguments(parser)
+    for flag, override in (aliases or {}).items():
+        parser.add_argument(flag, action="append_const", const=override, dest="alias_overrides",
+                            help=f"same as {override}")  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after the file")
     args = parser.parse_args(argv)
+    overrides = (getattr(args, "alias_overrides", None) or []) + args.overrides
     try:
-        return C.load(args.config, args.overrides, cls=cls), args
+        return C.load(args.config, overrides, cls=cls), args
     except C.ConfigError as e:
         sys.exit(f"config error: {e}")
 

@@ -13,10 +13,12 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 import torch.nn as nn
 
+from .atomic import atomic_write
 from .checkpoint import load_reid_model
 
 __all__ = ["export_onnx", "main"]
@@ -25,22 +27,22 @@ log = logging.getLogger(__name__)
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: tuple[int, int], opset: int = 17) -> Path:
-    """Write `model` (eval mode, embeddings out) as ONNX with a dynamic batch axis; written to a temp file, renamed."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Write `model` (eval mode, embeddings out) as ONNX with a dynamic batch axis, atomically."""
     was_training = model.training
     model.eval()
     example = torch.zeros(2, 3, *img_size)
-    try:
+
+    def write(fh: BinaryIO) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about shape checks that are constant for a fixed size
             torch.onnx.export(
-                model, (example,), str(tmp), input_names=["images"], output_names=["embeddings"],
+                model, (example,), fh, input_names=["images"], output_names=["embeddings"],
                 dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}}, opset_version=opset, dynamo=False,
             )  # fmt: skip
-        os.replace(tmp, path)
+
+    try:
+        path = atomic_write(path, write, "ONNX model")
     finally:
-        tmp.unlink(missing_ok=True)
         model.train(was_training)
     log.info("exported %s (input batch x 3 x %d x %d)", path, *img_size)
     return path

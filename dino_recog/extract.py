@@ -29,11 +29,11 @@ import yaml
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from .atomic import atomic_write
 from .config import IMAGENET_MEAN, IMAGENET_STD
 from .data.datasets import IMAGE_EXTENSIONS, CorruptImageError
 from .data.transforms import reid_test_transform
 from .embedding import embed
-from .feature_cache import write_atomic
 from .image_inputs import ImageInput, as_items, to_pil
 
 __all__ = ["DEFAULT_IMAGE_SIZE", "FeatureExtractor", "ImageInput", "list_images", "load_model", "main"]
@@ -315,10 +315,10 @@ def main(argv: list[str] | None = None) -> int:
         feats = extractor([os.path.join(args.images, n) for n in names], progress=True).numpy()  # (N, D)
         listing = out.with_suffix(".txt")
         try:
-            write_atomic(out, lambda fh: np.save(fh, feats))
-            write_atomic(listing, lambda fh: fh.write("".join(n + "\n" for n in names).encode("utf-8")))
-        except OSError as e:
-            raise OSError(f"cannot write {out} / {listing}: {e.strerror or e}") from None
+            atomic_write(out, lambda fh: np.save(fh, feats), "features")
+            atomic_write(listing, lambda fh: fh.write("".join(n + "\n" for n in names).encode("utf-8")), "file list")
+        except OSError as e:  # its message names the file; printed without the "[Errno N]" prefix
+            raise OSError(e.strerror or str(e)) from None
     except (ckpt.CheckpointError, CorruptImageError, FileNotFoundError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -28,15 +28,16 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from . import distributed as dist
+from .atomic import atomic_write
 from .data.datasets import ImageDataset, LMDBImages
 from .embedding import uses_bf16
 from .evaluation import extract_features
@@ -48,23 +49,8 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = 1  # bump when extract_features changes what it computes
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Call `write(fh)` on a temporary file beside `path`, fsync it and rename it to `path`.
-
-    A crash or a full disk never leaves a half-written file under the real name; the temporary file is removed when
-    `write` or the rename fails.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+# The old name of atomic.atomic_write, for code written against it.
+write_atomic = atomic_write
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -205,8 +191,7 @@ def cached_features(
     if dist.is_main_process():
         arrays = {"features": feats.numpy(), "pids": np.asarray(pids), "camids": np.asarray(camids)}
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(path, lambda fh: np.savez(fh, key=np.array(text), **arrays))
+            atomic_write(path, lambda fh: np.savez(fh, key=np.array(text), **arrays), "feature cache")
             log.info("features of %d images cached in %s", len(dataset), path)
         except OSError as e:  # a cache that cannot be written costs time next run, not this result
             log.warning("could not write the feature cache %s: %s", path, e)

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from dino_recog import config as C
+from dino_recog.config import loader as L
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,3 +160,60 @@ def test_dinov2_presets_hold_the_dinov2_defaults():
     assert (d.mask_ratio_min_max, d.mask_sample_probability) == ((0.1, 0.5), 0.5)
     assert (m.layerscale, m.drop_path_rate, t.layer_decay, t.patch_embed_lr_mult) == (1e-5, 0.1, 0.9, 0.2)
     assert C.load(ROOT / "configs/demo/dinov2.yaml", cls=C.DinoConfig).dino.version == "v2"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The declaration mechanism, on test-only schemas
+
+
+@dataclasses.dataclass
+class Part:
+    name: str = L.choice("a", "b")
+    weight: float = L.positive(1.0)
+    low: float = 0.0
+    high: float = 1.0
+
+    def validate(self, path):
+        if self.low > self.high:
+            raise C.ConfigError(f"{path}.low: {self.low} is more than high {self.high}")
+
+
+@dataclasses.dataclass
+class Toy:
+    parts: list[Part] = L.declare([Part()], L.Constraint(bool, "empty; expected a part"))
+    single: Part = dataclasses.field(default_factory=Part)
+    spare: Part | None = None
+    size: tuple[int, int] = L.positive((2, 3))
+    share: float = L.unit_interval(0.5, open_right=True)
+    span: tuple[float, float] = L.range_pair((0.2, 0.4))
+    count: int = L.non_negative(0)
+
+
+@pytest.mark.parametrize(
+    "values, overrides, message",
+    [
+        ({"parts": [{"name": "a"}, {"name": "c"}]}, [], r"^toy: parts\[1\]\.name: 'c' is not one of 'a', 'b'$"),
+        ({"parts": [{}, {}]}, ["parts[1].weight=-2"], r"^toy \+ command line: parts\[1\]\.weight: -2\.0; expected a "
+                                                      r"value > 0$"),
+        ({"parts": []}, [], r"^toy: parts: empty; expected a part$"),
+        ({"single": {"weight": 0}}, [], r"^toy: single\.weight: 0\.0; expected a value > 0$"),
+        ({}, ["spare.name=z"], r"^toy \+ command line: spare\.name: 'z' is not one of 'a', 'b'$"),
+        ({"size": [2, 0]}, [], r"^toy: size: 0; expected a value > 0$"),
+        ({"share": 1}, [], r"^toy: share: 1\.0; expected a value in \[0, 1\)$"),
+        ({"span": [0, 0.5]}, [], r"^toy: span: \[0\.0, 0\.5\] is not a range 0 < low <= high <= 1$"),
+        ({"count": -1}, [], r"^toy: count: -1; expected a value >= 0$"),
+        ({"parts": [{}, {"low": 2}]}, [], r"^toy: parts\[1\]\.low: 2\.0 is more than high 1\.0$"),  # own validate()
+    ],
+)  # fmt: skip
+def test_declared_constraints_are_enforced_with_the_key_path(values, overrides, message):
+    with pytest.raises(C.ConfigError, match=message):
+        C.from_dict(Toy, values, "toy", overrides)
+
+
+def test_declared_fields_keep_their_defaults():
+    a, b = Toy(), Toy()
+    assert a == C.from_dict(Toy, {}) and a.parts is not b.parts and a.parts[0] is not b.parts[0]  # copied, not shared
+    assert (a.parts[0].name, a.size, a.share) == ("a", (2, 3), 0.5)
+    assert C.from_dict(Toy, {"parts": [{"name": "b", "weight": 2}]}).parts == [Part(name="b", weight=2.0)]
+    with pytest.raises(C.ConfigError, match=r"^spare\.weight: -1; expected a value > 0$"):
+        C.validate(Toy(spare=Part(weight=-1)))  # also callable on a config built in code

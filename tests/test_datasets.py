@@ -257,7 +257,7 @@ def test_lmdb_key_cache_and_keys_file(tmp_path: Path, monkeypatch: pytest.Monkey
     assert LMDBImages(tmp_path / "lup").keys == sorted(images)
     cached = list((tmp_path / "home/.cache/dino_recog/lmdb_keys").glob("*.txt"))
     assert len(cached) == 1 and cached[0].read_text().split() == sorted(images)
-    assert not list((tmp_path / "home/.cache/dino_recog/lmdb_keys").glob(".keys-*"))  # no temp file left over
+    assert not list((tmp_path / "home/.cache/dino_recog/lmdb_keys").glob(".*.tmp-*"))  # no temp file left over
 
     # The cache is reused: the LMDB is not listed again.
     cached[0].write_text("01_02_0003_00000003\n01_02_0003_00000001\n")

@@ -101,3 +101,22 @@ def test_eval_knn_on_a_backbone_export(small_demo, tmp_path):
         pred = knn_classify(gf[bank], g_pids[bank], qf, k=k)
         assert result[f"k{k}_top1"] == pytest.approx(float(np.mean(pred == q_pids)))
         assert result[f"k{k}_top5"] >= result[f"k{k}_top1"]
+
+
+def test_eval_reid_flags_are_overrides_validated_with_the_rest(tmp_path):
+    import eval_reid
+
+    cfg, _ = eval_reid.parse_args(["--checkpoint", "m.pth", "--rerank", "--aqe"])
+    assert cfg.eval.rerank and cfg.eval.aqe
+    cfg, _ = eval_reid.parse_args(["--checkpoint", "m.pth"])
+    assert not cfg.eval.rerank and not cfg.eval.aqe
+    cfg, _ = eval_reid.parse_args(["--checkpoint", "m.pth", "--rerank", "eval.rerank=false"])  # key=value wins
+    assert not cfg.eval.rerank
+    # Refused at load, before any model is read, with the message of eval.rerank=true eval.topk=5.
+    r = subprocess.run([sys.executable, "eval_reid.py", "--checkpoint", tmp_path / "none.pth", "--rerank",
+                        "eval.topk=5"], cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 1 and r.stderr.startswith("config error: "), r.stderr[-2000:]
+    assert r.stderr.strip().endswith(
+        "cfg_recog.yaml + command line: eval.rerank with eval.topk=5: re-ranking needs the full distance matrix; "
+        "set topk=0"
+    )

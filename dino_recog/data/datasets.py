@@ -14,7 +14,6 @@ import io
 import logging
 import os
 import random
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
+from ..atomic import atomic_write
 from .parsers import _MSMT_DIRS as _MSMT_DIRS
 from .parsers import (
     IMAGE_EXTENSIONS,
@@ -134,15 +134,8 @@ def _read_keys_file(path: str) -> list[str]:
 
 
 def _write_atomic(path: str, lines: list[str]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".keys-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("".join(key + "\n" for key in lines))
-        os.replace(tmp, path)  # readers (other ranks) never see a half-written list
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    # Readers (other ranks) never see a half-written list.
+    atomic_write(path, lambda fh: fh.write("".join(key + "\n" for key in lines).encode("utf-8")), "LMDB key list")
 
 
 class LMDBImages:

@@ -1,0 +1,209 @@
+"""Stage 2: the re-identification fine-tuning config and its sections."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from .common import (
+    ALL_POSITIVE,
+    ARCHS,
+    DATASETS_LABELED,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PATCH_SIZES,
+    VIT_ARCHS,
+    DatasetSpec,
+    RunConfig,
+    check_heads,
+    check_patches,
+)
+from .loader import (
+    ConfigError,
+    Constraint,
+    check,
+    choice,
+    declare,
+    non_negative,
+    one_of,
+    positive,
+    unit_interval,
+)
+
+__all__ = [
+    "RecogConfig",
+    "RecogDataConfig",
+    "RecogEvalConfig",
+    "RecogLossConfig",
+    "RecogModelConfig",
+    "RecogTrainConfig",
+    "ReIDAugConfig",
+]
+
+_NOT_EMPTY = Constraint(bool, "empty list; expected at least one data set")
+
+
+@dataclass
+class RecogDataConfig:
+    train: list[DatasetSpec] = declare([DatasetSpec()], _NOT_EMPTY)  # combined when several
+    test: DatasetSpec = field(default_factory=DatasetSpec)  # query/gallery set; may differ (cross-domain)
+    num_identities: int = positive(16)  # P: identities per batch (BoT 16)
+    num_instances: int = positive(4)  # K: images per identity per batch (BoT 4); batch = P x K per process
+    num_workers: int = non_negative(8)  # DataLoader workers per process
+    test_batch_size: int = positive(256)  # images per process at feature extraction
+
+    def validate(self, path: str) -> None:
+        for i, spec in enumerate(self.train):
+            check(f"{path}.train[{i}].name", spec.name, one_of(*DATASETS_LABELED))
+        check(path + ".test.name", self.test.name, one_of(*DATASETS_LABELED))
+
+
+@dataclass
+class ReIDAugConfig:
+    size: tuple[int, int] = positive((256, 128))  # (height, width) input (BoT, TransReID-SSL)
+    flip_prob: float = unit_interval(0.5)  # horizontal flip probability (BoT 0.5)
+    padding: int = non_negative(10)  # pixels of padding before the random crop back to `size` (BoT 10)
+    erasing_prob: float = unit_interval(0.5)  # random erasing probability (BoT 0.5)
+    color_jitter: bool = False  # brightness/contrast/saturation/hue jitter (off in BoT)
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # normalisation mean; same as stage 1
+    std: tuple[float, float, float] = declare(IMAGENET_STD, ALL_POSITIVE)  # normalisation std; same as stage 1
+
+
+@dataclass
+class RecogModelConfig:
+    arch: str = choice(*ARCHS, default="vit_small")  # vit_tiny | vit_small | vit_base | resnet18 | resnet50 | resnet101
+    patch_size: int = choice(*PATCH_SIZES, default=16)  # ViT patch size
+    drop_path_rate: float = unit_interval(0.1, open_right=True)  # stochastic depth (TransReID 0.1)
+    depth: int = non_negative(0)  # ViT blocks; 0 = the architecture's (12)
+    embed_dim: int = non_negative(0)  # ViT width; 0 = the architecture's (tiny 192, small 384, base 768)
+    num_heads: int = non_negative(0)  # ViT attention heads; 0 = the architecture's (tiny 3, small 6, base 12)
+    pretrained: str = "output/dino/teacher_backbone.pth"  # stage-1 export/checkpoint, DINO or timm weights; "" = none
+    # which network of a stage-1 / official DINO checkpoint: teacher | student
+    pretrained_key: str = choice("teacher", "student")
+    feature: str = "cls"  # ViT: cls | cls_mean (CLS + mean patch token); ResNet: avg | gem
+    last_stride: int = choice(1, 2)  # ResNet last-stage stride (BoT 1)
+    embedding_dim: int = non_negative(0)  # optional linear embedding before the BN neck; 0 = none
+    neck: str = choice("bnneck", "none")  # bnneck (BN before the classifier, bias frozen; Luo et al. 2019) | none
+
+    def validate(self, path: str) -> None:
+        check_heads(path, self)
+        allowed = ("cls", "cls_mean") if self.arch in VIT_ARCHS else ("avg", "gem")
+        check(path + ".feature", self.feature, one_of(*allowed))
+
+
+_RADIANS = Constraint(lambda v: 0 <= v < math.pi / 2, "{value}; expected radians in [0, pi/2)")
+
+
+@dataclass
+class RecogLossConfig:
+    ce_weight: float = non_negative(1.0)  # softmax cross-entropy weight
+    label_smoothing: float = unit_interval(0.1, open_right=True)  # epsilon of label smoothing (BoT 0.1)
+    triplet_weight: float = non_negative(1.0)  # batch-hard triplet weight (Hermans et al. 2017)
+    triplet_margin: float = non_negative(0.0)  # margin; 0 = soft margin log(1 + exp(d_ap - d_an)) (TransReID-SSL)
+    triplet_distance: str = choice("euclidean", "cosine")  # euclidean | cosine
+    cosface_weight: float = non_negative(0.0)  # CosFace (Wang et al. 2018) weight; 0 = off
+    cosface_s: float = positive(30.0)  # CosFace scale
+    cosface_m: float = non_negative(0.35)  # CosFace additive cosine margin
+    arcface_weight: float = non_negative(0.0)  # ArcFace (Deng et al. 2019) weight; 0 = off
+    arcface_s: float = positive(30.0)  # ArcFace scale
+    arcface_m: float = declare(0.5, _RADIANS)  # ArcFace additive angular margin (radians)
+    center_weight: float = non_negative(0.0)  # center loss weight (BoT 5e-4); 0 = off
+    center_lr: float = positive(0.5)  # SGD lr of the class centres (BoT 0.5)
+    distill_weight: float = non_negative(0.0)  # alpha of knowledge distillation (Hinton et al. 2015); 0 = off
+    distill_temperature: float = positive(4.0)  # T of the softened distributions
+    distill_teacher: str = ""  # stage-2 checkpoint of the frozen teacher (any architecture)
+    dino_aux_weight: float = non_negative(0.0)  # DINO on the backbone as an auxiliary loss (DINOWrapper); 0 = off
+    dino_aux_out_dim: int = positive(4096)  # prototypes of the auxiliary DINO head
+    # local crops per image of the auxiliary DINO loss (half the input size)
+    dino_aux_local_crops: int = non_negative(2)
+
+    def validate(self, path: str) -> None:
+        if self.distill_weight > 0 and not self.distill_teacher:
+            raise ConfigError(f"{path}.distill_teacher: empty while distill_weight > 0; expected a checkpoint path")
+        if sum(getattr(self, f.name) for f in dataclasses.fields(self) if f.name.endswith("_weight")) == 0:
+            raise ConfigError(f"{path}: every loss weight is 0; expected at least one loss")
+
+
+_LAYER_DECAY = Constraint(lambda v: 0 < v <= 1, "{value}; expected 0 < value <= 1 (1 = off)")
+_MILESTONES = Constraint(
+    lambda v: sorted(v) == list(v) and all(m > 0 for m in v), "{value}; expected increasing positive epochs"
+)
+
+
+@dataclass
+class RecogTrainConfig:
+    optimizer: str = choice("sgd", "adamw", "adam")  # sgd | adamw | adam (TransReID-SSL: sgd; BoT: adam)
+    epochs: int = positive(120)  # training epochs (TransReID-SSL, BoT 120)
+    lr: float = positive(4e-4)  # base learning rate (TransReID-SSL ViT-S 0.0004)
+    momentum: float = unit_interval(0.9)  # SGD momentum
+    weight_decay: float = non_negative(1e-4)  # (TransReID-SSL 1e-4; BoT 5e-4)
+    bias_lr_factor: float = positive(2.0)  # lr multiplier of biases (TransReID family 2)
+    head_lr_factor: float = positive(1.0)  # lr multiplier of the new neck / classifier
+    # ViT layer-wise lr decay; 1 = off (PASS / TransReID-SSL), MAE-style 0.4
+    layer_decay: float = declare(1.0, _LAYER_DECAY)
+    scheduler: str = choice("cosine", "step")  # cosine | step
+    warmup_epochs: int = non_negative(20)  # linear warmup (TransReID-SSL 20, BoT 10)
+    warmup_factor: float = unit_interval(0.01)  # warmup starts at lr x this (TransReID 0.01)
+    min_lr: float = non_negative(8e-7)  # end of the cosine schedule (TransReID family: 0.002 x lr)
+    milestones: list[int] = declare([40, 70], _MILESTONES)  # step schedule epochs (BoT 40, 70)
+    gamma: float = unit_interval(0.1)  # step schedule factor
+    clip_grad: float = non_negative(0.0)  # max gradient norm; 0 disables
+
+    def validate(self, path: str) -> None:
+        if self.min_lr > self.lr:
+            raise ConfigError(f"{path}.min_lr: {self.min_lr} is larger than lr {self.lr}")
+        if self.warmup_epochs > self.epochs:
+            raise ConfigError(f"{path}.warmup_epochs: {self.warmup_epochs} is more than epochs {self.epochs}")
+
+
+@dataclass
+class RecogEvalConfig:
+    eval_every: int = non_negative(10)  # epochs between query/gallery evaluations (0 = only at the end)
+    # cosine | euclidean distance between embeddings (fast-reid default cosine)
+    metric: str = choice("cosine", "euclidean")
+    flip: bool = False  # average the features of the image and its mirror
+    rerank: bool = False  # k-reciprocal re-ranking (Zhong et al. 2017) of the query-gallery distances
+    rerank_k1: int = positive(20)  # k1 of re-ranking (fast-reid / torchreid 20; TransReID reports with 50)
+    rerank_k2: int = positive(6)  # k2, local query expansion (fast-reid / torchreid 6; TransReID 15)
+    rerank_lambda: float = unit_interval(0.3)  # weight of the original distance in the re-ranked one (all 0.3)
+    aqe: bool = False  # alpha-weighted average query expansion (fast-reid TEST.AQE)
+    aqe_k: int = positive(5)  # neighbours averaged by query expansion, the item itself included (fast-reid 5)
+    aqe_alpha: float = non_negative(3.0)  # similarity exponent of query expansion (fast-reid 3.0)
+    # >0: rank with a faiss top-k search (huge galleries; mAP@k, mINP@k); 0: the full ranking
+    topk: int = non_negative(0)
+
+    def validate(self, path: str) -> None:
+        if self.rerank and self.topk:
+            raise ConfigError(
+                f"{path}.rerank with {path}.topk={self.topk}: re-ranking needs the full distance matrix; set topk=0"
+            )
+
+
+@dataclass
+class RecogConfig:
+    """Stage 2: supervised re-identification fine-tuning."""
+
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="output/recog"))  # output, seed, resume, ...
+    data: RecogDataConfig = field(default_factory=RecogDataConfig)  # train / test sets and the P x K sampler
+    aug: ReIDAugConfig = field(default_factory=ReIDAugConfig)  # train augmentation (test: resize + normalise)
+    model: RecogModelConfig = field(default_factory=RecogModelConfig)  # backbone, its weights, head
+    loss: RecogLossConfig = field(default_factory=RecogLossConfig)  # loss terms and their weights
+    train: RecogTrainConfig = field(default_factory=RecogTrainConfig)  # optimiser and schedule
+    eval: RecogEvalConfig = field(default_factory=RecogEvalConfig)  # query/gallery evaluation
+
+    def validate(self, path: str = "") -> None:
+        if self.model.arch in VIT_ARCHS:
+            check_patches("aug.size", self.aug.size, self.model.patch_size)
+        if self.loss.triplet_weight > 0 or self.loss.center_weight > 0:
+            # Batch-hard mining needs a positive (another image of the anchor's identity) and a negative in the batch.
+            if self.data.num_instances < 2:
+                raise ConfigError(
+                    f"data.num_instances: {self.data.num_instances} with a triplet or centre loss; expected >= 2 "
+                    "(a positive pair needs two images of one identity in the batch)"
+                )
+            if self.data.num_identities < 2:
+                raise ConfigError(
+                    f"data.num_identities: {self.data.num_identities} with a triplet or centre loss; expected >= 2 "
+                    "(a negative needs a second identity in the batch)"
+                )

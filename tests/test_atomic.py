@@ -1,0 +1,55 @@
+import errno
+import os
+
+import pytest
+
+from dino_recog.atomic import atomic_write
+
+
+def test_success_replaces_the_content_and_leaves_no_temp_file(tmp_path):
+    path = tmp_path / "sub" / "f.bin"  # the directory is created
+    assert atomic_write(path, lambda fh: fh.write(b"old")) == path
+    atomic_write(str(path), lambda fh: fh.write(b"new content"))
+    assert path.read_bytes() == b"new content"
+    assert os.listdir(path.parent) == ["f.bin"]
+
+
+class WriterBug(RuntimeError):
+    pass
+
+
+def test_a_failing_writer_leaves_the_old_file_and_no_temp_file(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"old")
+
+    def half_then_bug(fh):
+        fh.write(b"half of the ")
+        raise WriterBug("serialisation failed")
+
+    with pytest.raises(WriterBug, match="serialisation failed"):  # not an OSError: passed through unchanged
+        atomic_write(path, half_then_bug)
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
+
+    def disk_full(fh):
+        fh.write(b"half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(OSError, match=rf"could not write cache {path}: No space left on device; the previous one is "
+                       "intact") as err:  # fmt: skip
+        atomic_write(path, disk_full, what="cache")
+    assert err.value.errno == errno.ENOSPC
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_the_temp_file_sits_beside_the_target_with_the_pid(tmp_path):
+    seen = []
+    atomic_write(tmp_path / "a.pth", lambda fh: seen.append(fh.name))
+    assert seen == [str(tmp_path / f".a.pth.tmp-{os.getpid()}")]
+
+
+def test_a_failed_rename_keeps_the_old_file(tmp_path):
+    path = tmp_path / "target"
+    path.mkdir()  # a directory cannot be replaced by a file
+    with pytest.raises(OSError, match=rf"could not write file {path}: .*; the previous one is intact"):
+        atomic_write(path, lambda fh: fh.write(b"x"))
+    assert path.is_dir() and os.listdir(tmp_path) == ["target"]
