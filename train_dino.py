@@ -31,7 +31,7 @@ from dino_recog.data.transforms import MultiCropTransform
 from dino_recog.engine import DinoStep, DinoV2Terms, NonFiniteLossError, train_one_epoch_dino
 from dino_recog.evaluation import evaluate_query_gallery
 from dino_recog.losses import DINOLoss, IBOTPatchLoss
-from dino_recog.models import DINOHead, MaskedMultiCropNet, MultiCropNet, build_backbone
+from dino_recog.models import BackboneSpec, DINOHead, MaskedMultiCropNet, MultiCropNet, build_backbone
 from dino_recog.optim import build_optimizer, param_groups
 from dino_recog.runlog import RunLog, fmt_metrics
 from dino_recog.schedules import cosine_schedule, linear_warmup, scaled_lr
@@ -274,9 +274,8 @@ def main(cfg: C.DinoConfig) -> dict[str, float]:
                 raise RuntimeError(f"epoch {done}: the teacher or the DINO centre differs across ranks:\n{prints}")
             save(done, teacher_fingerprints=prints.cpu())
             if done == cfg.train.epochs or (cfg.eval.export_every and done % cfg.eval.export_every == 0):
-                dist.run_on_main(
-                    lambda: ckpt.save_checkpoint(teacher.backbone.state_dict(), out / "teacher_backbone.pth")
-                )
+                dist.run_on_main(lambda: ckpt.save_backbone(teacher.backbone, BackboneSpec.from_dino_config(cfg),
+                                                            out / "teacher_backbone.pth"))  # fmt: skip
             if eval_sets is not None and (done % cfg.eval.eval_every == 0 or done == cfg.train.epochs):
                 metrics = evaluate_backbone(teacher.backbone, eval_sets, device, cfg)
                 log.info("epoch %d teacher: %s", done, fmt_metrics(metrics))

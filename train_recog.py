@@ -37,7 +37,7 @@ from dino_recog.losses import (
     DistillationLoss,
     TripletLoss,
 )
-from dino_recog.models import ReIDModel, build_reid_model
+from dino_recog.models import BackboneSpec, ReIDModel, build_reid_model, reid_spec
 from dino_recog.models.backbones import is_vit
 from dino_recog.optim import build_optimizer, reid_param_groups
 from dino_recog.runlog import RunLog, fmt_metrics
@@ -71,14 +71,14 @@ def build_data(cfg: C.RecogConfig) -> tuple[DataLoader, SeededBatches, int, tupl
 
 
 def model_spec(cfg: C.RecogConfig, num_classes: int) -> dict:
+    """The model's flat spec: `model.*` / `aug.*`, with the architecture of a `model.pretrained` file that carries
+    its own (a stage-1 export or checkpoint, a stage-2 model; logged when it replaces `model.*`)."""
     m = cfg.model
-    return {
-        "arch": m.arch, "img_size": list(cfg.aug.size), "patch_size": m.patch_size, "drop_path_rate": m.drop_path_rate,
-        "depth": m.depth, "embed_dim": m.embed_dim, "num_heads": m.num_heads, "last_stride": m.last_stride,
-        "feature": m.feature, "embedding_dim": m.embedding_dim, "neck": m.neck, "num_classes": num_classes,
-        "classifier": cfg.loss.ce_weight > 0 or cfg.loss.distill_weight > 0,
-        "mean": list(cfg.aug.mean), "std": list(cfg.aug.std),
-    }  # fmt: skip
+    backbone = BackboneSpec.from_recog_config(cfg)
+    if m.pretrained and Path(m.pretrained).is_file():
+        backbone = ckpt.pretrained_backbone_spec(backbone, m.pretrained, "model.pretrained")
+    return reid_spec(backbone, num_classes, embedding_dim=m.embedding_dim, neck=m.neck, drop_path_rate=m.drop_path_rate,
+                     classifier=cfg.loss.ce_weight > 0 or cfg.loss.distill_weight > 0)  # fmt: skip
 
 
 def build_model(cfg: C.RecogConfig, num_classes: int) -> ReIDModel:
