@@ -5,7 +5,9 @@
 
 Each query is classified by its gallery neighbours (cosine similarity, votes weighted by exp(sim / T); distractors
 are no class); top-1 and top-5 accuracy are reported for every k from one nearest-neighbour search (faiss).
-The backbone is built from `model.*` of the config; the checkpoint may be any backbone weights or a stage-2 model.
+The checkpoint may be any backbone weights or a stage-2 model; one that carries its BackboneSpec (a stage-1 export or
+checkpoint, a stage-2 model) brings its architecture, input size and normalisation, other weights (official DINO, timm)
+are built from `model.*` and `crops.*` of the config.
 With `--cache-dir DIR` the features are kept there and reused while model, images and preprocessing are unchanged.
 """
 
@@ -17,13 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from dino_recog import checkpoint as ckpt
 from dino_recog import config as C
 from dino_recog import distributed as dist
 from dino_recog.cli import load_config
 from dino_recog.data.build import query_gallery
 from dino_recog.evaluation import knn_votes
 from dino_recog.feature_cache import cached_features
+from dino_recog.models.spec import BackboneSpec
+from dino_recog.weights import open_feature_model
 
 log = logging.getLogger("dino_recog.eval_knn")
 
@@ -41,18 +44,11 @@ def main(
                          "data.eval_set.root=/data/Market-1501-v15.09.15")  # fmt: skip
     with dist.session(cfg.run.device) as device:
         dist.setup_logging()
-        m, crops = cfg.model, cfg.crops
-        backbone = dict(
-            name=m.arch,
-            img_size=tuple(crops.global_crops_size),
-            patch_size=m.patch_size,
-            depth=m.depth or None,
-            embed_dim=m.embed_dim or None,
-            num_heads=m.num_heads or None,
-        )
-        model = ckpt.load_feature_model(checkpoint, backbone).to(device)
-        _, query, gallery = query_gallery(cfg.data.eval_set, crops.global_crops_size, crops.mean, crops.std)
-        kw = dict(arch=backbone, num_workers=cfg.data.num_workers)
+        # A file with a BackboneSpec brings its architecture, input size and normalisation; others take the config's.
+        model, spec = open_feature_model(checkpoint, BackboneSpec.from_dino_config(cfg))
+        model = model.to(device)
+        _, query, gallery = query_gallery(cfg.data.eval_set, spec.img_size, spec.mean, spec.std)
+        kw = dict(arch=spec.to_dict(), num_workers=cfg.data.num_workers)
         qf, q_pids, _ = cached_features(model, query, device, cache_dir, **kw)
         gf, g_pids, _ = cached_features(model, gallery, device, cache_dir, **kw)
         bank = g_pids > 0

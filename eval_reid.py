@@ -5,10 +5,12 @@
     bash train.sh 0,1 2 eval_reid.py --checkpoint output/recog/best.pth data.test.name=msmt17 data.test.root=/d/msmt
 
 The checkpoint may be a stage-2 model (model.pth, best.pth, checkpoint_NNNN.pth: its BN-neck embedding) or backbone
-weights (stage-1 teacher_backbone.pth or checkpoint, official DINO, timm: the backbone's global feature, built from
-`model.*` of the config). The test set, distance (`eval.metric`) and flip averaging (`eval.flip`) come from the config,
-as do k-reciprocal re-ranking (`--rerank` = `eval.rerank=true`, with `eval.rerank_k1/k2/lambda`), query expansion
-(`--aqe` = `eval.aqe=true`) and the faiss top-k ranking for huge galleries (`eval.topk=K`).
+weights (stage-1 teacher_backbone.pth or checkpoint, official DINO, timm: the backbone's global feature). A file with
+a BackboneSpec (all that dino_recog writes) brings its architecture, input size and normalisation; other weights are
+built from `model.*` and `aug.*` of the config. The test set, distance (`eval.metric`) and flip averaging
+(`eval.flip`) come from the config, as do k-reciprocal re-ranking (`--rerank` = `eval.rerank=true`, with
+`eval.rerank_k1/k2/lambda`), query expansion (`--aqe` = `eval.aqe=true`) and the faiss top-k ranking for huge
+galleries (`eval.topk=K`).
 With `--cache-dir DIR` the query and gallery features are kept there and reused while the model, images and
 preprocessing stay the same (see dino_recog/feature_cache.py).
 """

@@ -27,6 +27,7 @@ from dino_recog.data.build import query_gallery, unlabeled_items
 from dino_recog.data.samplers import SeededBatches
 from dino_recog.data.transforms import MultiCropTransform
 from dino_recog.evaluation import evaluate_query_gallery
+from dino_recog.models import BackboneSpec
 from dino_recog.optim import build_optimizer
 from dino_recog.runlog import fmt_metrics
 from dino_recog.tasks import build_dino_task, dino_schedule
@@ -103,9 +104,8 @@ def main(cfg: C.DinoConfig) -> dict[str, float]:
             done = epoch + 1
             run.save(done)
             if done == t.epochs or (cfg.eval.export_every and done % cfg.eval.export_every == 0):
-                dist.run_on_main(
-                    lambda: ckpt.save_checkpoint(task.teacher.backbone.state_dict(), out / "teacher_backbone.pth")
-                )
+                dist.run_on_main(lambda: ckpt.save_backbone(task.teacher.backbone, BackboneSpec.from_dino_config(cfg),
+                                                            out / "teacher_backbone.pth"))  # fmt: skip
             if eval_sets is not None and (done % cfg.eval.eval_every == 0 or done == t.epochs):
                 metrics = evaluate(done)
             dist.barrier()

@@ -2,7 +2,6 @@
 
 __version__ = "0.1.0"
 
-from .checkpoint import load_backbone_weights, load_reid_model  # noqa: E402
 from .evaluation import evaluate_rank, extract_features, knn_classify  # noqa: E402
 from .extract import FeatureExtractor  # noqa: E402
 from .losses import (  # noqa: E402
@@ -14,15 +13,18 @@ from .losses import (  # noqa: E402
     DistillationLoss,
     TripletLoss,
 )
-from .models import build_backbone, build_reid_model  # noqa: E402
+from .models import BackboneSpec, build_backbone, build_reid_model  # noqa: E402
+from .weights import load_backbone_weights, load_reid_model, save_backbone  # noqa: E402
 from .wrapper import DINOConf, DINOWrapper  # noqa: E402
 
 __all__ = [
     "__version__",
+    "BackboneSpec",
     "build_backbone",
     "build_reid_model",
     "load_backbone_weights",
     "load_reid_model",
+    "save_backbone",
     "evaluate_rank",
     "extract_features",
     "FeatureExtractor",

@@ -1,4 +1,5 @@
-"""Checkpoints: atomic saves, safe loads, auto-resume, and backbone weights from any of the usual sources.
+"""Checkpoints: atomic saves, safe loads, auto-resume. Backbone weights from any source and the recognition model
+are in `dino_recog.weights`, re-exported here.
 
 A checkpoint is one dict of tensors and plain values with a `format_version`. It is written to a temporary file in
 the same directory, flushed and fsynced, then renamed, so a crash never leaves a half-written file under the real
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import random
 import re
@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from timm.layers import resample_abs_pos_embed
 
 __all__ = [
     "FORMAT_VERSION",
@@ -35,12 +34,7 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "resume_point",
-    "extract_backbone_state",
-    "load_backbone_weights",
-    "save_reid_model",
-    "load_reid_model",
-    "load_feature_model",
-]
+]  # and, resolved from dino_recog.weights on first use, the names in _MOVED below
 
 log = logging.getLogger(__name__)
 
@@ -248,166 +242,28 @@ def resume_point(state: Mapping, path: str | os.PathLike, rank: int, world_size:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Backbone weights from our checkpoints and exports, official DINO checkpoints and timm state dicts
+# Backbone weights from any source and the recognition model live in `weights` (dino_recog/weights.py); their names
+# stay reachable here (`checkpoint.load_backbone_weights`, ...). Resolved on first use: `weights` imports this module.
+
+_MOVED = (
+    "extract_backbone_state",
+    "_resize_pos_embed",
+    "_match_layerscale",
+    "peek_checkpoint",
+    "load_backbone_weights",
+    "save_backbone",
+    "read_backbone_spec",
+    "pretrained_backbone_spec",
+    "open_feature_model",
+    "load_feature_model",
+    "save_reid_model",
+    "load_reid_model",
+)
 
 
-def extract_backbone_state(obj: Mapping, key: str = "teacher") -> dict[str, torch.Tensor]:
-    """The backbone's state dict out of any supported container.
+def __getattr__(name: str):
+    if name in _MOVED:
+        from . import weights
 
-    Accepts: our stage-1 checkpoint (`teacher` / `student` networks with `backbone.` and `head.` keys), an official
-    DINO checkpoint (`teacher` / `student`, `module.` and `backbone.` prefixes), a stage-2 model (`backbone.`
-    prefix), a `{"model": ...}` or `{"state_dict": ...}` wrapper, or a plain timm / torchvision state dict.
-
-    Args:
-        obj: the loaded file.
-        key: which network of a student/teacher checkpoint to take.
-    """
-    if key in obj and isinstance(obj[key], Mapping):
-        obj = obj[key]
-    else:
-        for wrapper in ("model", "state_dict", "backbone"):
-            if wrapper in obj and isinstance(obj[wrapper], Mapping):
-                obj = obj[wrapper]
-                break
-    state = {}
-    for k, v in obj.items():
-        if not isinstance(v, torch.Tensor):
-            continue
-        k = k.removeprefix("module.")
-        if k.startswith(("head.", "ibot_head.", "neck.", "classifier.")) or k == "mask_token":
-            continue  # the DINO / iBOT head, DINOv2's mask token or a recognition head, not backbone weights
-        state[k.removeprefix("backbone.")] = v
-    return state
-
-
-def _resize_pos_embed(pos_embed: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    """Interpolate a ViT position embedding to the model's patch grid (e.g. 224x224 DINO weights to 256x128)."""
-    grid = tuple(model.patch_embed.grid_size)  # (gh, gw) of the model
-    prefix = model.num_prefix_tokens
-    n_old = pos_embed.shape[1] - prefix
-    side = math.isqrt(n_old)
-    if side * side == n_old:
-        old = (side, side)
-    else:  # non-square: assume the model's aspect (our own 256x128 exports)
-        gh = math.isqrt(round(n_old * grid[0] / grid[1]))
-        if gh == 0 or n_old % gh:
-            raise CheckpointError(
-                f"pos_embed has {n_old} patch positions, which is neither a square grid nor "
-                f"of the model's aspect {grid[0]}x{grid[1]}"
-            )
-        old = (gh, n_old // gh)
-    log.info("interpolating position embeddings from a %dx%d to a %dx%d patch grid", *old, *grid)
-    return resample_abs_pos_embed(pos_embed, new_size=list(grid), old_size=list(old), num_prefix_tokens=prefix)
-
-
-def _match_layerscale(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> None:
-    """Make ViT LayerScale agree between the weights and the model, exactly (in place on `state`).
-
-    LayerScale multiplies the output of the block's last linear layer (attention `proj`, MLP `fc2`) by gamma, so
-    a gamma the model has no place for is folded into that layer's weight and bias (DINOv2 weights into a plain ViT);
-    a model with LayerScale loading weights without it gets gamma = 1.
-    """
-    folded = 0
-    for key in [k for k in state if k.endswith((".ls1.gamma", ".ls2.gamma")) and k not in own]:
-        block, branch = key.rsplit(".", 2)[:2]
-        linear = f"{block}.attn.proj" if branch == "ls1" else f"{block}.mlp.fc2"
-        if f"{linear}.weight" not in state:
-            continue  # not a timm block; reported as an unexpected key
-        gamma = state.pop(key)  # (D,)
-        state[f"{linear}.weight"] = state[f"{linear}.weight"] * gamma.unsqueeze(1)  # (D, D_in): scale each output
-        if f"{linear}.bias" in state:
-            state[f"{linear}.bias"] = state[f"{linear}.bias"] * gamma
-        folded += 1
-    ones = [k for k in own if k.endswith((".ls1.gamma", ".ls2.gamma")) and k not in state]
-    for key in ones:
-        state[key] = torch.ones_like(own[key])
-    if folded:
-        log.info("folded %d LayerScale gammas into the linear layers before them (the model has no LayerScale)", folded)
-    if ones:
-        log.info("set %d LayerScale gammas to 1 (the weights have no LayerScale)", len(ones))
-
-
-def load_backbone_weights(model: nn.Module, path: str | os.PathLike, key: str = "teacher") -> dict[str, list[str]]:
-    """Load backbone weights into `model` from any supported file (see `extract_backbone_state`).
-
-    Position embeddings are interpolated to the model's input size. LayerScale (DINOv2) in the weights but not in
-    the model is folded into the layers before it, exactly. Missing and unexpected keys are logged and returned; a
-    tensor whose shape differs (another architecture) is an error listing every mismatched key with both shapes, and
-    so are a file that shares no key with the model and another number of register tokens.
-
-    Returns:
-        {"missing": [...], "unexpected": [...]}
-    """
-    state = extract_backbone_state(load_checkpoint(path), key)
-    own = model.state_dict()
-    if "pos_embed" in own:
-        n_file = state["reg_token"].shape[1] if "reg_token" in state else 0
-        n_model = own["reg_token"].shape[1] if "reg_token" in own else 0
-        if n_file != n_model:
-            raise CheckpointError(f"{path}: the weights have {n_file} register tokens, the model {n_model}; build the "
-                                  f"backbone with num_register_tokens={n_file}")  # fmt: skip
-        _match_layerscale(state, own)
-    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
-        state["pos_embed"] = _resize_pos_embed(state["pos_embed"], model)
-    mismatched = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in state.items()
-        if k in own and v.shape != own[k].shape
-    ]
-    if mismatched:
-        raise CheckpointError(
-            f"{path}: weights are for another architecture; mismatched keys:\n  " + "\n  ".join(mismatched)
-        )
-    shared = [k for k in state if k in own]
-    if not shared:
-        raise CheckpointError(
-            f"{path}: no key matches the model ({len(state)} tensors in the file, e.g. "
-            f"{', '.join(list(state)[:3]) or 'none'}); is this a backbone checkpoint?"
-        )
-    result = model.load_state_dict(state, strict=False)
-    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
-    log.info("loaded %d backbone tensors from %s (key %r)", len(shared), path, key)
-    if missing:
-        log.warning("%d model keys missing from %s: %s", len(missing), path, ", ".join(missing[:20]))
-    if unexpected:
-        log.warning("%d keys of %s not used: %s", len(unexpected), path, ", ".join(unexpected[:20]))
-    return {"missing": missing, "unexpected": unexpected}
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The exported recognition model (stage 2): weights + the plain description needed to rebuild it
-
-
-def save_reid_model(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write `model.pth`: {"format_version", "kind": "reid_model", "spec": {...}, "state_dict": {...}}."""
-    return save_checkpoint({"kind": "reid_model", "spec": dict(model.spec), "state_dict": model.state_dict()}, path)
-
-
-def load_reid_model(path: str | os.PathLike) -> nn.Module:
-    """Rebuild a ReIDModel from `model.pth` (or from a stage-2 training checkpoint, which carries the same keys)."""
-    from .models.reid import build_reid_model  # models import timm; keep checkpoint.py light for tooling
-
-    state = load_checkpoint(path)
-    if "spec" not in state or "state_dict" not in state:
-        raise CheckpointError(f"{path}: not a recognition model (expected 'spec' and 'state_dict', found "
-                              f"{', '.join(sorted(state)[:8])})")  # fmt: skip
-    model = build_reid_model(state["spec"])
-    try:
-        model.load_state_dict(state["state_dict"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the described model: {e}") from None
-    return model
-
-
-def load_feature_model(path: str | os.PathLike, backbone: dict, key: str = "teacher") -> nn.Module:
-    """A model mapping images to features, from any checkpoint: a stage-2 model (its embedding, rebuilt from the
-    saved spec) or backbone weights (stage-1 export or checkpoint, official DINO, timm) loaded into a backbone built
-    with `build_backbone(**backbone)` (its global feature: the ViT CLS token, the ResNet average pool)."""
-    from .models.backbones import build_backbone
-
-    state = load_checkpoint(path)
-    if "spec" in state and "state_dict" in state:
-        return load_reid_model(path)
-    model, _ = build_backbone(**backbone)
-    load_backbone_weights(model, path, key)
-    return model
+        return getattr(weights, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -98,20 +98,17 @@ def eval_options(e: C.RecogEvalConfig) -> dict:
 
 def recog_eval_model(cfg: C.RecogConfig, checkpoint: str, device: torch.device):
     """The model of any checkpoint as stage-2 evaluation sees it, and the configured query/gallery preprocessed as
-    that model expects (a stage-2 model brings its own size and normalisation; backbone weights take `model.*`).
+    that model expects. A file with a BackboneSpec (stage-2 model, backbone export, stage-1 checkpoint) brings its
+    architecture, input size and normalisation; other backbone weights (official DINO, timm, older exports) are
+    described by `model.*` and `aug.*`.
 
     Returns:
-        (model on `device`, the backbone arguments used for backbone weights, ReIDData, query set, gallery set).
+        (model on `device`, its BackboneSpec as a dict, ReIDData, query set, gallery set).
     """
-    from . import checkpoint as ckpt
     from .data.build import query_gallery
+    from .models.spec import BackboneSpec
+    from .weights import open_feature_model
 
-    m = cfg.model
-    backbone = dict(name=m.arch, img_size=tuple(cfg.aug.size), patch_size=m.patch_size, depth=m.depth or None,
-                    embed_dim=m.embed_dim or None, num_heads=m.num_heads or None,
-                    last_stride=m.last_stride)  # fmt: skip
-    model = ckpt.load_feature_model(checkpoint, backbone, m.pretrained_key).to(device)
-    spec = getattr(model, "spec", {})
-    size, mean, std = spec.get("img_size", cfg.aug.size), spec.get("mean", cfg.aug.mean), spec.get("std", cfg.aug.std)
-    data, query, gallery = query_gallery(cfg.data.test, size, mean, std)
-    return model, backbone, data, query, gallery
+    model, spec = open_feature_model(checkpoint, BackboneSpec.from_recog_config(cfg), cfg.model.pretrained_key)
+    data, query, gallery = query_gallery(cfg.data.test, spec.img_size, spec.mean, spec.std)
+    return model.to(device), spec.to_dict(), data, query, gallery

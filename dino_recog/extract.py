@@ -1,8 +1,12 @@
 """Features for your own images: `FeatureExtractor` and the `python -m dino_recog.extract` command.
 
     python -m dino_recog.extract --checkpoint output/recog/model.pth --images photos/ --out feats.npy [--flip]
-    python -m dino_recog.extract --checkpoint output/dino/teacher_backbone.pth --images photos/ --out feats.npy \\
+    python -m dino_recog.extract --checkpoint output/dino/teacher_backbone.pth --images photos/ --out feats.npy
+    python -m dino_recog.extract --checkpoint dino_vits16.pth --images photos/ --out feats.npy \\
         --backbone name=vit_small img_size=[256,128] patch_size=16
+
+Every file dino_recog writes carries its `BackboneSpec` (architecture, input size, normalisation); `--backbone` is
+only needed for weights without one (official DINO, timm, exports written before the spec existed).
 
 The command writes `feats.npy` ((N, D) float32, L2-normalised rows) and `feats.txt` (the image paths relative to
 `--images`, one per line, in the same order), both atomically. Every input goes through the evaluation transform
@@ -29,86 +33,62 @@ import yaml
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from . import weights
 from .atomic import atomic_write
 from .config import IMAGENET_MEAN, IMAGENET_STD
 from .data.datasets import IMAGE_EXTENSIONS, CorruptImageError
 from .data.transforms import reid_test_transform
 from .embedding import embed
 from .image_inputs import ImageInput, as_items, to_pil
+from .models.spec import BackboneSpec
 
 __all__ = ["DEFAULT_IMAGE_SIZE", "FeatureExtractor", "ImageInput", "list_images", "load_model", "main"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_SIZE = (256, 128)  # (height, width) of a backbone checkpoint that does not say otherwise
-_ARCH_HELP = "vit_tiny | vit_small | vit_base | resnet18 | resnet50 | resnet101"
+_ARCH_HELP = weights._ARCH_HELP
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Models: any checkpoint, with the preprocessing it was trained with
 
 
-def _peek(path: str | os.PathLike) -> Mapping[str, Any]:
-    """The checkpoint's top-level dict without reading its tensors (memory-mapped) where the format allows it."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # an old-format file cannot be mapped; a missing or bad one gets its CheckpointError here
-        return ckpt.load_checkpoint(path)
-    return state if isinstance(state, dict) else ckpt.load_checkpoint(path)  # the latter names what is wrong
-
-
-def _backbone_from_config(config: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """`build_backbone` kwargs and preprocessing from the config a stage-1 training checkpoint carries."""
-    if not (isinstance(config, Mapping) and isinstance(config.get("model"), Mapping)):
-        return None
-    m, crops = config["model"], config.get("crops") or {}
-    size = tuple(crops.get("global_crops_size", DEFAULT_IMAGE_SIZE))
-    kwargs = dict(name=m["arch"], img_size=size, patch_size=m.get("patch_size", 16), depth=m.get("depth") or None,
-                  embed_dim=m.get("embed_dim") or None, num_heads=m.get("num_heads") or None,
-                  layerscale=m.get("layerscale", 0.0), num_register_tokens=m.get("num_register_tokens", 0))  # fmt: skip
-    prep = {"img_size": size, "mean": crops.get("mean", IMAGENET_MEAN), "std": crops.get("std", IMAGENET_STD)}
-    return kwargs, prep
-
-
 def load_model(
-    model_path: str | os.PathLike | nn.Module, backbone: Mapping[str, Any] | None = None, key: str = "teacher"
+    model_path: str | os.PathLike | nn.Module,
+    backbone: BackboneSpec | Mapping[str, Any] | None = None,
+    key: str = "teacher",
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The feature model of any checkpoint and the preprocessing it was trained with.
 
+    Args:
+        model_path: a checkpoint (see `FeatureExtractor`) or a built model.
+        backbone: for backbone weights, a BackboneSpec or `build_backbone` keyword arguments (`name`, `img_size`, ...;
+            input 256x128 and ImageNet normalisation unless given); it replaces the file's own description. Ignored,
+            with a warning, for a stage-2 model.
+        key: which network of a student/teacher checkpoint.
+
     Returns:
-        (model, {"img_size": (H, W), "mean": ..., "std": ...}): from a stage-2 model's `spec`; from the config of a
-        stage-1 training checkpoint; else from `backbone` (its `img_size`, default 256x128) with ImageNet mean and std.
+        (model, {"img_size": (H, W), "mean": ..., "std": ...}): the BackboneSpec's of a stage-2 model, a backbone
+        export or a stage-1 training checkpoint (its config), else those of `backbone`.
 
     Raises:
-        CheckpointError: an unreadable file, or backbone weights without `backbone=dict(name=...)` to build them into.
+        CheckpointError: an unreadable file, or backbone weights without a spec and without `backbone`.
+        ValueError: `backbone` with an unknown key or no name.
     """
     if isinstance(model_path, nn.Module):
         spec = getattr(model_path, "spec", None) or {}
         prep = {k: spec.get(k, d) for k, d in (("img_size", DEFAULT_IMAGE_SIZE), ("mean", IMAGENET_MEAN),
                                                ("std", IMAGENET_STD))}  # fmt: skip
         return model_path, prep
-    state = _peek(model_path)
-    if "spec" in state and "state_dict" in state:
-        if backbone is not None:
-            log.warning("%s is a stage-2 model and carries its architecture; backbone=%s is ignored", model_path,
-                        dict(backbone))  # fmt: skip
-        spec = state["spec"]
-        model = ckpt.load_feature_model(model_path, {}, key)  # a stage-2 model is rebuilt from its spec
-        return model, {"img_size": spec.get("img_size", DEFAULT_IMAGE_SIZE), "mean": spec.get("mean", IMAGENET_MEAN),
-                       "std": spec.get("std", IMAGENET_STD)}  # fmt: skip
-    from_config = _backbone_from_config(state.get("config")) if backbone is None else None
-    if from_config is not None:
-        kwargs, prep = from_config
-    elif backbone is None or "name" not in backbone:
-        raise ckpt.CheckpointError(
-            f"{model_path}: backbone weights without a description of the architecture; pass "
-            f"backbone=dict(name=..., img_size=(H, W), ...) with the keyword arguments of "
-            f"dino_recog.models.build_backbone (missing: name, one of {_ARCH_HELP})"
-        )
-    else:
-        kwargs = {"img_size": DEFAULT_IMAGE_SIZE, **backbone}
-        prep = {"img_size": kwargs["img_size"], "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
-    return ckpt.load_feature_model(model_path, kwargs, key), prep
+    if isinstance(backbone, Mapping):
+        backbone = BackboneSpec.from_kwargs(backbone)
+    if backbone is not None and weights._is_reid_model(weights.peek_checkpoint(model_path)):
+        log.warning("%s is a stage-2 model and carries its architecture; backbone=%s is ignored", model_path,
+                    backbone.to_dict())  # fmt: skip
+        backbone = None
+    model, spec = weights.open_feature_model(model_path, key=key, override=backbone)
+    return model, {"img_size": spec.img_size, "mean": spec.mean, "std": spec.std}
 
 
 class FeatureExtractor:
@@ -128,20 +108,21 @@ class FeatureExtractor:
 
     Args:
         model_path: a stage-2 model (model.pth, best.pth, a stage-2 checkpoint: architecture and preprocessing from
-            its `spec`), a stage-1 training checkpoint (from its config), backbone weights (teacher_backbone.pth,
-            official DINO, timm: needs `backbone`), or an already built `nn.Module` (moved to `device`, put in
-            eval mode; preprocessing from its `spec` if it has one).
+            its `spec`), a backbone export (teacher_backbone.pth: from its `spec`), a stage-1 training checkpoint
+            (from its config), other backbone weights (official DINO, timm, older exports: need `backbone`), or an
+            already built `nn.Module` (moved to `device`, put in eval mode; preprocessing from its `spec` if any).
         device: "cpu", "cuda", a torch.device; None picks CUDA when available.
         batch_size: images per forward pass.
         flip: average with the features of the horizontally mirrored images (as `eval.flip`).
         image_size, mean, std: override the (height, width) and normalisation the checkpoint gives.
-        backbone: `build_backbone` keyword arguments for backbone weights, e.g. `dict(name="vit_small",
-            img_size=(256, 128), patch_size=16)`; img_size defaults to 256x128, mean and std to ImageNet's.
+        backbone: for backbone weights, a `BackboneSpec` or `build_backbone` keyword arguments, e.g.
+            `dict(name="vit_small", img_size=(256, 128), patch_size=16)`; img_size defaults to 256x128, mean and std
+            to ImageNet's. It replaces the file's own description.
         key: which network of a student/teacher checkpoint to take.
         num_workers: threads that decode and resize the next batch while the model runs (0: in the caller's thread).
 
     Raises:
-        CheckpointError: an unreadable checkpoint, or backbone weights without `backbone["name"]`.
+        CheckpointError: an unreadable checkpoint, or backbone weights without a spec and without `backbone`.
     """
 
     def __init__(
@@ -154,7 +135,7 @@ class FeatureExtractor:
         image_size: Sequence[int] | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
-        backbone: Mapping[str, Any] | None = None,
+        backbone: BackboneSpec | Mapping[str, Any] | None = None,
         key: str = "teacher",
         num_workers: int = 0,
     ) -> None:
@@ -281,8 +262,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--recursive", action="store_true", help="also take the images of subfolders, at any depth")
     p.add_argument("--num-workers", type=int, default=4, help="image decoding threads (default 4; 0: none)")
     p.add_argument("--backbone", nargs="+", metavar="KEY=VALUE",
-                   help=f"for backbone weights: build_backbone arguments, e.g. name=vit_small img_size=[256,128] "
-                        f"patch_size=16 (name: {_ARCH_HELP})")  # fmt: skip
+                   help=f"for backbone weights without a spec of their own (official DINO, timm): build_backbone "
+                        f"arguments or BackboneSpec fields, e.g. name=vit_small img_size=[256,128] patch_size=16 "
+                        f"(name: {_ARCH_HELP})")  # fmt: skip
     p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="override the input size")
     p.add_argument("--mean", type=float, nargs=3, help="override the normalisation mean (RGB)")
     p.add_argument("--std", type=float, nargs=3, help="override the normalisation std (RGB)")

@@ -170,8 +170,8 @@ def cached_features(
         model: maps (B, 3, H, W) to (B, D).
         dataset: an `ImageDataset` with the evaluation transform.
         cache_dir: folder of `features-<hash>.npz` files (created if needed); None extracts without a cache.
-        arch: how the model was built where its weights and `spec` do not say it (the `build_backbone` keyword
-            arguments of a backbone checkpoint), so that e.g. another `num_heads` misses.
+        arch: how the model was built where its weights and `spec` do not say it (the `BackboneSpec.to_dict()` of a
+            backbone checkpoint), so that e.g. another `num_heads` misses.
         flip, batch_size, num_workers: as for `extract_features` (only `flip` is part of the key).
 
     Returns:

@@ -179,3 +179,99 @@ def test_register_tokens_must_match_and_come_with_the_stage1_config(tmp_path):
     x = torch.randn(2, 3, 32, 16)
     assert prep["img_size"] == (32, 16) and model.num_reg_tokens == 2
     torch.testing.assert_close(features(model, x), features(net.backbone, x))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The backbone export with its BackboneSpec, and the older formats
+
+
+def spec_with_registers():
+    from dino_recog.models import BackboneSpec
+
+    return BackboneSpec("vit_small", (32, 16), 8, 2, 32, 2, num_register_tokens=2, layerscale=1e-5,
+                        mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2))  # fmt: skip
+
+
+def test_backbone_export_carries_its_spec_and_every_reader_takes_it(tmp_path):
+    from dino_recog import weights
+
+    spec = spec_with_registers()
+    net = dinov2_teacher(registers=2)
+    path = ckpt.save_backbone(net.backbone, spec, tmp_path / "teacher_backbone.pth")
+    raw = torch.load(path, weights_only=True)
+    assert set(raw) == {"format_version", "kind", "spec", "state_dict"} and raw["kind"] == "backbone"
+    assert raw["spec"] == spec.to_dict() and "mask_token" not in raw["state_dict"]
+    assert ckpt.read_backbone_spec(path) == spec
+    # load_backbone_weights reads the new format (the built model must agree; here it does)
+    model = spec.build()[0]
+    assert ckpt.load_backbone_weights(model, path) == {"missing": [], "unexpected": []}
+    x = torch.randn(2, 3, 32, 16)
+    torch.testing.assert_close(features(model, x), features(net.backbone, x))
+    # without any description passed: built from the file's spec, registers included
+    opened, got = weights.open_feature_model(path)
+    assert got == spec and opened.num_reg_tokens == 2
+    torch.testing.assert_close(features(opened, x), features(net.backbone, x))
+    assert ckpt.load_feature_model is weights.load_feature_model  # the old names still reach the moved functions
+    with pytest.raises(ckpt.CheckpointError, match="not a recognition model .*a backbone export"):
+        ckpt.load_reid_model(path)
+    torch.save({**raw, "spec": {**raw["spec"], "heads": 2}}, tmp_path / "bad.pth")
+    with pytest.raises(ckpt.CheckpointError, match="bad.pth: spec: unknown field\\(s\\) heads"):
+        weights.open_feature_model(tmp_path / "bad.pth")
+
+
+def test_old_export_a_bare_state_dict_still_loads(tmp_path, trained):
+    from dino_recog import weights
+    from dino_recog.models import BackboneSpec
+
+    torch.save(trained.backbone.state_dict(), tmp_path / "old.pth")  # the export as written before the spec
+    assert ckpt.read_backbone_spec(tmp_path / "old.pth") is None
+    assert ckpt.load_backbone_weights(tiny_vit(), tmp_path / "old.pth") == {"missing": [], "unexpected": []}
+    described = BackboneSpec("vit_small", (32, 16), 8, 2, 32, 2)
+    model, spec = weights.open_feature_model(tmp_path / "old.pth", fallback=described)
+    assert spec == described
+    x = torch.randn(2, 3, 32, 16)
+    torch.testing.assert_close(features(model, x), features(trained.backbone, x))
+    with pytest.raises(ckpt.CheckpointError, match="backbone weights without a description of the architecture"):
+        weights.open_feature_model(tmp_path / "old.pth")
+
+
+def test_old_model_pth_still_loads(tmp_path):
+    """A model.pth as the code before BackboneSpec wrote it: its flat spec without registers / LayerScale."""
+    from dino_recog.models import build_backbone
+    from dino_recog.models.heads import BNNeckHead
+
+    torch.manual_seed(0)
+    backbone = build_backbone("vit_small", img_size=(32, 16), patch_size=8, depth=2, embed_dim=32, num_heads=2)[0]
+    head = BNNeckHead(32, 5, pool="cls_mean")
+    state = {**{f"backbone.{k}": v for k, v in backbone.state_dict().items()},
+             **{f"head.{k}": v for k, v in head.state_dict().items()}}  # fmt: skip
+    old_spec = {"arch": "vit_small", "img_size": [32, 16], "patch_size": 8, "drop_path_rate": 0.1, "depth": 2,
+                "embed_dim": 32, "num_heads": 2, "last_stride": 1, "feature": "cls_mean", "embedding_dim": 0,
+                "neck": "bnneck", "num_classes": 5, "classifier": True, "mean": [0.5, 0.5, 0.5],
+                "std": [0.2, 0.2, 0.2]}  # fmt: skip
+    ckpt.save_checkpoint({"kind": "reid_model", "spec": old_spec, "state_dict": state}, tmp_path / "model.pth")
+    model = ckpt.load_reid_model(tmp_path / "model.pth").eval()
+    assert {k: model.spec[k] for k in old_spec} == old_spec  # every old key readable, same values
+    spec = model.backbone_spec
+    assert (spec.num_register_tokens, spec.layerscale, spec.feature, spec.mean) == (0, 0.0, "cls_mean", (0.5,) * 3)
+    assert ckpt.read_backbone_spec(tmp_path / "model.pth") == spec
+    x = torch.randn(2, 3, 32, 16)
+    torch.testing.assert_close(model.backbone(x), backbone.eval()(x))
+
+
+def test_stage2_takes_the_architecture_of_a_pretrained_file(tmp_path, caplog):
+    from dino_recog.models import BackboneSpec
+
+    export = ckpt.save_backbone(dinov2_teacher(registers=2).backbone, spec_with_registers(), tmp_path / "e.pth")
+    configured = BackboneSpec("vit_small", (64, 32), 16, feature="cls_mean", last_stride=1)
+    with caplog.at_level("WARNING"):
+        spec = ckpt.pretrained_backbone_spec(configured, export)
+    assert spec.architecture() == spec_with_registers().architecture()
+    assert (spec.img_size, spec.feature, spec.mean) == ((64, 32), "cls_mean", configured.mean)
+    assert "carries its own architecture, which replaces model.*: patch_size 16 -> 8, depth 12 -> 2" in caplog.text
+    with pytest.raises(ckpt.CheckpointError, match="holds a vit_small backbone, but model.arch is resnet50"):
+        ckpt.pretrained_backbone_spec(BackboneSpec("resnet50"), export)
+    with pytest.raises(ckpt.CheckpointError, match="patch size 8; the input size \\[36, 16\\] is not a multiple"):
+        ckpt.pretrained_backbone_spec(BackboneSpec("vit_small", (36, 16)), export)
+    torch.save(tiny_vit().state_dict(), tmp_path / "bare.pth")  # no spec: the configuration describes it
+    assert ckpt.pretrained_backbone_spec(configured, tmp_path / "bare.pth") == configured

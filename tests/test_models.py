@@ -263,3 +263,104 @@ def test_masked_net_with_gradient_checkpointing_gives_the_same_gradients():
         grads.append(net.mask_token.grad.clone())
     assert grads[0].abs().sum() > 0  # the mask token learns
     torch.testing.assert_close(grads[1], grads[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# BackboneSpec: the one description of a backbone
+
+
+def shapes(module):
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(arch="vit_tiny", img_size=(32, 16), patch_size=8, depth=2, embed_dim=48, num_register_tokens=4,
+             layerscale=1e-5, feature="cls_mean", mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2)),  # fmt: skip
+        dict(arch="resnet18", img_size=(64, 32), last_stride=1, feature="gem"),
+    ],
+)
+def test_spec_round_trip_through_plain_values_rebuilds_the_same_network(kw, tmp_path):
+    from dino_recog.models import BackboneSpec
+
+    spec = BackboneSpec(**kw)
+    plain = spec.to_dict()
+    torch.save(plain, tmp_path / "spec.pth")
+    loaded = torch.load(tmp_path / "spec.pth", weights_only=True)  # plain values only
+    assert all(isinstance(v, str | int | float | list) for v in loaded.values())
+    again = BackboneSpec.from_dict(loaded)
+    assert again == spec
+    (a, dim_a), (b, dim_b) = spec.build(), again.build()
+    assert shapes(a) == shapes(b) and dim_a == dim_b
+    if spec.is_vit:
+        assert (spec.depth, spec.embed_dim, spec.num_heads) == (2, 48, 3)  # the arch's 3 heads, resolved
+        assert a.reg_token.shape == (1, 4, 48) and "blocks.1.ls2.gamma" in a.state_dict()
+    else:  # ViT fields are no ResNet's
+        assert (spec.patch_size, spec.depth, spec.embed_dim, spec.num_heads) == (0, 0, 0, 0) and dim_a == 512
+        assert a.forward_features(torch.randn(1, 3, 64, 32)).shape[-2:] == (4, 2)  # last stride 1
+
+
+def test_spec_errors_name_the_field():
+    from dino_recog.models import BackboneSpec
+
+    plain = BackboneSpec("vit_small").to_dict()
+    with pytest.raises(ValueError, match="export.pth: unknown field\\(s\\) heads; missing field\\(s\\) num_heads"):
+        BackboneSpec.from_dict({**{k: v for k, v in plain.items() if k != "num_heads"}, "heads": 6}, "export.pth")
+    with pytest.raises(ValueError, match="spec: BackboneSpec.arch: 'vit_huge' is not one of"):
+        BackboneSpec.from_dict({**plain, "arch": "vit_huge"}, "spec")
+    with pytest.raises(ValueError, match="feature: 'avg' is not one of cls, cls_mean"):
+        BackboneSpec("vit_small", feature="avg")
+    with pytest.raises(ValueError, match="ViT options"):
+        BackboneSpec("resnet50", num_register_tokens=4)
+    with pytest.raises(ValueError, match="embed_dim 32 is not divisible by num_heads 6"):
+        BackboneSpec("vit_small", embed_dim=32)
+    with pytest.raises(ValueError, match="backbone: unknown key\\(s\\) heads"):
+        BackboneSpec.from_kwargs({"name": "vit_small", "heads": 2})
+    assert BackboneSpec.from_kwargs({"name": "vit_small", "depth": None, "img_size": [32, 16]}) == BackboneSpec(
+        "vit_small", img_size=(32, 16)
+    )
+
+
+def test_spec_from_both_configs_and_their_plain_dicts():
+    from dino_recog import config as C
+    from dino_recog.models import BackboneSpec
+
+    dino = C.load(None, ["dino.version=v2", "model.arch=vit_tiny", "model.depth=2", "model.embed_dim=48",
+                         "model.patch_size=8", "model.num_register_tokens=4", "model.layerscale=1e-5",
+                         "crops.global_crops_size=[32,16]", "crops.local_crops_size=[16,8]",
+                         "crops.mean=[0.5,0.5,0.5]"], cls=C.DinoConfig)  # fmt: skip
+    spec = BackboneSpec.from_dino_config(dino)
+    assert spec == BackboneSpec("vit_tiny", (32, 16), 8, 2, 48, 3, 4, 1e-5, 2, "cls", (0.5,) * 3, C.IMAGENET_STD)
+    assert BackboneSpec.from_dino_config(C.to_dict(dino)) == spec  # as a checkpoint stores the config
+    recog = C.load(None, ["model.arch=resnet50", "model.feature=gem", "aug.size=[64,32]"], cls=C.RecogConfig)
+    r = BackboneSpec.from_recog_config(recog)
+    assert (r.arch, r.img_size, r.last_stride, r.feature) == ("resnet50", (64, 32), 1, "gem")
+    assert BackboneSpec.from_recog_config(C.to_dict(recog)) == r
+    # stage 2 takes the architecture of a stage-1 export and keeps its own input, feature and normalisation
+    own = BackboneSpec.from_recog_config(C.load(None, ["model.feature=cls_mean", "aug.size=[64,32]"],
+                                                cls=C.RecogConfig))  # fmt: skip
+    merged = own.with_architecture_of(spec)
+    assert merged.architecture() == spec.architecture()
+    assert (merged.img_size, merged.feature, merged.mean, merged.last_stride) == ((64, 32), "cls_mean", own.mean, 1)
+    with pytest.raises(ValueError, match="not of one family"):
+        r.with_architecture_of(spec)
+
+
+def test_reid_model_from_a_spec_and_from_its_flat_dict_are_the_same():
+    from dino_recog.models import BackboneSpec, build_reid_model
+
+    spec = BackboneSpec("vit_small", (32, 16), 8, 2, 32, 2, num_register_tokens=2, feature="cls_mean")
+    torch.manual_seed(0)
+    a = build_reid_model(spec, 7, embedding_dim=16).eval()
+    torch.manual_seed(0)
+    b = build_reid_model(a.spec).eval()
+    assert a.spec == b.spec and a.backbone_spec == spec and a.spec["num_classes"] == 7
+    x = torch.randn(2, 3, 32, 16)
+    torch.testing.assert_close(a(x), b(x))
+    # cls_mean averages the patch tokens only, not the register tokens after CLS
+    tokens = a.backbone.forward_features(x)  # (B, 1 + 2 + 8, D)
+    pooled = a.head.pool(tokens)
+    torch.testing.assert_close(pooled, torch.cat([tokens[:, 0], tokens[:, 3:].mean(1)], dim=1))
+    with pytest.raises(TypeError, match="num_classes is missing"):
+        build_reid_model(spec)

@@ -3,9 +3,11 @@
 from .backbones import build_backbone, configure_speed
 from .dino import MaskedMultiCropNet, MultiCropNet, update_teacher
 from .heads import BNNeckHead, DINOHead, GeM
-from .reid import ReIDModel, build_reid_model
+from .reid import ReIDModel, build_reid_model, reid_spec
+from .spec import BackboneSpec
 
 __all__ = [
+    "BackboneSpec",
     "build_backbone",
     "configure_speed",
     "DINOHead",
@@ -16,4 +18,5 @@ __all__ = [
     "GeM",
     "ReIDModel",
     "build_reid_model",
+    "reid_spec",
 ]

@@ -82,18 +82,20 @@ class BNNeckHead(nn.Module):
     frozen at 0 and the classifier has no bias. At test time the BN-neck feature is the embedding.
 
     Pooling of the backbone's `forward_features` output: ViT tokens (B, 1 + N, D) -> "cls" (CLS token) or
-    "cls_mean" (CLS concatenated with the mean patch token, 2D); ResNet maps (B, C, H, W) -> "avg" or "gem".
+    "cls_mean" (CLS concatenated with the mean patch token, 2D; the `prefix_tokens` - 1 register tokens after CLS
+    are not patches); ResNet maps (B, C, H, W) -> "avg" or "gem".
 
     forward(x) in train mode -> {"feat": (B, D) before the neck, "neck": (B, D) after it, "logits": (B, N) or None};
     in eval mode -> (B, D) neck feature.
     """
 
     def __init__(self, in_dim: int, num_classes: int, pool: str = "cls", embedding_dim: int = 0,
-                 neck: str = "bnneck", classifier: bool = True) -> None:  # fmt: skip
+                 neck: str = "bnneck", classifier: bool = True, prefix_tokens: int = 1) -> None:  # fmt: skip
         super().__init__()
         if pool not in ("cls", "cls_mean", "avg", "gem"):
             raise ValueError(f"pool {pool!r}: expected cls, cls_mean, avg or gem")
         self.pool_name = pool
+        self.prefix_tokens = prefix_tokens  # CLS + register tokens before the patches
         self.gem = GeM() if pool == "gem" else None
         dim = in_dim * 2 if pool == "cls_mean" else in_dim
         self.embedding = nn.Linear(dim, embedding_dim) if embedding_dim else None
@@ -111,7 +113,7 @@ class BNNeckHead(nn.Module):
         if self.pool_name == "cls":
             return x[:, 0]
         if self.pool_name == "cls_mean":
-            return torch.cat([x[:, 0], x[:, 1:].mean(1)], dim=1)
+            return torch.cat([x[:, 0], x[:, self.prefix_tokens :].mean(1)], dim=1)
         if self.pool_name == "avg":
             return x.mean((2, 3))
         return self.gem(x)

@@ -21,7 +21,7 @@ from ..data.batch_augment import BatchAugment
 from ..data.masking import BlockMaskGenerator, sample_batch_masks
 from ..losses.dino import DINOLoss, collapse_stats
 from ..losses.dinov2 import IBOTPatchLoss, KoLeoLoss
-from ..models import DINOHead, MaskedMultiCropNet, MultiCropNet, build_backbone, update_teacher
+from ..models import BackboneSpec, DINOHead, MaskedMultiCropNet, MultiCropNet, update_teacher
 from ..optim import param_groups
 from ..schedules import cosine_schedule, linear_warmup, scaled_lr
 
@@ -182,11 +182,7 @@ def _warn_collapse(loss: float, stats: dict[str, float], it: int, epoch: int, ou
 
 def _net(cfg: C.DinoConfig, drop_path: float) -> MultiCropNet:
     m = cfg.model
-    backbone, dim = build_backbone(
-        m.arch, img_size=cfg.crops.global_crops_size, patch_size=m.patch_size, drop_path_rate=drop_path,
-        depth=m.depth or None, embed_dim=m.embed_dim or None, num_heads=m.num_heads or None,
-        layerscale=m.layerscale, num_register_tokens=m.num_register_tokens,
-    )  # fmt: skip
+    backbone, dim = BackboneSpec.from_dino_config(cfg).build(drop_path)  # what the export describes, exactly
     head = DINOHead(dim, m.out_dim, m.use_bn_in_head, m.norm_last_layer, hidden_dim=m.hidden_dim,
                     bottleneck_dim=m.bottleneck_dim)  # fmt: skip
     if cfg.dino.version == "v1":

@@ -19,7 +19,7 @@ from .. import checkpoint as ckpt
 from .. import config as C
 from .. import distributed as dist
 from ..losses import ArcFaceLoss, CenterLoss, CosFaceLoss, CrossEntropyLabelSmooth, DistillationLoss, TripletLoss
-from ..models import ReIDModel, build_reid_model
+from ..models import BackboneSpec, ReIDModel, build_reid_model, reid_spec
 from ..optim import reid_param_groups
 from ..schedules import cosine_schedule, step_schedule
 from ..wrapper import DINOConf, DINOWrapper
@@ -204,14 +204,14 @@ class ReIDTask(nn.Module):
 
 
 def model_spec(cfg: C.RecogConfig, num_classes: int) -> dict:
+    """The model's flat spec: `model.*` / `aug.*`, with the architecture of a `model.pretrained` file that carries
+    its own (a stage-1 export or checkpoint, a stage-2 model; logged when it replaces `model.*`)."""
     m = cfg.model
-    return {
-        "arch": m.arch, "img_size": list(cfg.aug.size), "patch_size": m.patch_size, "drop_path_rate": m.drop_path_rate,
-        "depth": m.depth, "embed_dim": m.embed_dim, "num_heads": m.num_heads, "last_stride": m.last_stride,
-        "feature": m.feature, "embedding_dim": m.embedding_dim, "neck": m.neck, "num_classes": num_classes,
-        "classifier": cfg.loss.ce_weight > 0 or cfg.loss.distill_weight > 0,
-        "mean": list(cfg.aug.mean), "std": list(cfg.aug.std),
-    }  # fmt: skip
+    backbone = BackboneSpec.from_recog_config(cfg)
+    if m.pretrained and Path(m.pretrained).is_file():
+        backbone = ckpt.pretrained_backbone_spec(backbone, m.pretrained, "model.pretrained")
+    return reid_spec(backbone, num_classes, embedding_dim=m.embedding_dim, neck=m.neck, drop_path_rate=m.drop_path_rate,
+                     classifier=cfg.loss.ce_weight > 0 or cfg.loss.distill_weight > 0)  # fmt: skip
 
 
 def build_model(cfg: C.RecogConfig, num_classes: int) -> ReIDModel:

@@ -8,6 +8,7 @@ holding the top x% of a head's attention mass.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -21,9 +22,11 @@ import yaml
 from PIL import Image
 
 from .. import checkpoint as ckpt
+from .. import weights
 from ..data.datasets import read_image
 from ..data.transforms import reid_test_transform
-from ..models.backbones import RESNETS, VIT_SPECS, build_backbone
+from ..models.backbones import RESNETS, VIT_SPECS
+from ..models.spec import BackboneSpec
 from ._draw import grid, labelled, save_png
 
 __all__ = [
@@ -184,9 +187,10 @@ def load_vit(
 ) -> tuple[nn.Module, tuple[int, int], tuple[float, ...], tuple[float, ...]]:
     """Build the ViT held by any backbone checkpoint and load its weights.
 
-    Embedding width, depth and patch size are read from the weights; the number of heads (which weights cannot tell)
-    from `num_heads`, else the file's spec / config, else the run's `config.yaml` beside the file, else the standard
-    ViT of that width (192: 3, 384: 6, 768: 12 heads).
+    A file with a `spec` (backbone export, stage-2 model) is rebuilt from its BackboneSpec. For the others, embedding
+    width, depth, patch size and register tokens are read from the weights; the number of heads (which weights
+    cannot tell) from `num_heads`, else the file's config, else the run's `config.yaml` beside the file, else the
+    standard ViT of that width (192: 3, 384: 6, 768: 12 heads).
 
     Args:
         path: stage-1 checkpoint or export, stage-2 model, official DINO checkpoint, timm state dict.
@@ -203,11 +207,29 @@ def load_vit(
     path = Path(path)
     obj = ckpt.load_checkpoint(path)
     hints = _hints(obj, path)
-    state = ckpt.extract_backbone_state(obj, key)
+    state = weights.extract_backbone_state(obj, key)
     if "cls_token" not in state or "patch_embed.proj.weight" not in state:
         if any(k.startswith("layer4.") or k == "conv1.weight" for k in state):
             raise AttentionError(f"attention maps need a ViT; {path} holds a {_resnet_name(state, hints)}")
         raise AttentionError(f"attention maps need a ViT; {path} holds no ViT weights (no cls_token / patch_embed)")
+    spec = weights.read_backbone_spec(obj, path) if isinstance(obj.get("spec"), dict) else None
+    if spec is None:
+        spec = _spec_from_weights(state, hints, path, num_heads)
+    elif num_heads:
+        spec = dataclasses.replace(spec, num_heads=num_heads)
+    if size:
+        spec = dataclasses.replace(spec, img_size=tuple(size))
+    model, _ = spec.build()
+    missing = weights.load_backbone_weights(model, path, key)["missing"]
+    if missing:
+        raise AttentionError(f"{path}: the ViT lacks weights for {', '.join(missing[:8])}; maps would be random")
+    log.info("%s: ViT %d blocks, %d dim, %d heads, patch %d, %d registers, input %dx%d", path, spec.depth,
+             spec.embed_dim, spec.num_heads, spec.patch_size, spec.num_register_tokens, *spec.img_size)  # fmt: skip
+    return model.eval(), spec.img_size, spec.mean, spec.std
+
+
+def _spec_from_weights(state: dict, hints: dict, path: Path, num_heads: int) -> BackboneSpec:
+    """The BackboneSpec of ViT weights without one: sizes from the tensors, heads and preprocessing from hints."""
     dim = state["cls_token"].shape[-1]
     depth = len({int(m.group(1)) for k in state if (m := _BLOCK.match(k))})
     patch = state["patch_embed.proj.weight"].shape[-1]
@@ -217,14 +239,10 @@ def load_vit(
     heads = heads or {d: h for d, _, h in VIT_SPECS.values()}.get(dim, 0)
     if not heads:
         raise AttentionError(f"{path}: cannot tell the number of heads of a {dim}-dim ViT; pass --num-heads")
-    size = tuple(size or hints.get("size") or (256, 128))
-    model, _ = build_backbone("vit_small", img_size=size, patch_size=patch, depth=depth, embed_dim=dim, num_heads=heads)
-    missing = ckpt.load_backbone_weights(model, path, key)["missing"]
-    if missing:
-        raise AttentionError(f"{path}: the ViT lacks weights for {', '.join(missing[:8])}; maps would be random")
-    mean, std = tuple(hints.get("mean") or IMAGENET_MEAN), tuple(hints.get("std") or IMAGENET_STD)
-    log.info("%s: ViT %d blocks, %d dim, %d heads, patch %d, input %dx%d", path, depth, dim, heads, patch, *size)
-    return model.eval(), size, mean, std
+    registers = state["reg_token"].shape[1] if "reg_token" in state else 0
+    return BackboneSpec("vit_small", img_size=tuple(hints.get("size") or (256, 128)), patch_size=patch, depth=depth,
+                        embed_dim=dim, num_heads=heads, num_register_tokens=registers,
+                        mean=tuple(hints.get("mean") or IMAGENET_MEAN), std=tuple(hints.get("std") or IMAGENET_STD))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
