@@ -42,7 +42,7 @@ def test_two_cpu_processes_keep_teacher_and_centre_identical(small_demo, tmp_pat
     r = launch_two_processes(args)
     assert r.returncode == 0, r.stderr[-4000:]
     state = ckpt.load_checkpoint(out / "checkpoint_0002.pth")
-    prints = state["teacher_fingerprints"]
+    prints = state["fingerprints"]
     assert prints.shape == (2, 3) and torch.equal(prints[0], prints[1])
     assert (out / "teacher_backbone.pth").is_file() and (out / "config.yaml").is_file()
     assert C.load(out / "config.yaml", cls=C.DinoConfig).data.batch_size_per_gpu == 8
@@ -114,7 +114,7 @@ def test_dinov2_two_cpu_processes_with_sinkhorn_keep_teacher_and_centres_identic
     r = launch_two_processes(TINY + V2 + extra + data)
     assert r.returncode == 0, r.stderr[-4000:]
     state = ckpt.load_checkpoint(out / "checkpoint_0002.pth")
-    prints = state["teacher_fingerprints"]
+    prints = state["fingerprints"]
     assert prints.shape == (2, 3) and torch.equal(prints[0], prints[1])
     assert "ibot_loss" in state and "mask_token" in state["teacher"]
     assert any(k.startswith("ibot_head.") for k in state["student"])
