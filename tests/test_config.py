@@ -159,3 +159,27 @@ def test_dinov2_presets_hold_the_dinov2_defaults():
     assert (d.mask_ratio_min_max, d.mask_sample_probability) == ((0.1, 0.5), 0.5)
     assert (m.layerscale, m.drop_path_rate, t.layer_decay, t.patch_embed_lr_mult) == (1e-5, 0.1, 0.9, 0.2)
     assert C.load(ROOT / "configs/demo/dinov2.yaml", cls=C.DinoConfig).dino.version == "v2"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Settings that cannot work (docs/reliability.md)
+
+
+@pytest.mark.parametrize(
+    "cls, override, message",
+    [
+        (C.DinoConfig, "crops.global_crops_size=[250,128]",
+         r"crops\.global_crops_size: \[250, 128\] is not a multiple of model\.patch_size 16 .*e\.g\. \[256, 128\]"),
+        (C.DinoConfig, "crops.local_crops_size=[4,4]", r"crops\.local_crops_size: \[4, 4\] is not a multiple of"),
+        (C.RecogConfig, "aug.size=[256,100]", r"aug\.size: \[256, 100\] is not a multiple of model\.patch_size 16"),
+        (C.RecogConfig, "data.num_instances=1",
+         r"data\.num_instances: 1 with a triplet or centre loss; expected >= 2"),
+        (C.RecogConfig, "data.num_identities=1", r"data\.num_identities: 1 with a triplet or centre loss"),
+        (C.DinoConfig, "run.save_every_steps=-1", r"run\.save_every_steps: -1; expected a value >= 0"),
+        (C.RecogConfig, "run.skip_nonfinite_steps=-2", r"run\.skip_nonfinite_steps: -2; expected a value >= 0"),
+        (C.RecogConfig, "run.keep_last=0", r"run\.keep_last: 0; expected a value > 0"),
+    ],
+)  # fmt: skip
+def test_impossible_settings_are_refused_at_load(cls, override, message):
+    with pytest.raises(C.ConfigError, match=message):
+        C.load(None, [override], cls=cls)
