@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import recog_args, recog_cfg, train_sh
 
 import train_recog
 from dino_recog import checkpoint as ckpt
 from dino_recog import config as C
 from dino_recog import distributed as D
+from dino_recog.losses import CosFaceLoss
 from dino_recog.models import build_backbone
 from dino_recog.runlog import read_jsonl
 
@@ -24,6 +26,11 @@ OWN = ["eval.eval_every=1"]
 def cfg(root: Path, out: Path, *extra: str) -> C.RecogConfig:
     """The tiny stage-2 run on root/market."""
     return recog_cfg(root / "market", out, *OWN, *extra)
+
+
+def cosface_weights(checkpoint: Path) -> torch.Tensor:
+    """The CosFace class weights saved in a stage-2 training checkpoint (the one place that knows the layout)."""
+    return ckpt.load_checkpoint(checkpoint)["losses"]["cosface"]["weight"]
 
 
 @pytest.mark.slow
@@ -72,14 +79,26 @@ def test_resume_gives_the_same_weights(small_demo, tmp_path):
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
 
 
-def test_margin_center_losses_and_distillation_run(small_demo, tmp_path):
+def test_margin_center_losses_and_distillation_run(small_demo, tmp_path, monkeypatch):
     extra = ["train.epochs=1", "loss.cosface_weight=0.5", "loss.arcface_weight=0.5", "loss.center_weight=0.0005",
              "model.feature=cls_mean", "model.embedding_dim=24"]  # fmt: skip
+    initial, init = [], CosFaceLoss.__init__
+
+    def recording_init(self, *args, **kwargs):  # the CosFace class weights as built, before any step
+        init(self, *args, **kwargs)
+        initial.append(self.weight.detach().clone())
+
+    monkeypatch.setattr(CosFaceLoss, "__init__", recording_init)
     with_onnx = importlib.util.find_spec("onnx") is not None
     train_recog.main(cfg(small_demo, tmp_path / "teacher", *extra), export_onnx=with_onnx)
     assert (tmp_path / "teacher" / "model.onnx").is_file() == with_onnx
     rec = read_jsonl(tmp_path / "teacher" / "log.jsonl", "train")[0]
     assert {"ce", "triplet", "cosface", "arcface", "center"} <= set(rec)
+    # The CosFace class weights train: every class turns (weight decay alone would only shrink them).
+    (before,), after = initial, cosface_weights(tmp_path / "teacher" / "checkpoint_0001.pth")
+    assert after.shape == before.shape == (30, 24)
+    turned = 1 - F.cosine_similarity(before, after, dim=1)
+    assert (turned > 1e-3).all(), turned
     # a ResNet student distilled from the ViT teacher (same identities, another architecture)
     student = ["train.epochs=1", "model.arch=resnet18", "model.feature=avg", "loss.distill_weight=1.0",
                f"loss.distill_teacher={tmp_path / 'teacher' / 'model.pth'}"]  # fmt: skip
