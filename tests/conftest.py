@@ -6,15 +6,23 @@ Test files import the helpers with `from conftest import ...` (tests/ is on the 
 from __future__ import annotations
 
 import os
-import runpy
-import subprocess
-import sys
-from pathlib import Path
 
-import pytest
+# Set before torch is imported, which reads it when its OpenMP runtime starts: threads that wait for the others at the
+# end of a parallel region sleep instead of spinning. Spinning, a process with 2 threads on 2 cores that other jobs
+# share spends most of its time waiting for a thread that is not running: measured at a load of 3 to 4 on 2 cores,
+# test_wrapper's learning test took 196-224 s with spinning threads, 11 s with sleeping ones (and 11 s with one
+# thread). The number of threads, hence every result, stays what it was.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from dino_recog import config as C
-from dino_recog.data.demo import generate
+import runpy  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from dino_recog import config as C  # noqa: E402
+from dino_recog.data.demo import generate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the entry scripts (train_dino.py, ...) live at the root of the checkout
