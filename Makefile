@@ -6,7 +6,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test venv clean-venv lint pictures
+.PHONY: demo test test-fast venv clean-venv lint pictures
 
 # The stamp files make the venv "stale" whenever a requirements file is newer than the last install.
 $(VENV)/.installed: requirements.txt
@@ -61,8 +61,13 @@ bench/.venv-ref/.installed: bench/ref_env.sh
 	PYTHON=$(PYTHON) bash bench/ref_env.sh
 	touch $@
 
+# Every test (CI runs this). test-fast, for the edit loop, leaves out those marked slow: the learning tests and the
+# multi-process, kill and restart runs.
 test: $(VENV)/.installed-dev bench/.venv-ref/.installed
 	$(PY) -m pytest -q --durations=10
+
+test-fast: $(VENV)/.installed-dev bench/.venv-ref/.installed
+	$(PY) -m pytest -q --durations=10 -m "not slow"
 
 lint: $(VENV)/.installed-dev
 	$(PY) -m ruff check .

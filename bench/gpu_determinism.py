@@ -3,7 +3,7 @@ resume from a mid-epoch checkpoint against the uninterrupted run. Results go to 
 
     python bench/gpu_determinism.py [--out results.json]
 
-Each run is the tiny stage-1 configuration of tests/test_reliability.py (a 2-block 32-wide ViT on 32x16 crops, 2
+Each run is the tiny stage-1 configuration of tests/conftest.py (a 2-block 32-wide ViT on 32x16 crops, 2
 epochs of 12 steps, a checkpoint every 5 steps) on a generated demo pool, on `cuda` (any device works, the CPU too).
 A run that is identical has the same loss at every step and the same teacher weights at the end.
 """

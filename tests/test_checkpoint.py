@@ -1,8 +1,14 @@
+import ast
 import os
+import re
+import shutil
 
 import pytest
 import torch
+from conftest import ROOT, dino_cfg, recog_cfg
 
+import train_dino
+import train_recog
 from dino_recog import checkpoint as ckpt
 from dino_recog.models import DINOHead, MultiCropNet, build_backbone
 
@@ -275,3 +281,67 @@ def test_stage2_takes_the_architecture_of_a_pretrained_file(tmp_path, caplog):
         ckpt.pretrained_backbone_spec(BackboneSpec("vit_small", (36, 16)), export)
     torch.save(tiny_vit().state_dict(), tmp_path / "bare.pth")  # no spec: the configuration describes it
     assert ckpt.pretrained_backbone_spec(configured, tmp_path / "bare.pth") == configured
+
+
+# Hostile checkpoints through the training scripts (docs/reliability.md); dino_single is in conftest.py
+
+
+def test_resume_with_another_architecture_lists_the_mismatched_keys(small_demo, dino_single, tmp_path):
+    images = small_demo / "lup" / "images"
+    out = tmp_path / "run"
+    shutil.copytree(dino_single, out)
+    with pytest.raises(ckpt.CheckpointError) as err:
+        train_dino.main(dino_cfg(images, out, "model.embed_dim=48"))
+    message = str(err.value)
+    assert message.startswith(f"{out / 'checkpoint_0002.pth'}: the student weights do not fit the configured model")
+    assert "cls_token: checkpoint (1, 1, 32) vs model (1, 1, 48)" in message
+    assert "blocks.0.attn.qkv.weight: checkpoint (96, 32) vs model (144, 48)" in message
+
+
+def test_foreign_checkpoints_are_refused_with_what_they_are(dino_single, small_demo, tmp_path):
+    images = small_demo / "lup" / "images"
+    stage1 = dino_single / "checkpoint_0002.pth"
+    official = tmp_path / "dino_official.pth"  # teacher / student / optimizer / epoch, but not ours to resume
+    state = ckpt.load_checkpoint(stage1)
+    torch.save({k: state[k] for k in ("student", "teacher", "optimizer", "epoch")}, official)
+    (tmp_path / "notes.pth").write_text('{"weights": "json, not torch"}')
+    torch.save([torch.zeros(2)], tmp_path / "list.pth")
+    torch.save({**state, "format_version": 2}, tmp_path / "future.pth")
+    (tmp_path / "truncated.pth").write_bytes(stage1.read_bytes()[:1000])
+    cases = {
+        official: "not a dino_recog training checkpoint (no format_version)",
+        tmp_path / "notes.pth": "not a readable checkpoint",
+        tmp_path / "list.pth": "expected a dict of tensors, got list",
+        tmp_path / "future.pth": "format_version 2, but this dino_recog reads format 1 to 1",
+        tmp_path / "truncated.pth": "not a readable checkpoint",
+        tmp_path / "absent.pth": "checkpoint not found",
+    }
+    for path, message in cases.items():
+        with pytest.raises(ckpt.CheckpointError, match=re.escape(f"{path}: {message}")):
+            train_dino.main(dino_cfg(images, tmp_path / "run", f"run.resume={path}"))
+    # a stage-1 checkpoint handed to stage 2, and a stage-1 checkpoint loaded as a recognition model
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(f"{stage1}: lacks state_dict; not a training checkpoint")):
+        train_recog.main(recog_cfg(small_demo / "market", tmp_path / "r", f"run.resume={stage1}"))
+    with pytest.raises(ckpt.CheckpointError, match=f"{stage1}: not a recognition model"):
+        ckpt.load_reid_model(stage1)
+
+
+def test_every_torch_load_in_the_code_is_weights_only():
+    """A static guard: every torch.load passes weights_only=True, nothing calls pickle/np.load with pickles."""
+    files = [*ROOT.glob("*.py"), *(ROOT / "dino_recog").rglob("*.py"), *(ROOT / "bench").glob("*.py")]
+    loads = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            owner = node.func.value.id if isinstance(node.func.value, ast.Name) else ""
+            kw = {k.arg: k.value for k in node.keywords}
+            where = f"{path.relative_to(ROOT)}:{node.lineno}"
+            if (owner, node.func.attr) == ("torch", "load"):
+                loads.append(where)
+                ok = isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
+                assert ok, f"{where}: torch.load without weights_only=True"
+            assert not (owner == "pickle" and node.func.attr in ("load", "loads", "Unpickler")), f"{where}: unpickles"
+            if (owner, node.func.attr) == ("np", "load") and "allow_pickle" in kw:
+                assert kw["allow_pickle"].value is False, f"{where}: np.load(allow_pickle=True)"
+    assert len(loads) >= 2  # checkpoint.load_checkpoint and extract._peek at least: the guard sees them

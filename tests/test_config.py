@@ -217,3 +217,27 @@ def test_declared_fields_keep_their_defaults():
     assert C.from_dict(Toy, {"parts": [{"name": "b", "weight": 2}]}).parts == [Part(name="b", weight=2.0)]
     with pytest.raises(C.ConfigError, match=r"^spare\.weight: -1; expected a value > 0$"):
         C.validate(Toy(spare=Part(weight=-1)))  # also callable on a config built in code
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Settings that cannot work (docs/reliability.md)
+
+
+@pytest.mark.parametrize(
+    "cls, override, message",
+    [
+        (C.DinoConfig, "crops.global_crops_size=[250,128]",
+         r"crops\.global_crops_size: \[250, 128\] is not a multiple of model\.patch_size 16 .*e\.g\. \[256, 128\]"),
+        (C.DinoConfig, "crops.local_crops_size=[4,4]", r"crops\.local_crops_size: \[4, 4\] is not a multiple of"),
+        (C.RecogConfig, "aug.size=[256,100]", r"aug\.size: \[256, 100\] is not a multiple of model\.patch_size 16"),
+        (C.RecogConfig, "data.num_instances=1",
+         r"data\.num_instances: 1 with a triplet or centre loss; expected >= 2"),
+        (C.RecogConfig, "data.num_identities=1", r"data\.num_identities: 1 with a triplet or centre loss"),
+        (C.DinoConfig, "run.save_every_steps=-1", r"run\.save_every_steps: -1; expected a value >= 0"),
+        (C.RecogConfig, "run.skip_nonfinite_steps=-2", r"run\.skip_nonfinite_steps: -2; expected a value >= 0"),
+        (C.RecogConfig, "run.keep_last=0", r"run\.keep_last: 0; expected a value > 0"),
+    ],
+)  # fmt: skip
+def test_impossible_settings_are_refused_at_load(cls, override, message):
+    with pytest.raises(C.ConfigError, match=message):
+        C.load(None, [override], cls=cls)

@@ -1,29 +1,27 @@
 import json
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, launcher_env
 
 from dino_recog import distributed as D
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def launch(*args, env=None, timeout=120):
-    e = {k: v for k, v in os.environ.items() if k not in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    e.update(env or {})
+def launch(*args, env=None, timeout=600):
+    """`bash train.sh ARGS` as conftest.train_sh runs it, but with train.sh's own choice of threads per process."""
     return subprocess.run(
         ["bash", str(ROOT / "train.sh"), *map(str, args)],
         cwd=ROOT,
-        env=e,
+        env=launcher_env(OMP_NUM_THREADS=None, **(env or {})),
         capture_output=True,
         text=True,
         timeout=timeout,
     )
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_run_collectives(tmp_path):
     r = launch("cpu", 2, "tests/scripts/dist_check.py", tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]

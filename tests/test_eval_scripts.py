@@ -39,7 +39,7 @@ def demo_sets(small_demo, size=(32, 16)):
     return ds.ImageDataset(data.query, tf, train=False), ds.ImageDataset(data.gallery, tf, train=False)
 
 
-def test_eval_reid_on_a_stage2_model(small_demo, tmp_path):
+def test_eval_reid_on_a_stage2_model(small_demo, tmp_path, run_script):
     torch.manual_seed(0)
     spec = dict(
         arch="vit_small",
@@ -64,10 +64,11 @@ def test_eval_reid_on_a_stage2_model(small_demo, tmp_path):
         assert result[k] == pytest.approx(expected[k], abs=1e-6)
     assert f"{100 * expected['mAP']:6.2f}" in out
 
-    # --rerank / --aqe / eval.topk: the same features through the re-ranking and query-expansion functions
-    run("eval_reid.py", "--checkpoint", tmp_path / "model.pth", "--json", tmp_path / "rr.json", "--rerank", "--aqe",
-        f"data.test={{name: market1501, root: {market}}}", "data.num_workers=0", "run.device=cpu", "eval.rerank_k1=8",
-        "eval.rerank_k2=3")  # fmt: skip
+    # --rerank / --aqe / eval.topk: the same features through the re-ranking and query-expansion functions (in this
+    # interpreter: the command line in a fresh one is checked above)
+    overrides = [f"data.test={{name: market1501, root: {market}}}", "data.num_workers=0", "run.device=cpu"]
+    run_script("eval_reid.py", "--checkpoint", tmp_path / "model.pth", "--json", tmp_path / "rr.json", "--rerank",
+               "--aqe", *overrides, "eval.rerank_k1=8", "eval.rerank_k2=3")  # fmt: skip
     query, gallery = demo_sets(small_demo)
     qf, q_pids, q_cams = extract_features(model.eval(), query, torch.device("cpu"))
     gf, g_pids, g_cams = extract_features(model, gallery, torch.device("cpu"))
@@ -76,8 +77,8 @@ def test_eval_reid_on_a_stage2_model(small_demo, tmp_path):
     reranked = json.loads((tmp_path / "rr.json").read_text())
     assert reranked["mAP"] == pytest.approx(ref["mAP"], abs=1e-6) and reranked["rerank"] == [8, 3, 0.3]
     assert reranked["mAP"] != pytest.approx(result["mAP"], abs=1e-4)  # the options did change the ranking
-    run("eval_reid.py", "--checkpoint", tmp_path / "model.pth", "--json", tmp_path / "top.json", "eval.topk=5",
-        f"data.test={{name: market1501, root: {market}}}", "data.num_workers=0", "run.device=cpu")  # fmt: skip
+    run_script("eval_reid.py", "--checkpoint", tmp_path / "model.pth", "--json", tmp_path / "top.json", *overrides,
+               "eval.topk=5")  # fmt: skip
     top = json.loads((tmp_path / "top.json").read_text())
     cut = evaluate_rank(pairwise_distance(qf, gf), q_pids, g_pids, q_cams, g_cams, cutoff=5)
     assert (top["cutoff"], top["rank5"]) == (5, pytest.approx(result["rank5"], abs=1e-9))

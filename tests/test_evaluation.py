@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from conftest import train_sh
 
 from dino_recog.evaluation import evaluate_features, evaluate_rank, pairwise_distance
 
@@ -170,10 +171,8 @@ def test_signed_zeros_tie_by_gallery_order():
     np.testing.assert_allclose(out["cmc"], [0.0, 1.0])
 
 
+@pytest.mark.slow
 def test_sharded_extraction_with_two_processes_equals_one_process(small_demo, tmp_path):
-    import subprocess
-    from pathlib import Path
-
     import torch
 
     from dino_recog.data import datasets as ds
@@ -181,10 +180,8 @@ def test_sharded_extraction_with_two_processes_equals_one_process(small_demo, tm
     from dino_recog.evaluation import extract_features
     from dino_recog.models import build_backbone
 
-    root = Path(__file__).resolve().parents[1]
     market = small_demo / "market"
-    r = subprocess.run(["bash", "train.sh", "cpu", "2", "tests/scripts/extract_check.py", str(market),
-                        str(tmp_path / "f.pth")], cwd=root, capture_output=True, text=True, timeout=300)  # fmt: skip
+    r = train_sh("cpu", 2, "tests/scripts/extract_check.py", market, tmp_path / "f.pth")
     assert r.returncode == 0, r.stderr[-3000:]
     got = torch.load(tmp_path / "f.pth", weights_only=True)
     torch.manual_seed(0)

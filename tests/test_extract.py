@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import train_sh
 from PIL import Image
 
 from dino_recog import config as C
@@ -360,12 +361,11 @@ def test_eval_knn_cache(tmp_path, images, count_extractions):
     assert len(count_extractions) == 4
 
 
+@pytest.mark.slow
 def test_cache_under_torchrun_two_cpu_processes(images, tmp_path):
     """Rank 0 writes; a hit only when every rank finds the file, so the ranks never disagree (and never hang)."""
     folder = str(Path(images[1][0]).parent)
-    env = {**os.environ, "PYTHON": sys.executable}  # train.sh would look for .venv beside the checkout
-    r = subprocess.run(["bash", "train.sh", "cpu", "2", "tests/scripts/cache_check.py", folder, str(tmp_path)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    r = train_sh("cpu", 2, "tests/scripts/cache_check.py", folder, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
     for rank in ranks:

@@ -1,18 +1,13 @@
 """The DINOv2 loss terms (losses/dinov2.py) against independent, loop-by-loop references."""
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import train_sh
 
 from dino_recog.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss, sinkhorn_knopp
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def reference_koleo(x, eps=1e-8):
@@ -108,10 +103,9 @@ def test_sinkhorn_marginals_and_no_overflow():
     assert sinkhorn_knopp(logits[:0], 0.1).shape == (0, k)
 
 
+@pytest.mark.slow
 def test_sinkhorn_across_two_processes_equals_one_process(tmp_path):
-    env = {**os.environ, "PYTHON": sys.executable}  # train.sh would look for .venv beside the checkout
-    r = subprocess.run(["bash", "train.sh", "cpu", "2", "tests/scripts/sinkhorn_check.py", str(tmp_path)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    r = train_sh("cpu", 2, "tests/scripts/sinkhorn_check.py", tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{i}.pt") for i in range(2)]
     assert [r["world"] for r in ranks] == [2, 2]

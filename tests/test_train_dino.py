@@ -1,46 +1,43 @@
-"""End-to-end stage 1: distributed consistency, resume, learning."""
+"""End-to-end stage 1: distributed consistency, resume, learning. The tiny runs are those of conftest.py."""
 
-import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, dino_args, dino_cfg, train_sh
 
+import train_dino
 from dino_recog import checkpoint as ckpt
 from dino_recog import config as C
 from dino_recog.runlog import read_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import train_dino  # noqa: E402
-
-TINY = [
-    "model.arch=vit_small", "model.depth=2", "model.embed_dim=32", "model.num_heads=2", "model.patch_size=8",
-    "model.out_dim=64", "model.hidden_dim=32", "model.bottleneck_dim=16", "model.drop_path_rate=0.1",
-    "crops.global_crops_size=[32,16]", "crops.local_crops_size=[16,8]", "crops.local_crops_number=2",
-    "data.batch_size_per_gpu=8", "data.num_workers=0", "train.epochs=2", "train.warmup_epochs=1",
-    "run.log_every=1", "run.amp=fp32", "eval.eval_every=0", "eval.export_every=1",
-]  # fmt: skip
+# This file's runs keep numbered checkpoints every 20 epochs as cfg_dino.yaml does (conftest's: never); no run here is
+# that long, so it only keeps the settings these tests always had.
+OWN = ["eval.saveckp_freq=20"]
 
 
-def tiny_cfg(small_demo, out, *extra):
-    data = [f"data.train={{name: image_folder, root: {small_demo / 'lup' / 'images'}}}", f"run.output_dir={out}"]
-    return C.load(ROOT / "cfg_dino.yaml", TINY + data + list(extra), cls=C.DinoConfig)
+def tiny_cfg(small_demo: Path, out: Path, *extra: str) -> C.DinoConfig:
+    return dino_cfg(small_demo / "lup" / "images", out, *OWN, *extra)
 
 
-def launch_two_processes(args):
-    env = {**os.environ, "PYTHON": sys.executable}  # train.sh would look for .venv beside the checkout
-    return subprocess.run(["bash", "train.sh", "cpu", "2", "train_dino.py", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+def launch_two_processes(small_demo: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """The tiny run with 2 CPU processes through train.sh."""
+    return train_sh("cpu", 2, "train_dino.py", *dino_args(small_demo / "lup" / "images", out, *OWN, *extra))
 
 
-def test_two_cpu_processes_keep_teacher_and_centre_identical(small_demo, tmp_path):
-    out = tmp_path / "run"
-    args = TINY + [f"data.train={{name: image_folder, root: {small_demo / 'lup' / 'images'}}}", f"run.output_dir={out}"]
-    r = launch_two_processes(args)
-    assert r.returncode == 0, r.stderr[-4000:]
+def interrupted_copy(run: Path, out: Path) -> None:
+    """`out` as a run left it when it died during its second epoch: the checkpoint after the first epoch only."""
+    out.mkdir()
+    shutil.copy(run / "checkpoint_0001.pth", out / "checkpoint_0001.pth")
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_keep_teacher_and_centre_identical(dino_2proc):
+    """The tiny run with 2 CPU processes (conftest's dino_2proc, shared with the crash-safety tests)."""
+    out = dino_2proc
     state = ckpt.load_checkpoint(out / "checkpoint_0002.pth")
     prints = state["fingerprints"]
     assert prints.shape == (2, 3) and torch.equal(prints[0], prints[1])
@@ -51,12 +48,9 @@ def test_two_cpu_processes_keep_teacher_and_centre_identical(small_demo, tmp_pat
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(small_demo, tmp_path):
-    straight = tiny_cfg(small_demo, tmp_path / "a")
-    train_dino.main(straight)
-    resumed = tiny_cfg(small_demo, tmp_path / "b")
-    train_dino.main(resumed)
-    (tmp_path / "b" / "checkpoint_0002.pth").unlink()  # as if the run had died during epoch 2
-    train_dino.main(resumed)
+    train_dino.main(tiny_cfg(small_demo, tmp_path / "a"))
+    interrupted_copy(tmp_path / "a", tmp_path / "b")
+    train_dino.main(tiny_cfg(small_demo, tmp_path / "b"))
     a = ckpt.load_checkpoint(tmp_path / "a" / "checkpoint_0002.pth")
     b = ckpt.load_checkpoint(tmp_path / "b" / "checkpoint_0002.pth")
     for net in ("student", "teacher", "dino_loss"):
@@ -71,10 +65,8 @@ def test_gpu_augment_trains_and_resumes_exactly(small_demo, tmp_path):
     train_dino.main(straight)
     records = read_jsonl(tmp_path / "a" / "log.jsonl", "train")
     assert records and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
-    resumed = tiny_cfg(small_demo, tmp_path / "b", "crops.gpu_augment=true")
-    train_dino.main(resumed)
-    (tmp_path / "b" / "checkpoint_0002.pth").unlink()  # as if the run had died during epoch 2
-    train_dino.main(resumed)
+    interrupted_copy(tmp_path / "a", tmp_path / "b")
+    train_dino.main(tiny_cfg(small_demo, tmp_path / "b", "crops.gpu_augment=true"))
     a = ckpt.load_checkpoint(tmp_path / "a" / "checkpoint_0002.pth")
     b = ckpt.load_checkpoint(tmp_path / "b" / "checkpoint_0002.pth")
     for k in a["teacher"]:
@@ -87,6 +79,8 @@ def test_bad_config_stops_before_any_work(tmp_path):
     assert "unknown key train.epoch; did you mean train.epochs?" in r.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # about 2.5 minutes on 2 idle cores, with the demo set's generation; 5 min when shared
 def test_dino_teacher_learns_on_the_demo_data(demo_set, tmp_path):
     """About 3 minutes on 2 CPU cores: the demo preset for 12 epochs, teacher against its random initialisation."""
     cfg = C.load(ROOT / "configs/demo/dino.yaml", [
@@ -106,12 +100,12 @@ def test_dino_teacher_learns_on_the_demo_data(demo_set, tmp_path):
 V2 = ["dino.version=v2", "model.layerscale=1e-5", "train.layer_decay=0.9", "train.patch_embed_lr_mult=0.2"]
 
 
+@pytest.mark.slow
 def test_dinov2_two_cpu_processes_with_sinkhorn_keep_teacher_and_centres_identical(small_demo, tmp_path):
     """DDP over the masked student, Sinkhorn-Knopp targets reduced over both processes, the iBOT centre compared."""
     out = tmp_path / "run"
-    data = [f"data.train={{name: image_folder, root: {small_demo / 'lup' / 'images'}}}", f"run.output_dir={out}"]
     extra = ["dino.centering=sinkhorn_knopp", "dino.separate_ibot_head=true", "model.num_register_tokens=1"]
-    r = launch_two_processes(TINY + V2 + extra + data)
+    r = launch_two_processes(small_demo, out, *V2, *extra)
     assert r.returncode == 0, r.stderr[-4000:]
     state = ckpt.load_checkpoint(out / "checkpoint_0002.pth")
     prints = state["fingerprints"]
@@ -125,12 +119,9 @@ def test_dinov2_two_cpu_processes_with_sinkhorn_keep_teacher_and_centres_identic
 
 
 def test_dinov2_resume_gives_the_same_weights_and_ibot_centre(small_demo, tmp_path):
-    straight = tiny_cfg(small_demo, tmp_path / "a", *V2)
-    train_dino.main(straight)
-    resumed = tiny_cfg(small_demo, tmp_path / "b", *V2)
-    train_dino.main(resumed)
-    (tmp_path / "b" / "checkpoint_0002.pth").unlink()
-    train_dino.main(resumed)
+    train_dino.main(tiny_cfg(small_demo, tmp_path / "a", *V2))
+    interrupted_copy(tmp_path / "a", tmp_path / "b")
+    train_dino.main(tiny_cfg(small_demo, tmp_path / "b", *V2))
     a = ckpt.load_checkpoint(tmp_path / "a" / "checkpoint_0002.pth")
     b = ckpt.load_checkpoint(tmp_path / "b" / "checkpoint_0002.pth")
     assert a["ibot_loss"]["center"].abs().sum() > 0
@@ -140,7 +131,8 @@ def test_dinov2_resume_gives_the_same_weights_and_ibot_centre(small_demo, tmp_pa
     assert "resumed from" in (tmp_path / "b" / "log.txt").read_text()
 
 
-@pytest.mark.timeout(900)  # 15 s an epoch on 2 idle cores; 9 min in all when other jobs shared them
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # 15 s an epoch on 2 idle cores; more than 15 min in all when other jobs shared them
 def test_dinov2_teacher_learns_on_the_demo_data(demo_set, tmp_path):
     """The DINOv2 demo preset for 8 epochs (about 2.5 minutes on 2 idle CPU cores): the teacher against its random
     initialisation and against what a random plain ViT gets (rank-1 4%, mAP 3.9%, kNN 12%; README).

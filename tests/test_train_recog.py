@@ -1,37 +1,40 @@
-"""End-to-end stage 2: learning, loading a stage-1 export, resume, the optional losses, distillation."""
+"""End-to-end stage 2: learning, loading a stage-1 export, resume, the optional losses, distillation. The tiny runs
+are those of conftest.py."""
 
 import importlib.util
 import json
-import sys
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from conftest import recog_args, recog_cfg, train_sh
 
+import train_recog
 from dino_recog import checkpoint as ckpt
 from dino_recog import config as C
+from dino_recog import distributed as D
+from dino_recog.losses import CosFaceLoss
 from dino_recog.models import build_backbone
 from dino_recog.runlog import read_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import train_recog  # noqa: E402
-
-TINY = [
-    "model.arch=vit_small", "model.depth=2", "model.embed_dim=32", "model.num_heads=2", "model.patch_size=8",
-    "model.pretrained=", "aug.size=[32,16]", "aug.padding=2", "data.num_identities=8", "data.num_instances=4",
-    "data.num_workers=0", "data.test_batch_size=64", "train.optimizer=adamw", "train.lr=0.003",
-    "train.weight_decay=0.01", "train.epochs=2", "train.warmup_epochs=1", "run.log_every=1", "run.amp=fp32",
-    "eval.eval_every=1",
-]  # fmt: skip
+# This file's runs evaluate after every epoch (conftest's: at the end only).
+OWN = ["eval.eval_every=1"]
 
 
-def cfg(small_demo, out, *extra):
-    data = [f"data.train=[{{name: market1501, root: {small_demo / 'market'}}}]",
-            f"data.test={{name: market1501, root: {small_demo / 'market'}}}", f"run.output_dir={out}"]  # fmt: skip
-    return C.load(ROOT / "cfg_recog.yaml", TINY + data + list(extra), cls=C.RecogConfig)
+def cfg(root: Path, out: Path, *extra: str) -> C.RecogConfig:
+    """The tiny stage-2 run on root/market."""
+    return recog_cfg(root / "market", out, *OWN, *extra)
 
 
+def cosface_weights(checkpoint: Path) -> torch.Tensor:
+    """The CosFace class weights saved in a stage-2 training checkpoint (the one place that knows the layout)."""
+    return ckpt.load_checkpoint(checkpoint)["losses"]["cosface"]["weight"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # about a minute on 2 idle cores
 def test_learns_identities(demo_set, tmp_path):
     # Mean-pooled tokens (cls_mean) make a tiny ViT from scratch learn within a minute on 2 CPU cores.
     c = cfg(demo_set, tmp_path, "train.epochs=4", "eval.eval_every=4", "data.num_identities=16", "train.lr=0.001",
@@ -66,24 +69,36 @@ def test_starts_from_a_stage1_export_with_every_key(small_demo, tmp_path, caplog
 
 def test_resume_gives_the_same_weights(small_demo, tmp_path):
     train_recog.main(cfg(small_demo, tmp_path / "a"))
-    b = cfg(small_demo, tmp_path / "b")
-    train_recog.main(b)
-    (tmp_path / "b" / "checkpoint_0002.pth").unlink()
-    train_recog.main(b)
+    (tmp_path / "b").mkdir()  # as if the run had died during epoch 2
+    shutil.copy(tmp_path / "a" / "checkpoint_0001.pth", tmp_path / "b" / "checkpoint_0001.pth")
+    train_recog.main(cfg(small_demo, tmp_path / "b"))
+    assert "resumed from" in (tmp_path / "b" / "log.txt").read_text()
     sa = ckpt.load_checkpoint(tmp_path / "a" / "checkpoint_0002.pth")["state_dict"]
     sb = ckpt.load_checkpoint(tmp_path / "b" / "checkpoint_0002.pth")["state_dict"]
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
 
 
-def test_margin_center_losses_and_distillation_run(small_demo, tmp_path):
+def test_margin_center_losses_and_distillation_run(small_demo, tmp_path, monkeypatch):
     extra = ["train.epochs=1", "loss.cosface_weight=0.5", "loss.arcface_weight=0.5", "loss.center_weight=0.0005",
              "model.feature=cls_mean", "model.embedding_dim=24"]  # fmt: skip
+    initial, init = [], CosFaceLoss.__init__
+
+    def recording_init(self, *args, **kwargs):  # the CosFace class weights as built, before any step
+        init(self, *args, **kwargs)
+        initial.append(self.weight.detach().clone())
+
+    monkeypatch.setattr(CosFaceLoss, "__init__", recording_init)
     with_onnx = importlib.util.find_spec("onnx") is not None
     train_recog.main(cfg(small_demo, tmp_path / "teacher", *extra), export_onnx=with_onnx)
     assert (tmp_path / "teacher" / "model.onnx").is_file() == with_onnx
     rec = read_jsonl(tmp_path / "teacher" / "log.jsonl", "train")[0]
     assert {"ce", "triplet", "cosface", "arcface", "center"} <= set(rec)
+    # The CosFace class weights train: every class turns (weight decay alone would only shrink them).
+    (before,), after = initial, cosface_weights(tmp_path / "teacher" / "checkpoint_0001.pth")
+    assert after.shape == before.shape == (30, 24)
+    turned = 1 - F.cosine_similarity(before, after, dim=1)
+    assert (turned > 1e-3).all(), turned
     # a ResNet student distilled from the ViT teacher (same identities, another architecture)
     student = ["train.epochs=1", "model.arch=resnet18", "model.feature=avg", "loss.distill_weight=1.0",
                f"loss.distill_teacher={tmp_path / 'teacher' / 'model.pth'}"]  # fmt: skip
@@ -114,21 +129,20 @@ def test_dino_as_an_auxiliary_loss(small_demo, tmp_path):
     assert int(state["losses"]["dino"]["step"]) == 2 * steps
 
 
+@pytest.mark.slow
 def test_two_processes_keep_the_loss_weights_identical(small_demo, tmp_path):
     """With 2 CPU processes, the weights that live in the loss terms (CosFace classes, centres, the auxiliary DINO
     head and teacher) start from rank 0's and get all-reduced gradients; train_recog checks their fingerprints
     across ranks after every epoch and raises if they differ."""
-    import os
-    import subprocess
-
-    market = small_demo / "market"
-    args = TINY + [
-        f"data.train=[{{name: market1501, root: {market}}}]", f"data.test={{name: market1501, root: {market}}}",
-        f"run.output_dir={tmp_path / 'run'}", "train.epochs=2", "model.feature=cls_mean", "loss.cosface_weight=0.5",
-        "loss.center_weight=0.0005", "loss.dino_aux_weight=0.5", "loss.dino_aux_out_dim=32",
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(["bash", "train.sh", "cpu", "2", "train_recog.py", *args], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    args = recog_args(small_demo / "market", tmp_path / "run", *OWN, "train.epochs=2", "model.feature=cls_mean",
+                      "loss.cosface_weight=0.5", "loss.center_weight=0.0005", "loss.dino_aux_weight=0.5",
+                      "loss.dino_aux_out_dim=32")  # fmt: skip
+    r = train_sh("cpu", 2, "train_recog.py", *args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "run" / "checkpoint_0002.pth").is_file()
+
+
+def test_more_processes_than_identities_is_refused(small_demo, tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "get_world_size", lambda: 4)  # as if launched with NPROC=4
+    with pytest.raises(ValueError, match="30 identities cannot fill a step of 8 identities per process x 4 processes"):
+        train_recog.build_data(recog_cfg(small_demo / "market", tmp_path))

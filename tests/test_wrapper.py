@@ -101,6 +101,7 @@ def _features(model, records, size=(32, 16)):
         return model(x).numpy()
 
 
+@pytest.mark.slow
 def test_wrapped_toy_cnn_learns_without_labels(small_demo):
     """A hundred and fifty label-free steps on the demo training images improve the toy CNN's retrieval (mAP) over its
     random initialisation, measured with the re-identification protocol on the demo query/gallery."""
