@@ -7,7 +7,8 @@ Each query is classified by its gallery neighbours (cosine similarity, votes wei
 are no class); top-1 and top-5 accuracy are reported for every k from one nearest-neighbour search (faiss).
 The checkpoint may be any backbone weights or a stage-2 model; one that carries its BackboneSpec (a stage-1 export or
 checkpoint, a stage-2 model) brings its architecture, input size and normalisation, other weights (official DINO, timm)
-are built from `model.*` and `crops.*` of the config.
+are built from `model.*` and `crops.*` of the config. Without `--config`, the config is the run's config.yaml beside
+the checkpoint when there is one (a stage-1 run's), else cfg_dino.yaml.
 With `--cache-dir DIR` the features are kept there and reused while model, images and preprocessing are unchanged.
 """
 
@@ -76,5 +77,6 @@ def _flags(parser) -> None:
 
 
 if __name__ == "__main__":
-    cfg, args = load_config(C.DinoConfig, "cfg_dino.yaml", __doc__.split("\n")[0], add_arguments=_flags)
+    cfg, args = load_config(C.DinoConfig, "cfg_dino.yaml", __doc__.split("\n")[0], add_arguments=_flags,
+                            config_beside_checkpoint=True)
     main(cfg, args.checkpoint, args.k, args.temperature, args.json, args.cache_dir)

@@ -8,7 +8,8 @@ The checkpoint may be a stage-2 model (model.pth, best.pth, checkpoint_NNNN.pth:
 weights (stage-1 teacher_backbone.pth or checkpoint, official DINO, timm: the backbone's global feature). A file with
 a BackboneSpec (all that dino_recog writes) brings its architecture, input size and normalisation; other weights are
 built from `model.*` and `aug.*` of the config. The test set, distance (`eval.metric`) and flip averaging
-(`eval.flip`) come from the config, as do k-reciprocal re-ranking (`--rerank` = `eval.rerank=true`, with
+(`eval.flip`) come from the config (without `--config`: the run's config.yaml beside the checkpoint when there is one,
+else cfg_recog.yaml), as do k-reciprocal re-ranking (`--rerank` = `eval.rerank=true`, with
 `eval.rerank_k1/k2/lambda`), query expansion (`--aqe` = `eval.aqe=true`) and the faiss top-k ranking for huge
 galleries (`eval.topk=K`).
 With `--cache-dir DIR` the query and gallery features are kept there and reused while the model, images and
@@ -83,7 +84,7 @@ ALIASES = {"--rerank": "eval.rerank=true", "--aqe": "eval.aqe=true"}
 
 def parse_args(argv: list[str] | None = None) -> tuple[C.RecogConfig, argparse.Namespace]:
     """The validated config and the script's flags; a config error exits with its message."""
-    return load_config(C.RecogConfig, "cfg_recog.yaml", __doc__.split("\n")[0], argv, _flags, ALIASES)
+    return load_config(C.RecogConfig, "cfg_recog.yaml", __doc__.split("\n")[0], argv, _flags, ALIASES, True)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
+from dataclasses import fields
 from pathlib import Path
 from typing import TypeVar
 
@@ -28,6 +30,7 @@ def load_config(
     argv: list[str] | None = None,
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
     aliases: Mapping[str, str] | None = None,
+    config_beside_checkpoint: bool = False,
 ) -> tuple[T, argparse.Namespace]:
     """Parse `[--config PATH] [flags] [key.sub=value ...]` and load the config; a config error exits with its message.
 
@@ -35,24 +38,58 @@ def load_config(
         add_arguments: adds a script's own flags to the parser.
         aliases: flags that stand for overrides, e.g. `{"--rerank": "eval.rerank=true"}`. They are applied before
             the `key.sub=value` items, so those win, and the config is validated once with all of them.
+        config_beside_checkpoint: without `--config`, use the `config.yaml` that the run which wrote `--checkpoint`
+            saved beside it (when it is a config of this kind), else `default_config`; the choice is printed.
 
     Returns:
         The validated config and the parsed arguments (for the script's own flags).
     """
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", default=str(ROOT / default_config), help=f"YAML config (default: {default_config})")
+    parser.add_argument("--config", help=f"YAML config (default: {default_config})")
     if add_arguments is not None:
         add_arguments(parser)
     for flag, override in (aliases or {}).items():
         parser.add_argument(flag, action="append_const", const=override, dest="alias_overrides",
                             help=f"same as {override}")  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after the file")
-    args = parser.parse_args(argv)
-    overrides = (getattr(args, "alias_overrides", None) or []) + args.overrides
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Overrides are taken out first: a flag with nargs="+" (eval_knn's --k) would otherwise swallow them.
+    items = [a for a in argv if _is_override(a, cls)]
+    args = parser.parse_args([a for a in argv if not _is_override(a, cls)])
+    overrides = (getattr(args, "alias_overrides", None) or []) + items
+    args.overrides = items
     try:
+        if args.config is None:
+            args.config = _default_config(cls, default_config, getattr(args, "checkpoint", None),
+                                          config_beside_checkpoint)  # fmt: skip
         return C.load(args.config, overrides, cls=cls), args
     except C.ConfigError as e:
         sys.exit(f"config error: {e}")
+
+
+def _is_override(arg: str, cls: type) -> bool:
+    """`key.sub=value` whose first key is a section of the config (`data.eval_set.name=market1501`, `run.seed=1`)."""
+    head = arg.split("=", 1)[0]
+    section = head.split(".", 1)[0].split("[", 1)[0]
+    return "=" in arg and not arg.startswith("-") and section in {f.name for f in fields(cls)}
+
+
+def _default_config(cls: type, default_config: str, checkpoint: str | None, beside: bool) -> str:
+    run_config = Path(checkpoint).parent / "config.yaml" if beside and checkpoint else None
+    if run_config is not None and run_config.is_file():
+        try:
+            C.load(run_config, [], cls=cls)
+        except C.ConfigError as e:  # another stage's config, or one this version no longer reads
+            _say(f"config: {default_config} ({run_config} beside the checkpoint is not a {cls.__name__}: {e})")
+        else:
+            _say(f"config: {run_config} (the run's, beside the checkpoint; --config to choose another)")
+            return str(run_config)
+    return str(ROOT / default_config)
+
+
+def _say(line: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # once under torchrun
+        print(line, file=sys.stderr)
 
 
 def start_run(cfg: object, output_dir: Path) -> None:

@@ -100,7 +100,8 @@ def _ranks(argv: list[str]) -> None:
         p.add_argument("--topk", type=int, default=10, help="ranked gallery images per query (default 10)")
 
     cfg, args = load_config(
-        C.RecogConfig, "cfg_recog.yaml", "Ranked gallery lists of a re-identification model.", argv, flags
+        C.RecogConfig, "cfg_recog.yaml", "Ranked gallery lists of a re-identification model.", argv, flags,
+        config_beside_checkpoint=True,
     )
     ranks_from_config(cfg, args.checkpoint, args.out, args.num_queries, args.order, args.topk)
 
