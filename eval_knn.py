@@ -77,6 +77,7 @@ def _flags(parser) -> None:
 
 
 if __name__ == "__main__":
-    cfg, args = load_config(C.DinoConfig, "cfg_dino.yaml", __doc__.split("\n")[0], add_arguments=_flags,
-                            config_beside_checkpoint=True)
+    cfg, args = load_config(
+        C.DinoConfig, "cfg_dino.yaml", __doc__.split("\n")[0], add_arguments=_flags, config_beside_checkpoint=True
+    )
     main(cfg, args.checkpoint, args.k, args.temperature, args.json, args.cache_dir)

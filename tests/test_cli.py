@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import eval_knn
-import eval_reid
 import pytest
 
+import eval_knn
+import eval_reid
 from dino_recog import config as C
 from dino_recog.cli import ROOT, load_config
 
