@@ -27,6 +27,7 @@ from dino_recog.data.build import query_gallery
 from dino_recog.evaluation import knn_votes
 from dino_recog.feature_cache import cached_features
 from dino_recog.models.spec import BackboneSpec
+from dino_recog.user_errors import check_output_paths, user_errors
 from dino_recog.weights import open_feature_model
 
 log = logging.getLogger("dino_recog.eval_knn")
@@ -80,4 +81,6 @@ if __name__ == "__main__":
     cfg, args = load_config(
         C.DinoConfig, "cfg_dino.yaml", __doc__.split("\n")[0], add_arguments=_flags, config_beside_checkpoint=True
     )
-    main(cfg, args.checkpoint, args.k, args.temperature, args.json, args.cache_dir)
+    with user_errors():
+        check_output_paths({"--json": args.json}, {"--cache-dir": args.cache_dir})
+        main(cfg, args.checkpoint, args.k, args.temperature, args.json, args.cache_dir)

@@ -28,6 +28,7 @@ from dino_recog import distributed as dist
 from dino_recog.cli import eval_options, load_config, recog_eval_model
 from dino_recog.evaluation import query_gallery_metrics
 from dino_recog.feature_cache import cached_features
+from dino_recog.user_errors import check_output_paths, user_errors
 
 log = logging.getLogger("dino_recog.eval_reid")
 
@@ -89,4 +90,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[C.RecogConfig, argparse.N
 
 if __name__ == "__main__":
     cfg, args = parse_args()
-    main(cfg, args.checkpoint, args.json, save_ranks=args.save_ranks, cache_dir=args.cache_dir)
+    with user_errors():
+        check_output_paths({"--json": args.json}, {"--save-ranks": args.save_ranks, "--cache-dir": args.cache_dir})
+        main(cfg, args.checkpoint, args.json, save_ranks=args.save_ranks, cache_dir=args.cache_dir)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import pickletools
 import random
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -69,7 +71,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated / foreign files
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+        raise CheckpointError(_unreadable(path, e)) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
     version = obj.get("format_version")
@@ -79,6 +81,35 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             "it was written by another (newer?) version of dino_recog"
         )
     return obj
+
+
+def _unreadable(path: Path, e: Exception) -> str:
+    # The weights-only unpickler stops at the first global it does not allow (torch's long text names it).
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+    names = [refused.group(1)] if refused else _pickled_globals(path) if "Weights only load failed" in str(e) else []
+    if names:
+        return (f"{path}: refused: it asks to load the Python object {', '.join(names)}, which a file of weights "
+                "never needs; nothing in it was run")  # fmt: skip
+    return f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})"
+
+
+def _pickled_globals(path: Path) -> list[str]:
+    """The objects a bare pickle (not torch's zip format) would import, read from its opcodes without running it."""
+    try:
+        if zipfile.is_zipfile(path):
+            return []
+        names, strings = [], []
+        with open(path, "rb") as fh:
+            for op, arg, _ in pickletools.genops(fh):
+                if op.name == "GLOBAL":
+                    names.append(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(".".join(strings[-2:]))
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # not a pickle either: say nothing more
+        return []
+    return list(dict.fromkeys(n for n in names if not n.startswith(("torch.", "collections.OrderedDict"))))
 
 
 def checkpoint_name(epoch: int, step_in_epoch: int = 0) -> str:

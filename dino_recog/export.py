@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from .atomic import atomic_write
 from .checkpoint import load_reid_model
+from .user_errors import check_output_paths, user_errors
 
 __all__ = ["export_onnx", "main"]
 
@@ -54,8 +55,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", required=True, help="the .onnx file to write")
     parser.add_argument("--opset", type=int, default=17)
     args = parser.parse_args(argv)
-    model = load_reid_model(args.checkpoint)
-    return export_onnx(model, args.out, tuple(model.spec["img_size"]), args.opset)
+    with user_errors():
+        check_output_paths({"--out": args.out})
+        model = load_reid_model(args.checkpoint)
+        return export_onnx(model, args.out, tuple(model.spec["img_size"]), args.opset)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -49,8 +50,17 @@ class RunLog:
 
 
 def read_jsonl(path: str | os.PathLike, kind: str | None = None) -> list[dict]:
-    """The records of a log.jsonl, optionally only those of one `kind`."""
-    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a log.jsonl, optionally only those of one `kind`. A last line cut short (a run killed while
+    writing it) is skipped with a warning; a bad line elsewhere is a ValueError naming the file and line."""
+    lines = [(i, line) for i, line in enumerate(Path(path).read_text(errors="replace").splitlines(), 1) if line.strip()]
+    records = []
+    for i, line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i != lines[-1][0]:
+                raise ValueError(f"{path}, line {i}: not a JSON record ({e.msg})") from None
+            logging.getLogger(__name__).warning("%s: skipped its last line %d, cut short (%s)", path, i, e.msg)
     return [r for r in records if kind is None or r.get("kind") == kind]
 
 

@@ -1,0 +1,65 @@
+"""dino_recog/user_errors.py: the tools' one-line errors for mistakes a user can fix, and output paths checked first."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from dino_recog.checkpoint import CheckpointError
+from dino_recog.export import main as export_main
+from dino_recog.user_errors import check_output_paths, user_errors
+
+
+def _stopped(capsys, error: BaseException) -> str:
+    with pytest.raises(SystemExit) as stop:
+        with user_errors():
+            raise error
+    assert stop.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error, line", [
+    (FileNotFoundError(2, "No such file or directory", "data/x.jpg"), "error: data/x.jpg: No such file or directory"),
+    (CheckpointError("m.pth: checkpoint not found"), "error: m.pth: checkpoint not found"),
+    (OSError(errno.ENOSPC, "No space left on device", "out/f.npy"), "error: out/f.npy: No space left on device"),
+])  # fmt: skip
+def test_a_mistake_a_user_can_fix_is_one_line(capsys, error, line):
+    assert _stopped(capsys, error) == line + "\n"
+
+
+@pytest.mark.parametrize("error", [ValueError("a bug"), OSError(errno.EIO, "I/O error"), KeyError("k")])
+def test_anything_else_keeps_its_traceback(error):
+    with pytest.raises(type(error)):
+        with user_errors():
+            raise error
+
+
+def test_output_paths_are_checked_and_created_before_any_work(tmp_path):
+    check_output_paths({"--json": str(tmp_path / "new" / "r.json")}, {"--cache-dir": str(tmp_path / "cache")})
+    assert (tmp_path / "new").is_dir() and (tmp_path / "cache").is_dir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match=f"^--cache-dir: {tmp_path}/file is a file, not a folder$"):
+        check_output_paths(folders={"--cache-dir": str(tmp_path / "file")})
+    with pytest.raises(IsADirectoryError, match=f"^--out {tmp_path}/new: is a folder; expected a file name$"):
+        check_output_paths({"--out": str(tmp_path / "new")})
+
+
+def test_export_of_a_missing_checkpoint_or_onto_a_folder_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        export_main(["--checkpoint", str(tmp_path / "m.pth"), "--out", str(tmp_path / "sub" / "m.onnx")])
+    assert capsys.readouterr().err == f"error: {tmp_path}/m.pth: checkpoint not found\n"
+    with pytest.raises(SystemExit):
+        export_main(["--checkpoint", str(tmp_path / "m.pth"), "--out", str(tmp_path)])
+    assert capsys.readouterr().err == f"error: --out {tmp_path}: is a folder; expected a file name\n"
+
+
+@pytest.mark.parametrize("script, args", [
+    ("eval_reid.py", ["--json", "{tmp}/out/r.json"]),
+    ("eval_knn.py", ["--cache-dir", "{tmp}/cache", "data.eval_set.name=market1501", "data.eval_set.root=/nowhere"]),
+])  # fmt: skip
+def test_evaluation_of_a_missing_checkpoint_is_one_line(run_script, tmp_path, capsys, script, args):
+    with pytest.raises(SystemExit) as stop:
+        run_script(script, "--checkpoint", tmp_path / "m.pth", *(a.format(tmp=tmp_path) for a in args))
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: {tmp_path}/m.pth: checkpoint not found"
