@@ -64,9 +64,12 @@ else
   die "GPUS must be comma-separated GPU ids like 0,1,2,3 or 'cpu', got '$GPUS'"
 fi
 
+MAX_RESTARTS=${MAX_RESTARTS:-0}
+[[ "$MAX_RESTARTS" =~ ^[0-9]+$ ]] || die "MAX_RESTARTS must be a non-negative integer, got '$MAX_RESTARTS'"
+
 NNODES=${NNODES:-1}
 [[ "$NNODES" =~ ^[1-9][0-9]*$ ]] || die "NNODES must be a positive integer, got '$NNODES'"
-args=(--nproc_per_node "$NPROC" --max_restarts "${MAX_RESTARTS:-0}")
+args=(--nproc_per_node "$NPROC" --max_restarts "$MAX_RESTARTS")
 if [ "$NNODES" -gt 1 ]; then
   [ -n "${MASTER_ADDR:-}" ] || die "NNODES=$NNODES needs MASTER_ADDR (the address of node 0)"
   NODE_RANK=${NODE_RANK:-0}
@@ -96,4 +99,7 @@ fi
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 cmd=("$PYTHON" -m torch.distributed.run "${args[@]}" "$SCRIPT" "$@")
 if [ -n "${DRY_RUN:-}" ]; then echo "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES ${cmd[*]}"; exit 0; fi
+# The config and the paths it names, checked once here (no torch: well under a second) rather than by every worker,
+# whose messages torchrun would bury under its report of the failed workers.
+"$PYTHON" -m dino_recog.preflight "$SCRIPT" "$@" || exit 2
 exec "${cmd[@]}"

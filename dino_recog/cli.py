@@ -8,7 +8,6 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import fields
 from pathlib import Path
 from typing import TypeVar
 
@@ -16,6 +15,7 @@ import torch
 
 from . import config as C
 from . import distributed as dist
+from .preflight import is_override
 
 __all__ = ["apply_speed_options", "eval_options", "load_config", "recog_eval_model", "start_run"]
 
@@ -54,8 +54,8 @@ def load_config(
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after the file")
     argv = sys.argv[1:] if argv is None else list(argv)
     # Overrides are taken out first: a flag with nargs="+" (eval_knn's --k) would otherwise swallow them.
-    items = [a for a in argv if _is_override(a, cls)]
-    args = parser.parse_args([a for a in argv if not _is_override(a, cls)])
+    items = [a for a in argv if is_override(a, cls)]
+    args = parser.parse_args([a for a in argv if not is_override(a, cls)])
     overrides = (getattr(args, "alias_overrides", None) or []) + items
     args.overrides = items
     try:
@@ -65,13 +65,6 @@ def load_config(
         return C.load(args.config, overrides, cls=cls), args
     except C.ConfigError as e:
         sys.exit(f"config error: {e}")
-
-
-def _is_override(arg: str, cls: type) -> bool:
-    """`key.sub=value` whose first key is a section of the config (`data.eval_set.name=market1501`, `run.seed=1`)."""
-    head = arg.split("=", 1)[0]
-    section = head.split(".", 1)[0].split("[", 1)[0]
-    return "=" in arg and not arg.startswith("-") and section in {f.name for f in fields(cls)}
 
 
 def _default_config(cls: type, default_config: str, checkpoint: str | None, beside: bool) -> str:
