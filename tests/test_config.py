@@ -311,3 +311,46 @@ def test_a_key_repeated_on_the_command_line_or_merged_in_a_file_is_not(tmp_path)
     f.write_text("train:\n  <<: {lr: 0.1, epochs: 30}\n  lr: 0.2\n")  # a written key overrides a merged one
     cfg = C.load(f, ["train.epochs=9", "train.epochs=12"], cls=C.DinoConfig)  # the last override wins
     assert (cfg.train.lr, cfg.train.epochs) == (0.2, 12)
+
+
+@pytest.mark.parametrize(
+    "cls, override, message",
+    [
+        (C.DinoConfig, "run.seed=99999999999999999999",
+         "run.seed: 99999999999999999999; expected an integer in [0, 4294967295] (2**32 - 1)"),
+        (C.RecogConfig, "run.seed=-1", "run.seed: -1; expected an integer in [0, 4294967295] (2**32 - 1)"),
+        (C.DinoConfig, "crops.global_crops_size=[100000,50000]",
+         "crops.global_crops_size: [100000, 50000]; expected each side at most 4096 pixels"),
+        (C.DinoConfig, "crops.local_crops_size=[64,8192]",
+         "crops.local_crops_size: [64, 8192]; expected each side at most 4096 pixels"),
+        (C.RecogConfig, "aug.size=[4112,128]", "aug.size: [4112, 128]; expected each side at most 4096 pixels"),
+        (C.RecogConfig, "aug.padding=100000", "aug.padding: 100000; expected at most 4096 pixels"),
+        (C.DinoConfig, "crops.std=[.inf,.inf,.inf]", "crops.std: [inf, inf, inf]; expected 3 finite values > 0"),
+        (C.DinoConfig, "crops.std=[0,0,0]", "crops.std: [0.0, 0.0, 0.0]; expected 3 finite values > 0"),
+        (C.DinoConfig, "crops.std=[-0.2,0.2,0.2]", "crops.std: [-0.2, 0.2, 0.2]; expected 3 finite values > 0"),
+        (C.DinoConfig, "crops.mean=[.nan,0,0]", "crops.mean: [nan, 0.0, 0.0]; expected 3 finite values"),
+        (C.RecogConfig, "aug.std=[.nan,1,1]", "aug.std: [nan, 1.0, 1.0]; expected 3 finite values > 0"),
+        (C.RecogConfig, "aug.mean=[0,-.inf,0]", "aug.mean: [0.0, -inf, 0.0]; expected 3 finite values"),
+        (C.DinoConfig, "train.lr=.inf", "train.lr: inf; expected a finite value > 0"),
+        (C.DinoConfig, "train.lr=1e400", "train.lr: inf; expected a finite value > 0"),  # float() of a string
+        (C.DinoConfig, "dino.teacher_temp=.nan", "dino.teacher_temp: nan; expected a finite value > 0"),
+        (C.DinoConfig, "train.clip_grad=.inf", "train.clip_grad: inf; expected a finite value >= 0"),
+        (C.RecogConfig, "loss.cosface_s=-.inf", "loss.cosface_s: -inf; expected a finite value > 0"),
+    ],
+)  # fmt: skip
+def test_hostile_values_are_refused_naming_key_value_and_limit(cls, override, message):
+    with pytest.raises(C.ConfigError) as e:
+        C.load(None, [override], cls=cls)
+    assert str(e.value) == f"defaults + command line: {message}"
+
+
+def test_the_limits_themselves_are_accepted():
+    cfg = C.load(None, ["run.seed=4294967295", "crops.global_crops_size=[4096,4096]"], cls=C.DinoConfig)
+    assert (cfg.run.seed, cfg.crops.global_crops_size) == (2**32 - 1, (4096, 4096))
+
+
+def test_an_int_too_large_for_a_float_is_a_type_error_not_a_traceback():
+    with pytest.raises(C.ConfigError, match=r"^command line: train\.lr: expected float, got 9{400} \(int\)$"):
+        C.load(None, ["train.lr=" + "9" * 400], cls=C.DinoConfig)
+    with pytest.raises(C.ConfigError, match=r"^command line: override 'run\.seed=9+': value is not valid YAML"):
+        C.load(None, ["run.seed=" + "9" * 5000], cls=C.DinoConfig)  # past Python's 4300-digit int limit

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -35,6 +36,8 @@ __all__ = [
     "declare",
     "dump",
     "each",
+    "finite",
+    "is_finite",
     "from_dict",
     "load",
     "non_negative",
@@ -85,6 +88,17 @@ POSITIVE = Constraint(lambda v: v > 0, "{value}; expected a value > 0")
 NON_NEGATIVE = Constraint(lambda v: v >= 0, "{value}; expected a value >= 0")
 
 
+def is_finite(v: Any) -> bool:
+    """False for a float NaN or +-inf; ints (never infinite, and maybe too large for a float) pass."""
+    return not isinstance(v, float) or math.isfinite(v)
+
+
+def finite(expected: str = "") -> Constraint:
+    """Refuses NaN and +-inf, which `v > 0` and `v >= 0` let through (inf) or refuse saying the wrong thing (nan):
+    an infinite learning rate, temperature or weight trains on garbage. `expected` completes "a finite value"."""
+    return Constraint(is_finite, "{value}; expected a finite value" + (f" {expected}" if expected else ""))
+
+
 def each(inner: Constraint) -> Constraint:
     """`inner` for every item of a tuple or list."""
     return dataclasses.replace(inner, items=True)
@@ -110,14 +124,18 @@ def declare(default: Any, *constraints: Constraint) -> Any:
     return field(default=default, metadata=metadata)
 
 
+def _per_item(default: Any, *constraints: Constraint) -> list[Constraint]:
+    return [each(c) for c in constraints] if isinstance(default, tuple) else list(constraints)
+
+
 def positive(default: Any) -> Any:
-    """A value > 0; for a tuple (a size), each of its items."""
-    return declare(default, each(POSITIVE) if isinstance(default, tuple) else POSITIVE)
+    """A finite value > 0; for a tuple (a size), each of its items."""
+    return declare(default, *_per_item(default, finite("> 0"), POSITIVE))
 
 
 def non_negative(default: Any) -> Any:
-    """A value >= 0; for a tuple, each of its items."""
-    return declare(default, each(NON_NEGATIVE) if isinstance(default, tuple) else NON_NEGATIVE)
+    """A finite value >= 0; for a tuple, each of its items."""
+    return declare(default, *_per_item(default, finite(">= 0"), NON_NEGATIVE))
 
 
 def unit_interval(default: float, open_right: bool = False) -> Any:
@@ -289,7 +307,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp is float:
         # PyYAML reads 1e-4 (no dot) as a string; accept any spelling float() accepts.
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool) and _fits(value)):
             return float(value)
         if isinstance(value, str):
             try:
@@ -302,6 +320,15 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     else:  # pragma: no cover - a schema bug, not a user error
         raise TypeError(f"unsupported config type {tp} for {key}")
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _fits(value: int) -> bool:
+    """Whether float(value) works (an int past 1.8e308 raises OverflowError there)."""
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
 
 
 def _valid_keys(cls: Any, prefix: str = "") -> list[str]:
@@ -361,7 +388,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {item!r}: empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: an int of more than 4300 digits (Python's limit)
         raise ConfigError(f"override {item!r}: value is not valid YAML ({e.__class__.__name__})") from None
     return key.split("."), value
 
