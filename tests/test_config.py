@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dino_recog import cli
 from dino_recog import config as C
 from dino_recog.config import loader as L
 
@@ -241,3 +242,115 @@ def test_declared_fields_keep_their_defaults():
 def test_impossible_settings_are_refused_at_load(cls, override, message):
     with pytest.raises(C.ConfigError, match=message):
         C.load(None, [override], cls=cls)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hostile input (docs/reliability.md): each is one line naming the file or key, the value and what was expected
+
+
+def test_a_binary_file_is_not_a_config(tmp_path):
+    png = tmp_path / "weights.yaml"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    with pytest.raises(C.ConfigError) as e:
+        C.load(png)
+    assert str(e.value) == (
+        f"{png}: not a UTF-8 YAML text file (byte 0x89 at offset 0 is not UTF-8); expected a YAML config"
+    )
+    zeros = tmp_path / "zeros.yaml"
+    zeros.write_bytes(b"run:\n\x00\x00\x00")  # valid UTF-8, but no text
+    with pytest.raises(C.ConfigError) as e:
+        C.load(zeros)
+    assert str(e.value) == (
+        f"{zeros}: not a YAML text file (control character #x0000 at offset 5); expected a YAML config"
+    )
+    bom = tmp_path / "bom.yaml"
+    bom.write_bytes(b"\xef\xbb\xbftrain:\n  epochs: 17\n")  # a UTF-8 byte-order mark is not content
+    assert C.load(bom).train.epochs == 17
+
+
+def test_a_bad_file_is_one_line_from_the_command_line(tmp_path):
+    png = tmp_path / "weights.yaml"
+    png.write_bytes(b"\x89PNG\r\n")
+    with pytest.raises(SystemExit) as e:
+        cli.load_config(C.DinoConfig, "cfg_dino.yaml", "test", argv=["--config", str(png)])
+    assert e.value.code == f"config error: {png}: not a UTF-8 YAML text file (byte 0x89 at offset 0 is not UTF-8); " \
+                           "expected a YAML config"  # fmt: skip
+
+
+def test_a_yaml_syntax_error_is_one_line_naming_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: 0.1\n  epochs: [1, 2\nrun:\n  seed: 1\n")
+    with pytest.raises(C.ConfigError) as e:
+        C.load(bad)
+    assert str(e.value) == (
+        f"{bad}: not valid YAML at line 4, column 4: expected ',' or ']', but got ':' "
+        "(while parsing a flow sequence from line 3, column 11)"
+    )
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("run:\n  seed: 1\ntrain:\n  lr: 0.1\nrun:\n  seed: 2\n", "key run given twice, at lines 1 and 5"),
+        ("train:\n  lr: 0.1\n  epochs: 5\n  lr: 0.2\n", "key train.lr given twice, at lines 2 and 4"),
+        ("data:\n  train:\n    - {name: msmt17, root: /a}\n    - name: market1501\n      root: /b\n      root: /c\n",
+         "key data.train[1].root given twice, at lines 5 and 6"),
+    ],
+    ids=["top level", "in a section", "in a list item"],
+)  # fmt: skip
+def test_a_key_given_twice_in_a_file_is_an_error(tmp_path, text, message):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(C.ConfigError) as e:
+        C.load(f, cls=C.RecogConfig)
+    assert str(e.value) == f"{f}: {message}; expected each key once (the second would replace the first)"
+
+
+def test_a_key_repeated_on_the_command_line_or_merged_in_a_file_is_not(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  <<: {lr: 0.1, epochs: 30}\n  lr: 0.2\n")  # a written key overrides a merged one
+    cfg = C.load(f, ["train.epochs=9", "train.epochs=12"], cls=C.DinoConfig)  # the last override wins
+    assert (cfg.train.lr, cfg.train.epochs) == (0.2, 12)
+
+
+@pytest.mark.parametrize(
+    "cls, override, message",
+    [
+        (C.DinoConfig, "run.seed=99999999999999999999",
+         "run.seed: 99999999999999999999; expected an integer in [0, 4294967295] (2**32 - 1)"),
+        (C.RecogConfig, "run.seed=-1", "run.seed: -1; expected an integer in [0, 4294967295] (2**32 - 1)"),
+        (C.DinoConfig, "crops.global_crops_size=[100000,50000]",
+         "crops.global_crops_size: [100000, 50000]; expected each side at most 4096 pixels"),
+        (C.DinoConfig, "crops.local_crops_size=[64,8192]",
+         "crops.local_crops_size: [64, 8192]; expected each side at most 4096 pixels"),
+        (C.RecogConfig, "aug.size=[4112,128]", "aug.size: [4112, 128]; expected each side at most 4096 pixels"),
+        (C.RecogConfig, "aug.padding=100000", "aug.padding: 100000; expected at most 4096 pixels"),
+        (C.DinoConfig, "crops.std=[.inf,.inf,.inf]", "crops.std: [inf, inf, inf]; expected 3 finite values > 0"),
+        (C.DinoConfig, "crops.std=[0,0,0]", "crops.std: [0.0, 0.0, 0.0]; expected 3 finite values > 0"),
+        (C.DinoConfig, "crops.std=[-0.2,0.2,0.2]", "crops.std: [-0.2, 0.2, 0.2]; expected 3 finite values > 0"),
+        (C.DinoConfig, "crops.mean=[.nan,0,0]", "crops.mean: [nan, 0.0, 0.0]; expected 3 finite values"),
+        (C.RecogConfig, "aug.std=[.nan,1,1]", "aug.std: [nan, 1.0, 1.0]; expected 3 finite values > 0"),
+        (C.RecogConfig, "aug.mean=[0,-.inf,0]", "aug.mean: [0.0, -inf, 0.0]; expected 3 finite values"),
+        (C.DinoConfig, "train.lr=.inf", "train.lr: inf; expected a finite value > 0"),
+        (C.DinoConfig, "train.lr=1e400", "train.lr: inf; expected a finite value > 0"),  # float() of a string
+        (C.DinoConfig, "dino.teacher_temp=.nan", "dino.teacher_temp: nan; expected a finite value > 0"),
+        (C.DinoConfig, "train.clip_grad=.inf", "train.clip_grad: inf; expected a finite value >= 0"),
+        (C.RecogConfig, "loss.cosface_s=-.inf", "loss.cosface_s: -inf; expected a finite value > 0"),
+    ],
+)  # fmt: skip
+def test_hostile_values_are_refused_naming_key_value_and_limit(cls, override, message):
+    with pytest.raises(C.ConfigError) as e:
+        C.load(None, [override], cls=cls)
+    assert str(e.value) == f"defaults + command line: {message}"
+
+
+def test_the_limits_themselves_are_accepted():
+    cfg = C.load(None, ["run.seed=4294967295", "crops.global_crops_size=[4096,4096]"], cls=C.DinoConfig)
+    assert (cfg.run.seed, cfg.crops.global_crops_size) == (2**32 - 1, (4096, 4096))
+
+
+def test_an_int_too_large_for_a_float_is_a_type_error_not_a_traceback():
+    with pytest.raises(C.ConfigError, match=r"^command line: train\.lr: expected float, got 9{400} \(int\)$"):
+        C.load(None, ["train.lr=" + "9" * 400], cls=C.DinoConfig)
+    with pytest.raises(C.ConfigError, match=r"^command line: override 'run\.seed=9+': value is not valid YAML"):
+        C.load(None, ["run.seed=" + "9" * 5000], cls=C.DinoConfig)  # past Python's 4300-digit int limit

@@ -5,7 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .loader import ConfigError, Constraint, choice, declare, non_negative, positive
+from .loader import (
+    NON_NEGATIVE,
+    POSITIVE,
+    ConfigError,
+    Constraint,
+    choice,
+    declare,
+    each,
+    is_finite,
+    non_negative,
+    positive,
+)
 
 __all__ = [
     "ARCHS",
@@ -13,11 +24,17 @@ __all__ = [
     "DATASETS_UNLABELED",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "MAX_SEED",
+    "MAX_SIDE",
     "VIT_ARCHS",
     "DatasetSpec",
     "RunConfig",
     "check_heads",
     "check_patches",
+    "image_size",
+    "norm_mean",
+    "norm_std",
+    "pixels",
 ]
 
 VIT_ARCHS = ("vit_tiny", "vit_small", "vit_base")
@@ -28,7 +45,41 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 PATCH_SIZES = (8, 14, 16)
-ALL_POSITIVE = Constraint(lambda v: all(x > 0 for x in v), "{value}; expected positive values")
+
+# Image sides and paddings: person crops are 256 x 128 to 384 x 192. A side of 100000 would not fail: workers and the
+# ViT (attention is quadratic in the patches; 4096 x 4096 at patch 16 is already 65536 tokens) would allocate for
+# minutes and then hang, so a typo in a size is refused here instead.
+MAX_SIDE = 4096
+_SIDES = Constraint(lambda v: max(v) <= MAX_SIDE, f"{{value}}; expected each side at most {MAX_SIDE} pixels")
+_PADDING = Constraint(lambda v: v <= MAX_SIDE, f"{{value}}; expected at most {MAX_SIDE} pixels")
+
+
+def image_size(default: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) in pixels, each in [1, MAX_SIDE]."""
+    return declare(default, each(POSITIVE), _SIDES)
+
+
+def pixels(default: int) -> int:
+    """A number of pixels in [0, MAX_SIDE] (a padding)."""
+    return declare(default, NON_NEGATIVE, _PADDING)
+
+
+# Seeds: NumPy takes 32 bits (the derived seeds seed + 1000 x epoch + rank reach it modulo 2**32), torch 64 (the
+# derived seeds stay far below 2**64 from any seed up to 2**32 - 1); a seed past 2**64 was a traceback deep in torch.
+MAX_SEED = 2**32 - 1
+_SEED = Constraint(lambda v: 0 <= v <= MAX_SEED, f"{{value}}; expected an integer in [0, {MAX_SEED}] (2**32 - 1)")
+
+# Normalisation: three finite means, three finite positive stds (x / inf is 0 and x / 0 is inf: a run on garbage).
+_MEAN = Constraint(lambda v: all(map(is_finite, v)), "{value}; expected 3 finite values")
+_STD = Constraint(lambda v: all(is_finite(x) and x > 0 for x in v), "{value}; expected 3 finite values > 0")
+
+
+def norm_mean(default: tuple[float, float, float] = IMAGENET_MEAN) -> tuple[float, float, float]:
+    return declare(default, _MEAN)
+
+
+def norm_std(default: tuple[float, float, float] = IMAGENET_STD) -> tuple[float, float, float]:
+    return declare(default, _STD)
 
 
 @dataclass
@@ -57,7 +108,7 @@ class RunConfig:
 
     # checkpoints, exports, config.yaml, log.jsonl and tensorboard go here
     output_dir: str = declare("output/dino", _OUTPUT_DIR)
-    seed: int = 0  # base random seed; rank r uses seed + r for augmentation
+    seed: int = declare(0, _SEED)  # base random seed, in [0, 2**32 - 1]; rank r uses seed + r for augmentation
     resume: str = "auto"  # auto: newest checkpoint in output_dir if any; "": start fresh; else a checkpoint path
     device: str = choice("auto", "cuda", "cpu")  # auto: cuda when available, else cpu; or cuda / cpu
     # bf16 (when the device supports it), fp16 (with a gradient scaler) or fp32

@@ -5,18 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .common import (
-    ALL_POSITIVE,
     ARCHS,
     DATASETS_LABELED,
     DATASETS_UNLABELED,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     PATCH_SIZES,
     VIT_ARCHS,
     DatasetSpec,
     RunConfig,
     check_heads,
     check_patches,
+    image_size,
+    norm_mean,
+    norm_std,
 )
 from .loader import (
     ConfigError,
@@ -104,15 +104,15 @@ class DinoLossConfig:
 
 @dataclass
 class MultiCropConfig:
-    global_crops_size: tuple[int, int] = positive((256, 128))  # (height, width) of the 2 global crops (TransReID-SSL)
+    global_crops_size: tuple[int, int] = image_size((256, 128))  # (height, width) of the 2 global crops (TransReID-SSL)
     global_crops_scale: tuple[float, float] = range_pair((0.4, 1.0))  # area range of a global crop (official (0.4, 1))
     local_crops_number: int = non_negative(8)  # local crops per image (official 8)
-    local_crops_size: tuple[int, int] = positive((128, 64))  # (height, width) of a local crop (TransReID-SSL)
+    local_crops_size: tuple[int, int] = image_size((128, 64))  # (height, width) of a local crop (TransReID-SSL)
     # area range of a local crop (official (0.05, 0.4))
     local_crops_scale: tuple[float, float] = range_pair((0.05, 0.4))
     part_aware_local_crops: bool = False  # PASS: local crops from top / middle / bottom body regions
-    mean: tuple[float, float, float] = IMAGENET_MEAN  # normalisation mean (ImageNet)
-    std: tuple[float, float, float] = declare(IMAGENET_STD, ALL_POSITIVE)  # normalisation std (ImageNet)
+    mean: tuple[float, float, float] = norm_mean()  # normalisation mean (ImageNet)
+    std: tuple[float, float, float] = norm_std()  # normalisation std (ImageNet)
     gpu_augment: bool = False  # workers return uint8 crops; jitter, grayscale, blur, solarise run batched on the device
 
     def validate(self, path: str) -> None:

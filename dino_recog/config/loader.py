@@ -4,7 +4,8 @@ Nothing here knows a schema. Every key is checked against the dataclass: an unkn
 full path and the closest valid key, a wrong type names the key, the value and the expected type. Value checks are
 declared next to the fields (`lr: float = positive(5e-4)`) and `validate` checks them for every field of the tree,
 sections in lists included; what involves several fields stays in a small `validate(self, path)` method of the
-dataclass that holds them, called after its fields passed.
+dataclass that holds them, called after its fields passed. A file must be UTF-8 YAML text, and a key given twice in one
+of its mappings is an error (on the command line the last `key=value` of a key wins).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -34,6 +36,8 @@ __all__ = [
     "declare",
     "dump",
     "each",
+    "finite",
+    "is_finite",
     "from_dict",
     "load",
     "non_negative",
@@ -84,6 +88,17 @@ POSITIVE = Constraint(lambda v: v > 0, "{value}; expected a value > 0")
 NON_NEGATIVE = Constraint(lambda v: v >= 0, "{value}; expected a value >= 0")
 
 
+def is_finite(v: Any) -> bool:
+    """False for a float NaN or +-inf; ints (never infinite, and maybe too large for a float) pass."""
+    return not isinstance(v, float) or math.isfinite(v)
+
+
+def finite(expected: str = "") -> Constraint:
+    """Refuses NaN and +-inf, which `v > 0` and `v >= 0` let through (inf) or refuse saying the wrong thing (nan):
+    an infinite learning rate, temperature or weight trains on garbage. `expected` completes "a finite value"."""
+    return Constraint(is_finite, "{value}; expected a finite value" + (f" {expected}" if expected else ""))
+
+
 def each(inner: Constraint) -> Constraint:
     """`inner` for every item of a tuple or list."""
     return dataclasses.replace(inner, items=True)
@@ -109,14 +124,18 @@ def declare(default: Any, *constraints: Constraint) -> Any:
     return field(default=default, metadata=metadata)
 
 
+def _per_item(default: Any, *constraints: Constraint) -> list[Constraint]:
+    return [each(c) for c in constraints] if isinstance(default, tuple) else list(constraints)
+
+
 def positive(default: Any) -> Any:
-    """A value > 0; for a tuple (a size), each of its items."""
-    return declare(default, each(POSITIVE) if isinstance(default, tuple) else POSITIVE)
+    """A finite value > 0; for a tuple (a size), each of its items."""
+    return declare(default, *_per_item(default, finite("> 0"), POSITIVE))
 
 
 def non_negative(default: Any) -> Any:
-    """A value >= 0; for a tuple, each of its items."""
-    return declare(default, each(NON_NEGATIVE) if isinstance(default, tuple) else NON_NEGATIVE)
+    """A finite value >= 0; for a tuple, each of its items."""
+    return declare(default, *_per_item(default, finite(">= 0"), NON_NEGATIVE))
 
 
 def unit_interval(default: float, open_right: bool = False) -> Any:
@@ -164,6 +183,92 @@ def validate(cfg: Any, path: str = "") -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Reading a file
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last, silently).
+
+    A repeated `lr:` under `train:` is an edit that did not take, or an old value left behind; either way the file
+    does not say what the run will use. `construct_document` first notes every mapping's dotted path so that the
+    error can name the key in full.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.paths: dict[int, str] = {}
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._note_paths(node, "")
+        return super().construct_document(node)
+
+    def _note_paths(self, node: yaml.Node, path: str) -> None:
+        if id(node) in self.paths:  # an alias met again (or a recursive one)
+            return
+        if isinstance(node, yaml.MappingNode):
+            self.paths[id(node)] = path
+            for k, v in node.value:
+                key = str(k.value) if isinstance(k, yaml.ScalarNode) else "?"
+                self._note_paths(v, f"{path}.{key}" if path else key)
+        elif isinstance(node, yaml.SequenceNode):
+            self.paths[id(node)] = path
+            for i, v in enumerate(node.value):
+                self._note_paths(v, f"{path}[{i}]")
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[Any, int] = {}
+        for k, _ in node.value:  # the keys as written, before `<<` merges (which a written key may override)
+            if k.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(k)
+            try:
+                line = first.setdefault(key, k.start_mark.line + 1)
+            except TypeError:  # an unhashable key; the safe constructor refuses it below
+                continue
+            if line != k.start_mark.line + 1:
+                path = self.paths.get(id(node), "")
+                raise ConfigError(
+                    f"key {f'{path}.{key}' if path else key} given twice, at lines {line} and "
+                    f"{k.start_mark.line + 1}; expected each key once (the second would replace the first)"
+                )
+        return super().construct_mapping(node, deep)
+
+
+def _read_yaml(p: Path) -> Any:
+    """The YAML document in `p`, or a one-line ConfigError naming the file and, for a syntax error, the line."""
+    try:
+        text = p.read_bytes().decode("utf-8-sig")  # -sig: a byte-order mark some editors write is not content
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{p}: not a UTF-8 YAML text file (byte {e.object[e.start]:#04x} at offset {e.start} is not UTF-8); "
+            "expected a YAML config"
+        ) from None
+    loader = None
+    try:
+        loader = _StrictLoader(text)  # checks that every character is printable
+        return loader.get_single_data()
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+    except yaml.reader.ReaderError as e:  # a control character: binary data that happens to be valid UTF-8
+        raise ConfigError(
+            f"{p}: not a YAML text file (control character #x{e.character:04x} at offset {e.position}); "
+            "expected a YAML config"
+        ) from None
+    except yaml.MarkedYAMLError as e:
+        where = f"line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1}" if e.problem_mark else "?"
+        context = ""
+        if e.context:
+            cm = e.context_mark
+            context = f" ({e.context}" + (f" from line {cm.line + 1}, column {cm.column + 1})" if cm else ")")
+        raise ConfigError(f"{p}: not valid YAML at {where}: {e.problem}{context}") from None
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: an int of more than 4300 digits (Python's limit)
+        raise ConfigError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Loading
 
 
@@ -202,7 +307,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp is float:
         # PyYAML reads 1e-4 (no dot) as a string; accept any spelling float() accepts.
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool) and _fits(value)):
             return float(value)
         if isinstance(value, str):
             try:
@@ -215,6 +320,15 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     else:  # pragma: no cover - a schema bug, not a user error
         raise TypeError(f"unsupported config type {tp} for {key}")
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _fits(value: int) -> bool:
+    """Whether float(value) works (an int past 1.8e308 raises OverflowError there)."""
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
 
 
 def _valid_keys(cls: Any, prefix: str = "") -> list[str]:
@@ -274,7 +388,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {item!r}: empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: an int of more than 4300 digits (Python's limit)
         raise ConfigError(f"override {item!r}: value is not valid YAML ({e.__class__.__name__})") from None
     return key.split("."), value
 
@@ -364,10 +478,7 @@ def load(path: str | os.PathLike | None, overrides: list[str] | None, cls: type[
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
-    try:
-        values = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    values = _read_yaml(p)
     return from_dict(cls, values if values is not None else {}, str(p), overrides)
 
 

@@ -7,17 +7,18 @@ import math
 from dataclasses import dataclass, field
 
 from .common import (
-    ALL_POSITIVE,
     ARCHS,
     DATASETS_LABELED,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     PATCH_SIZES,
     VIT_ARCHS,
     DatasetSpec,
     RunConfig,
     check_heads,
     check_patches,
+    image_size,
+    norm_mean,
+    norm_std,
+    pixels,
 )
 from .loader import (
     ConfigError,
@@ -61,13 +62,13 @@ class RecogDataConfig:
 
 @dataclass
 class ReIDAugConfig:
-    size: tuple[int, int] = positive((256, 128))  # (height, width) input (BoT, TransReID-SSL)
+    size: tuple[int, int] = image_size((256, 128))  # (height, width) input (BoT, TransReID-SSL)
     flip_prob: float = unit_interval(0.5)  # horizontal flip probability (BoT 0.5)
-    padding: int = non_negative(10)  # pixels of padding before the random crop back to `size` (BoT 10)
+    padding: int = pixels(10)  # pixels of padding before the random crop back to `size` (BoT 10)
     erasing_prob: float = unit_interval(0.5)  # random erasing probability (BoT 0.5)
     color_jitter: bool = False  # brightness/contrast/saturation/hue jitter (off in BoT)
-    mean: tuple[float, float, float] = IMAGENET_MEAN  # normalisation mean; same as stage 1
-    std: tuple[float, float, float] = declare(IMAGENET_STD, ALL_POSITIVE)  # normalisation std; same as stage 1
+    mean: tuple[float, float, float] = norm_mean()  # normalisation mean; same as stage 1
+    std: tuple[float, float, float] = norm_std()  # normalisation std; same as stage 1
 
 
 @dataclass
