@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import math
 import os
+import reprlib
 import types
 import typing
 from collections.abc import Callable
@@ -278,6 +279,13 @@ def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "")
 
 
+def _short(value: object) -> str:
+    """The value as written in an error, cut to a line (a YAML alias can make a small file hold a huge value)."""
+    short = reprlib.Repr()  # Python 3.11 takes no keyword arguments here
+    short.maxlevel, short.maxlist, short.maxdict, short.maxstring, short.maxother = 3, 8, 8, 60, 60
+    return short.repr(value)
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML value to the annotated type `tp`, or raise a ConfigError naming `key`."""
     origin = typing.get_origin(tp)
@@ -289,15 +297,15 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return _convert(value, inner, key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} keys, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} keys, got {_short(value)}")
         return _fill(tp(), value, key)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {_short(value)}")
         return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r} ({type(value).__name__})")
+            raise ConfigError(f"{key}: expected a list, got {_short(value)} ({type(value).__name__})")
         return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
@@ -319,7 +327,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return value
     else:  # pragma: no cover - a schema bug, not a user error
         raise TypeError(f"unsupported config type {tp} for {key}")
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_short(value)} ({type(value).__name__})")
 
 
 def _fits(value: int) -> bool:
