@@ -1,6 +1,6 @@
 """Re-identification evaluation: rank-1/5/10, mAP, mINP of a checkpoint on the configured query/gallery.
 
-    python eval_reid.py --checkpoint output/recog/model.pth [--config cfg_recog.yaml] [--rerank] [--aqe] \
+    python eval_reid.py --checkpoint output/recog/model.pth [--config FILE] [--rerank] [--aqe] \
         [--json out.json] [--save-ranks DIR] [--cache-dir DIR] [key=value ...]
     bash train.sh 0,1 2 eval_reid.py --checkpoint output/recog/best.pth data.test.name=msmt17 data.test.root=/d/msmt
 
