@@ -6,6 +6,7 @@ import io
 import logging
 import os
 import pickle
+import shutil
 import warnings
 from pathlib import Path
 
@@ -16,6 +17,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from dino_recog import config as C
+from dino_recog.data import build
 from dino_recog.data import datasets as ds
 from dino_recog.data.datasets import (
     CorruptImageError,
@@ -424,3 +427,68 @@ def test_labeled_folder_and_combine(tmp_path: Path, caplog: pytest.LogCaptureFix
         combine_train_sets([[Record("x.jpg", -1, 0)]])
     with pytest.raises(DatasetLayoutError, match="ROOT/<identity>/<image>"):
         load_labeled_folder(tmp_path / "people" / "empty_id")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# labeled_folder as an evaluation set
+
+
+def market_as_folder(small_demo, root, cameras=True):
+    """The small demo's Market-1501 query/gallery (distractors left out: a folder has no way to say pid 0) copied to
+    ROOT/query/<id>/ + ROOT/gallery/<id>/; without cameras the _c<N> is taken out of the names."""
+    data = ds.load_market1501(small_demo / "market")
+    for split, records in (("query", data.query), ("gallery", [r for r in data.gallery if r.pid > 0])):
+        for r in records:
+            name = os.path.basename(r.path) if cameras else os.path.basename(r.path).replace("_c", "_x", 1)
+            (root / split / f"{r.pid:04d}").mkdir(parents=True, exist_ok=True)
+            shutil.copy(r.path, root / split / f"{r.pid:04d}" / name)
+    return data
+
+
+def test_labeled_folder_with_query_and_gallery_is_the_same_set_as_its_market_original(small_demo, tmp_path):
+    market = market_as_folder(small_demo, tmp_path / "mine")
+    data = build.labeled_data(C.DatasetSpec(name="labeled_folder", root=str(tmp_path / "mine")))
+    pid_of = {}  # the folder numbers identities 1..N; the mapping must be one to one and shared by both splits
+    for ours, theirs in ((data.query, market.query), (data.gallery, [r for r in market.gallery if r.pid > 0])):
+        assert sorted(os.path.basename(r.path) for r in ours) == sorted(os.path.basename(r.path) for r in theirs)
+        by_name = {os.path.basename(r.path): r for r in theirs}
+        for r in ours:
+            original = by_name[os.path.basename(r.path)]
+            assert r.camid == original.camid and pid_of.setdefault(r.pid, original.pid) == original.pid
+    assert len(set(pid_of.values())) == len(pid_of) and min(pid_of) == 1
+    assert data.train == [] and "same_camera_rule" not in data.info
+
+
+def test_labeled_folder_without_cameras_switches_the_same_camera_rule_off_and_says_so(small_demo, tmp_path, caplog):
+    market_as_folder(small_demo, tmp_path / "mine", cameras=False)
+    data = ds.load_labeled_folder_splits(tmp_path / "mine")
+    assert {r.camid for r in data.query} == {0} and {r.camid for r in data.gallery} == {1}
+    assert data.info["same_camera_rule"] == "off (no _c<N> camera in the file names)"
+    assert "the same-camera rule of the protocol is off" in caplog.text
+
+
+def test_labeled_folder_in_imagenet_form_classifies_val_against_train(tmp_path):
+    for split, cls, n in [("train", "cat", 3), ("train", "dog", 2), ("val", "cat", 1), ("val", "dog", 1)]:
+        (tmp_path / split / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8)).save(tmp_path / split / cls / f"{i}.png")
+    data = ds.load_labeled_folder_splits(tmp_path)
+    assert [(os.path.basename(os.path.dirname(r.path)), r.pid) for r in data.query] == [("cat", 1), ("dog", 2)]
+    assert sorted(r.pid for r in data.gallery) == [1, 1, 1, 2, 2] and data.info["layout"] == "train/val"
+    assert build.train_records([C.DatasetSpec(name="labeled_folder", root=str(tmp_path))])[0].path.startswith(
+        str(tmp_path / "train")
+    )  # training from the same root reads ROOT/train only
+
+
+def test_labeled_folder_evaluation_layout_errors(small_demo, tmp_path):
+    with pytest.raises(ds.DatasetLayoutError, match="no query/gallery or train/val folders; expected ROOT/query/"):
+        (tmp_path / "flat" / "0001").mkdir(parents=True)
+        ds.load_labeled_folder_splits(tmp_path / "flat")
+    market_as_folder(small_demo, tmp_path / "mixed")
+    first = sorted((tmp_path / "mixed" / "gallery").rglob("*.jpg"))[0]
+    first.rename(first.with_name("nocamera.jpg"))
+    with pytest.raises(ds.DatasetLayoutError, match=r"names a camera \(_c<N>\) but .*nocamera.jpg does not"):
+        ds.load_labeled_folder_splits(tmp_path / "mixed")
+    shutil.rmtree(tmp_path / "mixed" / "gallery")
+    with pytest.raises(ds.DatasetLayoutError, match=f"missing folder {tmp_path / 'mixed' / 'gallery'}"):
+        ds.load_labeled_folder_splits(tmp_path / "mixed")

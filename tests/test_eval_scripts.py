@@ -121,3 +121,32 @@ def test_eval_reid_flags_are_overrides_validated_with_the_rest(tmp_path):
         "cfg_recog.yaml + command line: eval.rerank with eval.topk=5: re-ranking needs the full distance matrix; "
         "set topk=0"
     )
+
+
+def test_eval_reid_and_eval_knn_on_your_own_labeled_folder(small_demo, tmp_path, run_script):
+    """`data.test.name=labeled_folder` (ROOT/query/<id>/ + ROOT/gallery/<id>/): the scores of the same images read
+    from their Market-1501 original (distractors left out) through the protocol."""
+    from test_datasets import market_as_folder
+
+    torch.manual_seed(0)
+    backbone = build_backbone("vit_small", img_size=(32, 16), patch_size=8, depth=2, embed_dim=32, num_heads=2)[0]
+    torch.save(backbone.state_dict(), tmp_path / "teacher_backbone.pth")
+    market = market_as_folder(small_demo, tmp_path / "mine")
+    common = ["data.num_workers=0", "run.device=cpu", *VIT]
+    run_script("eval_reid.py", "--checkpoint", tmp_path / "teacher_backbone.pth", "--json", tmp_path / "r.json",
+               f"data.test={{name: labeled_folder, root: {tmp_path / 'mine'}}}", "aug.size=[32,16]", "eval.flip=false",
+               *common)  # fmt: skip
+    tf = reid_test_transform((32, 16), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    query = ds.ImageDataset(market.query, tf, train=False)
+    gallery = ds.ImageDataset([r for r in market.gallery if r.pid > 0], tf, train=False)
+    expected = evaluate_query_gallery(backbone.eval(), query, gallery, torch.device("cpu"))
+    result = json.loads((tmp_path / "r.json").read_text())
+    for k in ("rank1", "mAP", "mINP"):
+        assert result[k] == pytest.approx(expected[k], abs=1e-6)
+    run_script("eval_knn.py", "--checkpoint", tmp_path / "teacher_backbone.pth", "--k", 1, "--json",
+               tmp_path / "k.json", f"data.eval_set={{name: labeled_folder, root: {tmp_path / 'mine'}}}",
+               "crops.global_crops_size=[32,16]", "crops.local_crops_size=[16,8]", *common)  # fmt: skip
+    qf, q_pids, _ = extract_features(backbone, query, torch.device("cpu"))
+    gf, g_pids, _ = extract_features(backbone, gallery, torch.device("cpu"))
+    knn = json.loads((tmp_path / "k.json").read_text())
+    assert knn["k1_top1"] == pytest.approx(float(np.mean(knn_classify(gf, g_pids, qf, k=1) == q_pids)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 from ..config import DatasetSpec
 from . import datasets as ds
@@ -16,7 +17,8 @@ log = logging.getLogger(__name__)
 
 
 def labeled_data(spec: DatasetSpec) -> ds.ReIDData:
-    """A data set with train / query / gallery splits (Market-1501, MSMT17, or the demo set generated on first use)."""
+    """A data set with query / gallery splits (and train where it has one): Market-1501, MSMT17, a labeled folder in
+    its evaluation form, or the demo set generated on first use)."""
     if spec.name == "demo":
         data = ds.load_market1501(ensure_demo(spec.root) / "market")
         data.name = "demo"
@@ -24,8 +26,11 @@ def labeled_data(spec: DatasetSpec) -> ds.ReIDData:
         data = ds.load_market1501(spec.root)
     elif spec.name == "msmt17":
         data = ds.load_msmt17(spec.root, version=spec.version, use_val=spec.use_val)
+    elif spec.name == "labeled_folder":
+        data = ds.load_labeled_folder_splits(spec.root)
     else:
-        raise ValueError(f"data set {spec.name!r} has no query/gallery split; expected market1501, msmt17 or demo")
+        raise ValueError(f"data set {spec.name!r} has no query/gallery split; expected market1501, msmt17, "
+                         "labeled_folder or demo")  # fmt: skip
     log.info("%s (%s)\n%s", spec.name, spec.root, ds.format_table(data))
     return data
 
@@ -44,7 +49,9 @@ def train_records(specs: list[DatasetSpec]) -> list[ds.Record]:
     sets = []
     for spec in specs:
         if spec.name == "labeled_folder":
-            records = ds.load_labeled_folder(spec.root, name=spec.root)
+            root = Path(spec.root)  # the evaluation form trains on ROOT/train
+            split = (root / "train").is_dir() and any((root / d).is_dir() for d in ("query", "gallery", "val"))
+            records = ds.load_labeled_folder(root / "train" if split else root, name=spec.root)
             log.info("labeled folder %s: %d identities, %d images", spec.root, len({r.pid for r in records}),
                      len(records))  # fmt: skip
         else:

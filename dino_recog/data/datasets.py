@@ -34,6 +34,7 @@ from .parsers import (
     format_table,
     list_image_folder,
     load_labeled_folder,
+    load_labeled_folder_splits,
     load_market1501,
     load_msmt17,
 )
@@ -51,6 +52,7 @@ __all__ = [  # with the parsers' names, so every name keeps its old import path
     "format_table",
     "list_image_folder",
     "load_labeled_folder",
+    "load_labeled_folder_splits",
     "load_market1501",
     "load_msmt17",
     "read_image",

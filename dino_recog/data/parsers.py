@@ -24,6 +24,7 @@ __all__ = [
     "format_table",
     "list_image_folder",
     "load_labeled_folder",
+    "load_labeled_folder_splits",
     "load_market1501",
     "load_msmt17",
 ]
@@ -301,3 +302,68 @@ def format_table(data: ReIDData) -> str:
     lines.append(rule)
     lines += [f"  {key}: {value}" for key, value in data.info.items()]
     return "\n".join(lines)
+
+
+_FOLDER_SPLITS = (
+    "expected ROOT/query/<identity>/<image> + ROOT/gallery/<identity>/<image> (re-identification; cameras from _c<N> "
+    "in the file names) or ROOT/train/<class>/<image> + ROOT/val/<class>/<image> (ImageNet style, for eval_knn.py)"
+)
+
+
+def load_labeled_folder_splits(root: str | os.PathLike, name: str = "labeled_folder") -> ReIDData:
+    """A labeled folder as an evaluation set: ``ROOT/query/<id>/`` + ``ROOT/gallery/<id>/``, or, ImageNet style as
+    the official DINO ``eval_knn.py`` reads it, ``ROOT/val/<class>/`` (the queries) + ``ROOT/train/<class>/`` (the
+    gallery the queries are classified against). The training split is ``ROOT/train/`` where it exists.
+
+    Identity folders with the same name are the same identity in both splits (pids 1..N, in sorted name order: pid 0
+    would be a distractor to the protocol). Cameras come from ``_c<N>`` in the file names. Where no file name has
+    one, every query gets camera 0 and every gallery image camera 1, so the protocol's same-camera rule, which would
+    remove every true match, cannot apply; that is logged and recorded in ``info``. Some names with a camera and some
+    without is an error naming one of each.
+    """
+    root = Path(root)
+    _require_dir(root, _FOLDER_SPLITS)
+    if (root / "query").is_dir() or (root / "gallery").is_dir():
+        layout, splits = "query/gallery", {"query": root / "query", "gallery": root / "gallery"}
+    elif (root / "val").is_dir() or (root / "train").is_dir():
+        layout, splits = "train/val", {"query": root / "val", "gallery": root / "train"}
+    else:
+        raise DatasetLayoutError(f"{name} {root}: no query/gallery or train/val folders; {_FOLDER_SPLITS}")
+    for folder in splits.values():
+        _require_dir(folder, _FOLDER_SPLITS)
+    found = {split: _identity_folders(folder) for split, folder in splits.items()}
+    ids = sorted({d for per_id in found.values() for d, paths in per_id.items() if paths})
+    pid = {d: i + 1 for i, d in enumerate(ids)}
+    paths = {split: [(p, pid[d]) for d, ps in per_id.items() for p in ps] for split, per_id in found.items()}
+    for split, folder in splits.items():
+        if not paths[split]:
+            raise DatasetLayoutError(f"no images under {folder}; {_FOLDER_SPLITS}")
+    every = [p for split in paths.values() for p, _ in split]
+    cams = {p: _FOLDER_CAMERA.search(os.path.basename(p)) for p in every}
+    with_cam = [p for p in every if cams[p]]
+    info = {"layout": layout}
+    if with_cam and len(with_cam) < len(every):
+        without = next(p for p in every if not cams[p])
+        raise DatasetLayoutError(f"{name} {root}: {with_cam[0]} names a camera (_c<N>) but {without} does not; "
+                                 "expected a camera in every file name or in none")  # fmt: skip
+    split_records = {}
+    for i, (split, items) in enumerate(paths.items()):
+        records = []
+        for path, label in items:
+            cam = int(cams[path].group(1)) - 1 if with_cam else i  # no cameras: query 0, gallery 1
+            if cam < 0:
+                raise DatasetLayoutError(f"{path}: camera numbers start at 1 (_c1)")
+            records.append(Record(path, label, cam))
+        split_records[split] = records
+    if not with_cam:
+        info["same_camera_rule"] = "off (no _c<N> camera in the file names)"
+        logger.warning("%s %s: no camera (_c<N>) in the file names; the same-camera rule of the protocol is off",
+                       name, root)  # fmt: skip
+    has_train = layout == "query/gallery" and (root / "train").is_dir()
+    train = load_labeled_folder(root / "train", name) if has_train else []
+    return ReIDData(name, train, split_records["query"], split_records["gallery"], info)
+
+
+def _identity_folders(folder: Path) -> dict[str, list[str]]:
+    names = sorted(d for d in os.listdir(folder) if not d.startswith(".") and (folder / d).is_dir())
+    return {d: _find_images(folder / d) for d in names}
