@@ -27,7 +27,7 @@ from dino_recog.data.build import query_gallery
 from dino_recog.evaluation import knn_votes
 from dino_recog.feature_cache import cached_features
 from dino_recog.models.spec import BackboneSpec
-from dino_recog.user_errors import check_output_paths, user_errors
+from dino_recog.user_errors import check_output_paths, positive_float, positive_int, user_errors
 from dino_recog.weights import open_feature_model
 
 log = logging.getLogger("dino_recog.eval_knn")
@@ -71,8 +71,12 @@ def main(
 
 def _flags(parser) -> None:
     parser.add_argument("--checkpoint", required=True, help="backbone weights (stage 1, DINO, timm) or a stage-2 model")
-    parser.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200], help="neighbours (DINO: 10 20 100 200)")
-    parser.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim / T) (DINO: 0.07)")
+    parser.add_argument(
+        "--k", type=positive_int, nargs="+", default=[10, 20, 100, 200], help="neighbours (DINO: 10 20 100 200)"
+    )
+    parser.add_argument(
+        "--temperature", type=positive_float, default=0.07, help="vote weight exp(sim / T) (DINO: 0.07)"
+    )
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--cache-dir", help="keep query/gallery features here and reuse them while nothing changed")
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections import deque
@@ -41,6 +42,7 @@ from .data.transforms import reid_test_transform
 from .embedding import embed
 from .image_inputs import ImageInput, as_items, to_pil
 from .models.spec import BackboneSpec
+from .user_errors import finite_float, positive_float, positive_int
 
 __all__ = ["DEFAULT_IMAGE_SIZE", "FeatureExtractor", "ImageInput", "list_images", "load_model", "main"]
 
@@ -147,6 +149,12 @@ class FeatureExtractor:
         self.image_size = tuple(int(s) for s in (image_size if image_size is not None else prep["img_size"]))
         self.mean = tuple(float(v) for v in (mean if mean is not None else prep["mean"]))
         self.std = tuple(float(v) for v in (std if std is not None else prep["std"]))
+        if len(self.mean) != 3 or not all(math.isfinite(v) for v in self.mean):
+            raise ValueError(f"mean {list(self.mean)}: expected 3 finite values (RGB)")
+        if len(self.std) != 3 or not all(math.isfinite(v) and v > 0 for v in self.std):
+            raise ValueError(f"std {list(self.std)}: expected 3 finite values > 0 (RGB)")
+        if len(self.image_size) != 2 or min(self.image_size) < 1:
+            raise ValueError(f"image_size {list(self.image_size)}: expected (height, width) in pixels")
         self.transform = reid_test_transform(self.image_size, self.mean, self.std)
         self.batch_size, self.flip, self.num_workers = batch_size, flip, num_workers
         with torch.no_grad():  # one forward now: the feature size, and a wrong image size fails here, not later
@@ -256,7 +264,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="stage-2 model.pth / best.pth, or backbone weights")
     p.add_argument("--images", required=True, help="folder of images (" + ", ".join(IMAGE_EXTENSIONS) + ")")
     p.add_argument("--out", required=True, help="features file, must end in .npy; the file list goes beside it (.txt)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
     p.add_argument("--flip", action="store_true", help="average with the features of the mirrored images")
     p.add_argument("--recursive", action="store_true", help="also take the images of subfolders, at any depth")
@@ -265,9 +273,9 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"for backbone weights without a spec of their own (official DINO, timm): build_backbone "
                         f"arguments or BackboneSpec fields, e.g. name=vit_small img_size=[256,128] patch_size=16 "
                         f"(name: {_ARCH_HELP})")  # fmt: skip
-    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="override the input size")
-    p.add_argument("--mean", type=float, nargs=3, help="override the normalisation mean (RGB)")
-    p.add_argument("--std", type=float, nargs=3, help="override the normalisation std (RGB)")
+    p.add_argument("--image-size", type=positive_int, nargs=2, metavar=("H", "W"), help="override the input size")
+    p.add_argument("--mean", type=finite_float, nargs=3, help="override the normalisation mean (RGB)")
+    p.add_argument("--std", type=positive_float, nargs=3, help="override the normalisation std (RGB)")
     return p
 
 

@@ -5,14 +5,16 @@ not one of ours (a bug) keeps its traceback.
 
 from __future__ import annotations
 
+import argparse
 import errno
+import math
 import os
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["check_output_paths", "user_errors"]
+__all__ = ["check_output_paths", "finite_float", "positive_float", "positive_int", "user_errors"]
 
 _OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
@@ -72,3 +74,26 @@ def _make_folder(flag: str, folder: Path) -> None:
         raise NotADirectoryError(f"{flag}: {folder} is a file, not a folder") from None
     if not os.access(folder, os.W_OK):
         raise PermissionError(f"{flag}: cannot write into {folder}")
+
+
+# argparse types: a flag's value checked where it is read (`--temperature 0` would give inf votes, `--mean nan`
+# NaN features, `--k 0` an empty neighbourhood).
+def finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text}: expected a finite number")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text}: expected a number > 0")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: expected an integer > 0")
+    return value

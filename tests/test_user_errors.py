@@ -63,3 +63,46 @@ def test_evaluation_of_a_missing_checkpoint_is_one_line(run_script, tmp_path, ca
         run_script(script, "--checkpoint", tmp_path / "m.pth", *(a.format(tmp=tmp_path) for a in args))
     assert stop.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"error: {tmp_path}/m.pth: checkpoint not found"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--temperature", "0"], "argument --temperature: 0: expected a number > 0"),
+    (["--temperature", "-1"], "argument --temperature: -1: expected a number > 0"),
+    (["--temperature", "nan"], "argument --temperature: nan: expected a finite number"),
+    (["--k", "10", "0"], "argument --k: 0: expected an integer > 0"),
+])  # fmt: skip
+def test_eval_knn_refuses_flag_values_that_give_no_vote(capsys, argv, message):
+    import eval_knn
+    from dino_recog import config as C
+    from dino_recog.cli import load_config
+
+    with pytest.raises(SystemExit):
+        load_config(C.DinoConfig, "cfg_dino.yaml", "kNN", ["--checkpoint", "t.pth", *argv], eval_knn._flags)
+    assert capsys.readouterr().err.strip().endswith(f"error: {message}")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mean", "nan", "0", "0"], "argument --mean: nan: expected a finite number"),
+    (["--std", "0.2", "0", "0.2"], "argument --std: 0: expected a number > 0"),
+    (["--image-size", "0", "64"], "argument --image-size: 0: expected an integer > 0"),
+])  # fmt: skip
+def test_extract_refuses_normalisation_and_sizes_that_give_garbage(capsys, argv, message):
+    from dino_recog.extract import main
+
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", "m.pth", "--images", ".", "--out", "f.npy", *argv])
+    assert capsys.readouterr().err.strip().endswith(f"error: {message}")
+
+
+def test_feature_extractor_refuses_a_nan_mean_or_a_zero_std(tmp_path):
+    from dino_recog import FeatureExtractor
+    from dino_recog.models import build_backbone
+
+    torch = pytest.importorskip("torch")
+    net = build_backbone("vit_small", img_size=(32, 16), patch_size=8, depth=1, embed_dim=32, num_heads=2)[0]
+    torch.save(net.state_dict(), tmp_path / "w.pth")
+    kw = dict(backbone=dict(name="vit_small", img_size=(32, 16), patch_size=8, depth=1, embed_dim=32, num_heads=2))
+    with pytest.raises(ValueError, match=r"^mean \[nan, 0.0, 0.0\]: expected 3 finite values \(RGB\)$"):
+        FeatureExtractor(tmp_path / "w.pth", "cpu", mean=(float("nan"), 0, 0), **kw)
+    with pytest.raises(ValueError, match=r"^std \[0.2, 0.0, 0.2\]: expected 3 finite values > 0 \(RGB\)$"):
+        FeatureExtractor(tmp_path / "w.pth", "cpu", std=(0.2, 0, 0.2), **kw)
