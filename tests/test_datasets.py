@@ -492,3 +492,38 @@ def test_labeled_folder_evaluation_layout_errors(small_demo, tmp_path):
     shutil.rmtree(tmp_path / "mixed" / "gallery")
     with pytest.raises(ds.DatasetLayoutError, match=f"missing folder {tmp_path / 'mixed' / 'gallery'}"):
         ds.load_labeled_folder_splits(tmp_path / "mixed")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The names torchreid and fast-reid use
+
+
+def test_dukemtmc_reads_like_market1501_with_eight_cameras(tmp_path):
+    root = make_market(tmp_path / "duke")
+    (root / "query" / "0007_c8_f0046182.jpg").write_bytes((root / "query" / "0007_c5s1_000401_00.jpg").read_bytes())
+    for name in ("dukemtmcreid", "dukemtmc"):
+        data = build.labeled_data(C.DatasetSpec(name=name, root=str(root)))
+        assert data.name == "dukemtmcreid" and {r.camid for r in data.query} == {1, 4, 7}
+        assert len(data.train) == 4 and len(data.gallery) == 4
+    with pytest.raises(ds.DatasetLayoutError, match=r"0007_c8_f0046182.jpg: pid 7 / camera 8 outside 0..1501 / 1..6"):
+        build.labeled_data(C.DatasetSpec(name="market1501", root=str(root)))
+
+
+@pytest.mark.parametrize("version", ["V1", "V2"])
+def test_msmt17_v1_and_v2_name_the_version(tmp_path, version):
+    root = make_msmt(tmp_path, "V1")
+    for folder in ds._MSMT_DIRS["V2"]:
+        (root / folder).mkdir()  # both versions present: "auto" could not choose
+    data = build.labeled_data(C.DatasetSpec(name=f"msmt17_{version.lower()}", root=str(root)))
+    assert data.info["version"] == version
+    with pytest.raises(ValueError, match=f"data set msmt17_{version.lower()} with version W; "):
+        build.labeled_data(C.DatasetSpec(name=f"msmt17_{version.lower()}", root=str(root), version="W"))
+
+
+def test_a_market_name_with_a_range_for_a_pid_is_a_layout_error(tmp_path):
+    root = make_market(tmp_path / "m")
+    (root / "query" / "12-34_c1s1_000001_00.jpg").write_bytes(b"")
+    with pytest.raises(
+        ds.DatasetLayoutError, match=r"cannot parse identity and camera from .*12-34_c1s1_000001_00.jpg"
+    ):
+        ds.load_market1501(root)

@@ -39,8 +39,12 @@ __all__ = [
 
 VIT_ARCHS = ("vit_tiny", "vit_small", "vit_base")
 ARCHS = VIT_ARCHS + ("resnet18", "resnet50", "resnet101")
-DATASETS_LABELED = ("market1501", "msmt17", "labeled_folder", "demo")
-DATASETS_UNLABELED = ("luperson", "luperson_lmdb", "image_folder", "demo") + DATASETS_LABELED[:3]
+# Besides our names, those torchreid and fast-reid (lowercased) use for the same sets: dukemtmcreid / dukemtmc read
+# like market1501 (the same layout, 8 cameras), msmt17_v1 / msmt17_v2 are msmt17 with `version` V1 / V2.
+DATASET_ALIASES = ("dukemtmcreid", "dukemtmc", "msmt17_v1", "msmt17_v2")
+DATASETS_LABELED = ("market1501", "msmt17", "labeled_folder", "demo", *DATASET_ALIASES)
+DATASETS_UNLABELED = ("luperson", "luperson_lmdb", "image_folder", "demo", "market1501", "msmt17", "labeled_folder",
+                      *DATASET_ALIASES)  # fmt: skip
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -89,7 +93,9 @@ class DatasetSpec:
     Which names are allowed depends on the stage (labeled or not), so the section holding a spec checks `name`.
     """
 
-    name: str = "market1501"  # market1501 | msmt17 | labeled_folder | demo (+ luperson | luperson_lmdb | image_folder)
+    # market1501 | msmt17 | labeled_folder | demo (+ luperson | luperson_lmdb | image_folder; + the torchreid and
+    # fast-reid names dukemtmcreid, dukemtmc, msmt17_v1, msmt17_v2)
+    name: str = "market1501"
     root: str = "data/Market-1501-v15.09.15"  # directory of the data set (demo: generated there on first use)
     version: str = choice("auto", "V1", "V2")  # MSMT17 only: V1, V2 or auto (detected from the folders)
     use_val: bool = True  # MSMT17 only: list_val.txt joins training (TransReID, PASS, TransReID-SSL do)

@@ -24,8 +24,13 @@ def labeled_data(spec: DatasetSpec) -> ds.ReIDData:
         data.name = "demo"
     elif spec.name == "market1501":
         data = ds.load_market1501(spec.root)
-    elif spec.name == "msmt17":
-        data = ds.load_msmt17(spec.root, version=spec.version, use_val=spec.use_val)
+    elif spec.name in ("dukemtmcreid", "dukemtmc"):  # torchreid's and fast-reid's names
+        data = ds.load_dukemtmc(spec.root)
+    elif spec.name in ("msmt17", "msmt17_v1", "msmt17_v2"):
+        version = {"msmt17_v1": "V1", "msmt17_v2": "V2"}.get(spec.name, spec.version)
+        if spec.name != "msmt17" and spec.version not in ("auto", version):
+            raise ValueError(f"data set {spec.name} with version {spec.version}; {spec.name} is version {version}")
+        data = ds.load_msmt17(spec.root, version=version, use_val=spec.use_val)
     elif spec.name == "labeled_folder":
         data = ds.load_labeled_folder_splits(spec.root)
     else:

@@ -25,6 +25,7 @@ __all__ = [
     "list_image_folder",
     "load_labeled_folder",
     "load_labeled_folder_splits",
+    "load_dukemtmc",
     "load_market1501",
     "load_msmt17",
 ]
@@ -35,7 +36,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _MARKET_LAYOUT = (
     "expected ROOT/bounding_box_train, ROOT/query, ROOT/bounding_box_test with files like 0002_c1s1_000451_03.jpg"
 )
-_MARKET_NAME = re.compile(r"([-\d]+)_c(\d)")
+_MARKET_NAME = re.compile(r"(-1|\d+)_c(\d)")  # junk is -1; "12-34_c1" is not a name of this layout
 _MSMT_DIRS = {"V1": ("train", "test"), "V2": ("mask_train_v2", "mask_test_v2")}
 _MSMT_LAYOUT = (
     "expected ROOT/train + ROOT/test (MSMT17_V1) or ROOT/mask_train_v2 + ROOT/mask_test_v2 (MSMT17_V2), plus "
@@ -89,7 +90,7 @@ def _relabel(records: list[Record]) -> list[Record]:
     return [r._replace(pid=mapping[r.pid]) for r in records]
 
 
-def _market_split(folder: Path) -> list[Record]:
+def _market_split(folder: Path, max_pid: int = 1501, max_cam: int = 6) -> list[Record]:
     _require_dir(folder, _MARKET_LAYOUT)
     records = []
     for name in sorted(os.listdir(folder)):
@@ -101,8 +102,8 @@ def _market_split(folder: Path) -> list[Record]:
         pid, cam = int(match.group(1)), int(match.group(2))
         if pid == -1:  # junk boxes: the protocol ignores them entirely
             continue
-        if not (0 <= pid <= 1501 and 1 <= cam <= 6):
-            raise DatasetLayoutError(f"{folder / name}: pid {pid} / camera {cam} outside 0..1501 / 1..6")
+        if not (0 <= pid <= max_pid and 1 <= cam <= max_cam):
+            raise DatasetLayoutError(f"{folder / name}: pid {pid} / camera {cam} outside 0..{max_pid} / 1..{max_cam}")
         records.append(Record(str(folder / name), pid, cam - 1))
     if not records:
         raise DatasetLayoutError(f"no usable .jpg images in {folder}; {_MARKET_LAYOUT}")
@@ -129,6 +130,15 @@ def load_market1501(root: str | os.PathLike) -> ReIDData:
         query=_market_split(root / "query"),
         gallery=_market_split(root / "bounding_box_test"),
     )
+
+
+def load_dukemtmc(root: str | os.PathLike) -> ReIDData:
+    """Load DukeMTMC-reID, which has Market-1501's folders and file names (``0001_c2_f0046182.jpg``) with 8 cameras
+    (702 ids / 16,522 train, 702 ids / 2,228 query, 17,661 gallery images on the real data)."""
+    root = Path(root)
+    _require_dir(root, _MARKET_LAYOUT)
+    split = lambda name: _market_split(root / name, max_pid=9999, max_cam=8)  # noqa: E731
+    return ReIDData("dukemtmcreid", _relabel(split("bounding_box_train")), split("query"), split("bounding_box_test"))
 
 
 def _msmt_version(root: Path, version: str) -> str:
