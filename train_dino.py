@@ -32,6 +32,7 @@ from dino_recog.optim import build_optimizer
 from dino_recog.runlog import fmt_metrics
 from dino_recog.tasks import build_dino_task, dino_schedule
 from dino_recog.training import TrainingRun
+from dino_recog.user_errors import user_errors
 
 log = logging.getLogger("dino_recog.train_dino")
 
@@ -114,4 +115,6 @@ def main(cfg: C.DinoConfig) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main(load_config(C.DinoConfig, "cfg_dino.yaml", __doc__.split("\n")[0])[0])
+    cfg = load_config(C.DinoConfig, "cfg_dino.yaml", __doc__.split("\n")[0])[0]
+    with user_errors():  # a missing folder, a locked output directory, ...: one line
+        main(cfg)

@@ -32,6 +32,7 @@ from dino_recog.optim import build_optimizer
 from dino_recog.runlog import fmt_metrics
 from dino_recog.tasks import build_model, build_reid_task, reid_schedule  # noqa: F401  (build_model: tests use it)
 from dino_recog.training import TrainingRun
+from dino_recog.user_errors import user_errors
 
 log = logging.getLogger("dino_recog.train_recog")
 
@@ -115,4 +116,5 @@ def _flags(parser) -> None:
 
 if __name__ == "__main__":
     cfg, args = load_config(C.RecogConfig, "cfg_recog.yaml", __doc__.split("\n")[0], add_arguments=_flags)
-    main(cfg, export_onnx=args.export_onnx)
+    with user_errors():  # a missing folder, a locked output directory, ...: one line
+        main(cfg, export_onnx=args.export_onnx)

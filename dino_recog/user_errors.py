@@ -25,7 +25,7 @@ def user_errors() -> Iterator[None]:
     disk ends the program with one `error: ...` line (exit status 2) instead of a traceback."""
     try:
         yield
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         if not _is_user_error(e):
             raise
         print(f"error: {_one_line(e)}", file=sys.stderr)
@@ -33,6 +33,8 @@ def user_errors() -> Iterator[None]:
 
 
 def _is_user_error(e: Exception) -> bool:
+    if isinstance(e, RuntimeError) and type(e).__name__ != "RunLockedError":
+        return False
     if isinstance(e, OSError):
         return isinstance(e, _OS_ERRORS) or e.errno == errno.ENOSPC
     # Imported here, when one was raised: `report` never loads torch.
@@ -40,8 +42,9 @@ def _is_user_error(e: Exception) -> bool:
     from .config import ConfigError
     from .data.datasets import CorruptImageError
     from .data.parsers import DatasetLayoutError
+    from .run_lock import RunLockedError
 
-    return isinstance(e, (CheckpointError, ConfigError, CorruptImageError, DatasetLayoutError))
+    return isinstance(e, (CheckpointError, ConfigError, CorruptImageError, DatasetLayoutError, RunLockedError))
 
 
 def _one_line(e: BaseException) -> str:

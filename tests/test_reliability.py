@@ -373,8 +373,8 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(images, dino_singl
     with pytest.raises(OSError, match=r"could not write checkpoint .*checkpoint_0001.pth: No space left on device; "
                        r"the previous one is intact"):  # fmt: skip
         train_dino.main(cfg)
-    assert sorted(os.listdir(out)) == sorted(["checkpoint_0000_000005.pth", "checkpoint_0000_000010.pth", "config.yaml",
-                                              "log.jsonl", "log.txt", "tb"])  # fmt: skip
+    assert sorted(os.listdir(out)) == sorted([".lock", "checkpoint_0000_000005.pth", "checkpoint_0000_000010.pth",
+                                              "config.yaml", "log.jsonl", "log.txt", "tb"])  # fmt: skip
     assert same_dino_weights(dino_single / "checkpoint_0000_000010.pth", out / "checkpoint_0000_000010.pth") == []
     # the same for a file that is overwritten in place (model.pth, teacher_backbone.pth): the old content stays
     ckpt.save_checkpoint({"w": torch.ones(2)}, tmp_path / "model.pth")
