@@ -88,8 +88,8 @@ def _say(line: str) -> None:
 
 def start_run(cfg: object, output_dir: Path) -> None:
     """What every run does first, after joining the process group: a check that the output directory is writable,
-    its lock (one run at a time: dino_recog/run_lock.py), logging (rank 0), the resolved config printed once and saved
-    as OUTPUT/config.yaml, and the per-rank seed."""
+    its lock (one run at a time: dino_recog/run_lock.py), logging (rank 0), the resolved config printed once, and the
+    per-rank seed."""
     dist.run_on_main(lambda: _check_writable(Path(output_dir)))
     previous = dist.run_on_main(lambda: lock_output_dir(output_dir))  # one run per folder
     dist.setup_logging(str(output_dir))
@@ -97,9 +97,7 @@ def start_run(cfg: object, output_dir: Path) -> None:
         logging.getLogger("dino_recog").info("run.output_dir %s was last held by a run now gone (%s); taking over",
                                              output_dir, previous)  # fmt: skip
     logging.getLogger("dino_recog").info("resolved config:\n%s", C.dump(cfg))
-    if dist.is_main_process():
-        C.save(cfg, Path(output_dir) / "config.yaml")
-    dist.seed_everything(cfg.run.seed)
+    dist.seed_everything(cfg.run.seed)  # config.yaml is written by TrainingRun.resume, once the run is known to start
 
 
 def _check_writable(output_dir: Path) -> None:

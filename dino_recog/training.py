@@ -18,6 +18,7 @@ import torch.nn as nn
 from . import checkpoint as ckpt
 from . import config as C
 from . import distributed as dist
+from .config.diff import changed_keys, format_changes, unsafe_changes
 from .engine import LoopOptions, NonFiniteLossError, train_one_epoch
 from .runlog import RunLog, fmt_metrics
 
@@ -62,16 +63,22 @@ class TrainingRun:
         required = [name for name, m in parts.items() if not isinstance(m, nn.ModuleDict)]  # a loss state may be empty
         found = ckpt.find_resume(self.cfg.run.resume, self.out, (*required, "optimizer", "epoch"))
         if found is None:
+            self._save_config()
             return None
         path, state = found
-        for name, module in parts.items():
-            if isinstance(module, nn.ModuleDict):
-                for key, sd in state.get(name, {}).items():
-                    if key not in module:
-                        raise ckpt.CheckpointError(f"{path}: has a {key} loss, which the config does not switch on")
-                    ckpt.check_state_dict(module[key], sd, path, f"{key} loss")
-            else:
-                ckpt.check_state_dict(module, state[name], path, "model" if name == "state_dict" else name)
+        changes = changed_keys(state.get("config"), C.to_dict(self.cfg))
+        try:  # the architecture first: its error lists each mismatched tensor, then the keys behind them
+            self._check_parts(parts, state, path)
+        except ckpt.CheckpointError as e:
+            raise ckpt.CheckpointError(f"{e}\nconfig keys changed since that checkpoint: {format_changes(changes)}"
+                                       if changes else str(e)) from None  # fmt: skip
+        unsafe = unsafe_changes(changes)
+        if unsafe and self.cfg.run.resume_changed != "allow":
+            raise ckpt.CheckpointError(
+                f"{path}: the config changed since this checkpoint in keys that change the schedule or the data order: "
+                f"{format_changes(changes, unsafe)}; resume with the checkpoint's values, start another "
+                "run.output_dir, or set run.resume_changed=allow to continue anyway"
+            )
         for name, opt in self.optimizers.items():
             if state.get(name):
                 opt.load_state_dict(state[name])
@@ -81,7 +88,25 @@ class TrainingRun:
         self.nonfinite = int(state.get("nonfinite_steps", 0))  # the skip budget is one for the whole run
         self.last_saved = path
         log.info("resumed from %s at epoch %d, step %d", path, self.start_epoch, self.start_step)
+        if changes:
+            log.warning("resumed with a changed config: %s", format_changes(changes))
+        self._save_config()
         return state
+
+    @staticmethod
+    def _check_parts(parts: Mapping[str, nn.Module], state: dict, path: Path) -> None:
+        for name, module in parts.items():
+            if isinstance(module, nn.ModuleDict):
+                for key, sd in state.get(name, {}).items():
+                    if key not in module:
+                        raise ckpt.CheckpointError(f"{path}: has a {key} loss, which the config does not switch on")
+                    ckpt.check_state_dict(module[key], sd, path, f"{key} loss")
+            else:
+                ckpt.check_state_dict(module, state[name], path, "model" if name == "state_dict" else name)
+
+    def _save_config(self) -> None:
+        """OUTPUT/config.yaml, once the run is known to start: a refused start leaves the run's file as it was."""
+        dist.run_on_main(lambda: C.save(self.cfg, self.out / "config.yaml"))
 
     # --- save --------------------------------------------------------------------------------------------------------
     def save(self, epochs_done: int, step_in_epoch: int = 0) -> Path:

@@ -123,8 +123,9 @@ def test_dino_as_an_auxiliary_loss(small_demo, tmp_path):
         assert torch.equal(aux["model." + k], v), k
     moved = [k for k, v in backbone.items() if not torch.equal(aux["teacher_model." + k], v)]
     assert moved  # the teacher is an EMA copy, not the backbone itself
-    # resume: one more epoch from the saved auxiliary state
-    train_recog.main(cfg(small_demo, tmp_path / "aux", *extra[1:], "train.epochs=2"))
+    # resume: one more epoch from the saved auxiliary state (a longer schedule than the stored one: allowed, and said)
+    train_recog.main(cfg(small_demo, tmp_path / "aux", *extra[1:], "train.epochs=2", "run.resume_changed=allow"))
+    assert "resumed with a changed config: train.epochs 1 -> 2" in (tmp_path / "aux" / "log.txt").read_text()
     state = ckpt.load_checkpoint(tmp_path / "aux" / "checkpoint_0002.pth")
     assert int(state["losses"]["dino"]["step"]) == 2 * steps
 

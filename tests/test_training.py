@@ -70,7 +70,7 @@ def test_resume_refuses_loss_state_the_config_does_not_switch_on(tmp_path):
     reid_run(tmp_path).save(1)
     with pytest.raises(ckpt.CheckpointError, match=r"checkpoint_0001.pth: has a cosface loss, which the config does "
                        r"not switch on"):  # fmt: skip
-        reid_run(tmp_path, "loss.cosface_weight=0").resume()
+        reid_run(tmp_path, "loss.cosface_weight=0", "run.resume_changed=allow").resume()
 
 
 def test_dino_checkpoint_keys_are_the_parts(tmp_path):
@@ -82,3 +82,28 @@ def test_dino_checkpoint_keys_are_the_parts(tmp_path):
     state = ckpt.load_checkpoint(run.save(1))
     assert {"student", "teacher", "dino_loss", "optimizer", "scaler"} <= set(state)
     assert set(state["teacher"]) == set(task.teacher.state_dict())
+
+
+def test_resume_refuses_a_config_that_changes_the_schedule_and_names_the_keys(tmp_path):
+    """A mid-epoch checkpoint resumed with another batch size used to train 0 steps and rewrite the epoch's files."""
+    run = reid_run(tmp_path)
+    path = run.save(1, 3)
+    (tmp_path / "config.yaml").write_text("the run's own config\n")
+    with pytest.raises(ckpt.CheckpointError) as refused:
+        reid_run(tmp_path, "data.num_instances=2", "train.lr=0.1", "data.num_workers=1", "eval.flip=false").resume()
+    assert str(refused.value) == (
+        f"{path}: the config changed since this checkpoint in keys that change the schedule or the data order: "
+        "data.num_instances 4 -> 2, train.lr 0.0004 -> 0.1; resume with the checkpoint's values, start another "
+        "run.output_dir, or set run.resume_changed=allow to continue anyway")  # fmt: skip
+    assert (tmp_path / "config.yaml").read_text() == "the run's own config\n"  # a refused start leaves it
+    # what only changes speed, logging or evaluation resumes; and with resume_changed=allow, anything
+    assert reid_run(tmp_path, "data.num_workers=1", "eval.flip=false", "run.log_every=7").resume() is not None
+    assert reid_run(tmp_path, "train.lr=0.1", "run.resume_changed=allow").resume() is not None
+    assert C.load(tmp_path / "config.yaml", [], cls=C.RecogConfig).train.lr == 0.1  # written once it started
+
+
+def test_resume_with_another_architecture_also_names_the_changed_keys(tmp_path):
+    reid_run(tmp_path).save(1)
+    with pytest.raises(ckpt.CheckpointError, match=r"(?s)mismatch.*\nconfig keys changed since that checkpoint: "
+                                                   r"model.depth 1 -> 2"):  # fmt: skip
+        reid_run(tmp_path, "model.depth=2").resume()

@@ -116,6 +116,9 @@ class RunConfig:
     output_dir: str = declare("output/dino", _OUTPUT_DIR)
     seed: int = declare(0, _SEED)  # base random seed, in [0, 2**32 - 1]; rank r uses seed + r for augmentation
     resume: str = "auto"  # auto: newest checkpoint in output_dir if any; "": start fresh; else a checkpoint path
+    # a resume whose config changed a key that moves the schedule or the data order (batch size, epochs, lr, seed,
+    # data sets, ...; config/diff.py): refuse, or allow (and log what changed)
+    resume_changed: str = choice("refuse", "allow")
     device: str = choice("auto", "cuda", "cpu")  # auto: cuda when available, else cpu; or cuda / cpu
     # bf16 (when the device supports it), fp16 (with a gradient scaler) or fp32
     amp: str = choice("bf16", "fp16", "fp32")
