@@ -59,8 +59,8 @@ def build_data(cfg: C.DinoConfig) -> tuple[DataLoader, SeededBatches]:
     batches = SeededBatches(BatchSampler(sampler, cfg.data.batch_size_per_gpu, drop_last=True), cfg.run.seed,
                             dist.get_rank())  # fmt: skip
     loader = DataLoader(
-        dataset, batch_sampler=batches, num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
-        collate_fn=ds.collate_skip_none, generator=torch.Generator(),
+        dataset, batch_sampler=batches, num_workers=dist.loader_workers(cfg.data.num_workers),
+        pin_memory=torch.cuda.is_available(), collate_fn=ds.collate_skip_none, generator=torch.Generator(),
     )  # fmt: skip
     return loader, batches
 

@@ -48,7 +48,7 @@ def build_data(cfg: C.RecogConfig) -> tuple[DataLoader, SeededBatches, int, tupl
                         dist.get_rank(), dist.get_world_size(), cfg.run.seed)  # fmt: skip
     # Batches that can start mid-epoch, each sample with its own augmentation seed (exact mid-epoch resume).
     batches = SeededBatches(sampler, cfg.run.seed, dist.get_rank())
-    loader = DataLoader(train_set, batch_sampler=batches, num_workers=cfg.data.num_workers,
+    loader = DataLoader(train_set, batch_sampler=batches, num_workers=dist.loader_workers(cfg.data.num_workers),
                         pin_memory=torch.cuda.is_available(), collate_fn=ds.collate_skip_none,
                         generator=torch.Generator())  # fmt: skip
     _, query, gallery = query_gallery(cfg.data.test, a.size, a.mean, a.std)

@@ -28,6 +28,7 @@ __all__ = [
     "get_rank",
     "get_world_size",
     "get_local_rank",
+    "loader_workers",
     "is_main_process",
     "barrier",
     "all_reduce_mean",
@@ -379,3 +380,18 @@ def setup_logging(output_dir: str | None = None, level: int = logging.INFO) -> N
         fh = logging.FileHandler(os.path.join(output_dir, "log.txt"))
         fh.setFormatter(fmt)
         root.addHandler(fh)
+
+
+_capped: set[int] = set()
+
+
+def loader_workers(requested: int) -> int:
+    """DataLoader workers for this process: `requested`, at most this process's share of the CPUs it may run on
+    (the official default of 10 on a 2-core laptop only adds processes that wait for each other and a warning from
+    torch). The images and their augmentation do not depend on the number of workers, so neither does the result."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    share = max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    if requested > share and requested not in _capped:
+        _capped.add(requested)
+        log.info("data.num_workers %d capped at %d: this process's share of the %d CPUs", requested, share, cpus)
+    return min(requested, share)

@@ -60,7 +60,7 @@ def extract_features(
         device = next(model.parameters()).device
     n, rank, world = len(dataset), dist.get_rank(), dist.get_world_size()
     shard = Subset(dataset, range(rank * n // world, (rank + 1) * n // world))
-    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=dist.loader_workers(num_workers), shuffle=False)
     was_training = model.training
     model.eval()
     feats, pids, camids = [], [], []

@@ -113,3 +113,14 @@ def test_single_process_without_process_group():
     with D.session("cpu") as dev:
         assert dev == torch.device("cpu")
     assert not D.is_initialized()
+
+
+def test_loader_workers_are_capped_at_the_process_share_of_the_cpus(monkeypatch, caplog):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with caplog.at_level("INFO", logger="dino_recog.distributed"):
+        assert D.loader_workers(10) == 2  # the official default, on 4 CPUs shared by 2 processes
+    assert "data.num_workers 10 capped at 2: this process's share of the 4 CPUs" in caplog.text
+    assert D.loader_workers(1) == 1 and D.loader_workers(0) == 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert D.loader_workers(4) == 1  # more processes than CPUs: one worker each, not none

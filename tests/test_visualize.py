@@ -303,3 +303,12 @@ def test_curves_of_two_runs(tmp_path):
     assert Image.open(tmp_path / "one.png").size == (round(w * DPI), round(h * DPI))
     main(["curves", str(tmp_path / "recog"), "--out", str(out)])  # loss, rank-1, mAP: one row
     assert Image.open(out).size == (round(3 * w * DPI), round(h * DPI))
+
+
+def test_attention_help_says_the_mask_row_is_drawn_only_when_asked(capsys):
+    from dino_recog.visualize import main
+
+    with pytest.raises(SystemExit):
+        main(["attention", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(DINO's figures use 0.6; default: no mask row)" in help_text

@@ -42,7 +42,9 @@ def _attention(argv: list[str]) -> None:
     p.add_argument("--checkpoint", required=True, help="stage-1 checkpoint or export, stage-2 model, DINO or timm ViT")
     p.add_argument("--images", nargs="+", required=True, help="image files")
     p.add_argument("--out", required=True, help="folder: one PNG per image and attention.png with all of them")
-    p.add_argument("--threshold", type=float, help="also mask the patches holding this fraction of the mass (0.6)")
+    p.add_argument("--threshold", type=float, metavar="FRACTION",
+                   help="also draw a row masking the patches that hold this fraction of the attention mass "
+                        "(DINO's figures use 0.6; default: no mask row)")  # fmt: skip
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the training size)")
     p.add_argument("--key", default="teacher", help="network of a student/teacher checkpoint (default: teacher)")
     p.add_argument("--num-heads", type=int, default=0, help="heads of the ViT, where the file cannot tell")
