@@ -18,6 +18,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from . import distributed as dist
+from .data.datasets import CorruptImageError
 from .optim import set_schedule
 from .runlog import RunLog
 
@@ -154,7 +155,10 @@ def train_one_epoch(
     stats = {k: dist.all_reduce_mean(v / max(n, 1)).item() for k, v in sums.items()}
     stats.setdefault("loss", 0.0)
     stats.update(task.epoch_stats())
-    skipped = int(dist.all_reduce_sum(torch.tensor([skipped], device=device)).item())
+    skipped, steps = (int(v) for v in dist.all_reduce_sum(torch.tensor([skipped, n], device=device)).tolist())
+    if skipped and not steps:  # not an epoch "done" with loss 0: there was nothing to train on
+        raise CorruptImageError(f"epoch {epoch}: no training image could be decoded ({skipped} skipped, each named in "
+                                "a warning above); check the files of data.train")  # fmt: skip
     if skipped:
         log.warning("epoch %d: skipped %d undecodable training images (see the warnings above)", epoch, skipped)
     stats.update(skipped_images=skipped, nonfinite_steps=nonfinite,

@@ -417,6 +417,17 @@ def write_hostile_images(folder: Path) -> tuple[list[Path], list[Path]]:
     return [folder / n for n in odd], [folder / n for n in [*broken, "huge.png"]]
 
 
+def test_training_on_images_none_of_which_decodes_stops_instead_of_finishing_with_loss_0(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(16):  # two batches of 8, every file text named .jpg
+        (folder / f"{i:02d}.jpg").write_text("not an image")
+    with pytest.raises(ds.CorruptImageError, match=r"^epoch 0: no training image could be decoded \(16 skipped, "
+                                                   r"each named in a warning above\); check the files of data.train$"):
+        train_dino.main(dino_cfg(folder, tmp_path / "run", "train.epochs=1"))
+    assert not ckpt.list_checkpoints(tmp_path / "run")  # no "finished" epoch written
+
+
 def test_training_skips_and_counts_broken_images_and_reads_odd_ones(small_demo, tmp_path):
     folder = tmp_path / "images"
     odd, broken = write_hostile_images(folder)
