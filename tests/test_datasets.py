@@ -276,9 +276,16 @@ def test_lmdb_key_cache_and_keys_file(tmp_path: Path, monkeypatch: pytest.Monkey
     clone = pickle.Unpickler(io.BytesIO(pickle.dumps(reader))).load()
     assert clone[1] == images["01_02_0003_00000000"]
 
-    (tmp_path / "stale.txt").write_text("01_02_0003_00000009\n")
-    with pytest.raises(KeyError, match="01_02_0003_00000009"):
-        LMDBImages(tmp_path / "lup", keys_file=tmp_path / "stale.txt")[0]
+    # a stale key list fails when it is read, with the missing keys counted and named (it was a KeyError mid-epoch)
+    (tmp_path / "stale.txt").write_text("01_02_0003_00000009\n01_02_0003_00000001\n01_02_0003_00000008\n")
+    with pytest.raises(DatasetLayoutError, match=rf"^LMDB {tmp_path / 'lup'}: 2 of the 3 keys of {tmp_path}/stale.txt "
+                       r"are not in it \(e.g. '01_02_0003_00000009', '01_02_0003_00000008'\); delete a stale cache"):
+        LMDBImages(tmp_path / "lup", keys_file=tmp_path / "stale.txt")
+    (tmp_path / "not_lmdb").mkdir()
+    (tmp_path / "not_lmdb" / "data.mdb").write_text("a text file, not an LMDB")
+    with pytest.raises(DatasetLayoutError, match=rf"^{tmp_path / 'not_lmdb'}: not an LMDB \(.*\); expected an LMDB "
+                       "folder holding data.mdb"):
+        LMDBImages(tmp_path / "not_lmdb")
     with pytest.raises(DatasetLayoutError, match="missing LMDB data file .*absent"):
         LMDBImages(tmp_path / "absent")
     with pytest.raises(DatasetLayoutError, match="missing LMDB data file .*home"):

@@ -110,7 +110,11 @@ def read_image(source: str | os.PathLike | bytes, name: str | None = None) -> Im
 def _open_lmdb(path: str) -> lmdb.Environment:
     # lock=False: read-only readers need no lock file (the folder may be read-only); readahead=False: random access
     # over millions of small values would otherwise thrash the page cache.
-    return lmdb.open(path, subdir=os.path.isdir(path), readonly=True, lock=False, readahead=False, meminit=False)
+    try:
+        return lmdb.open(path, subdir=os.path.isdir(path), readonly=True, lock=False, readahead=False, meminit=False)
+    except lmdb.Error as e:
+        raise DatasetLayoutError(f"{path}: not an LMDB ({type(e).__name__}: {e}); expected an LMDB folder holding "
+                                 "data.mdb (as LUPerson's convert_lmdb.py writes it)") from None  # fmt: skip
 
 
 # One environment per LMDB per process: py-lmdb refuses to open the same files twice in a process, so every
@@ -170,6 +174,25 @@ class LMDBImages:
             self.keys = self._cached_keys(os.path.getmtime(data_file))
         if not self.keys:
             raise DatasetLayoutError(f"LMDB {self.path} has no image keys")
+        self._check_keys(keys_file)
+
+    def _check_keys(self, keys_file: str | os.PathLike | None) -> None:
+        """A key list that does not match the LMDB (a stale cache, a keys file of another copy) fails here, with the
+        missing keys counted and named, not as a KeyError hours into an epoch. The entry count and a sample of 1,000
+        keys are checked; only when they disagree is every key looked up."""
+        with _shared_env(self.path).begin() as txn:
+            entries = txn.stat()["entries"]
+            sample = self.keys[:: max(1, len(self.keys) // 1000)]
+            if len(self.keys) <= entries and all(txn.get(k.encode("utf-8")) is not None for k in sample):
+                return
+            missing = [k for k in self.keys if txn.get(k.encode("utf-8")) is None]
+        if missing:
+            source = keys_file or "its cached key list (keys.txt beside it or in ~/.cache/dino_recog/lmdb_keys)"
+            raise DatasetLayoutError(
+                f"LMDB {self.path}: {len(missing)} of the {len(self.keys)} keys of {source} are not in it (e.g. "
+                f"{', '.join(map(repr, missing[:3]))}); delete a stale cache to list the keys again, or give the "
+                "keys file of this LMDB"
+            )
 
     def _cached_keys(self, data_mtime: float) -> list[str]:
         local = os.path.join(self.path, "keys.txt") if os.path.isdir(self.path) else self.path + ".keys.txt"
