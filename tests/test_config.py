@@ -368,3 +368,11 @@ def test_a_yaml_alias_bomb_gives_a_short_error(tmp_path):
         == f"{path}: train.milestones[0]: expected int, got ['x', 'x', 'x', 'x', 'x', 'x', 'x', 'x'] (list)"
     )
     assert len(str(e.value)) < 300
+
+
+def test_the_same_training_set_listed_twice_is_refused(tmp_path):
+    twice = f"data.train=[{{name: market1501, root: {tmp_path}/m}}, {{name: msmt17, root: /x}}, " \
+            f"{{name: market1501, root: {tmp_path}/m/}}]"  # fmt: skip
+    with pytest.raises(C.ConfigError, match=rf"data.train\[2\]: {tmp_path}/m/ is also data.train\[0\]; expected each "
+                                            "training set once"):  # fmt: skip
+        C.load(None, [twice], cls=C.RecogConfig)

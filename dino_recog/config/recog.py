@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 
 from .common import (
@@ -55,8 +56,15 @@ class RecogDataConfig:
     test_batch_size: int = positive(256)  # images per process at feature extraction
 
     def validate(self, path: str) -> None:
+        seen: dict[str, int] = {}
         for i, spec in enumerate(self.train):
             check(f"{path}.train[{i}].name", spec.name, one_of(*DATASETS_LABELED))
+            # the same folder twice would count each identity twice, as two people
+            where = os.path.normpath(os.path.abspath(spec.root))
+            if where in seen:
+                raise ConfigError(f"{path}.train[{i}]: {spec.root} is also {path}.train[{seen[where]}]; expected "
+                                  "each training set once")  # fmt: skip
+            seen[where] = i
         check(path + ".test.name", self.test.name, one_of(*DATASETS_LABELED))
 
 
