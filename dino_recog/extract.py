@@ -157,8 +157,14 @@ class FeatureExtractor:
             raise ValueError(f"image_size {list(self.image_size)}: expected (height, width) in pixels")
         self.transform = reid_test_transform(self.image_size, self.mean, self.std)
         self.batch_size, self.flip, self.num_workers = batch_size, flip, num_workers
-        with torch.no_grad():  # one forward now: the feature size, and a wrong image size fails here, not later
-            self.dim = int(self.model(torch.zeros(1, 3, *self.image_size, device=self.device)).shape[1])
+        try:  # one forward now: the feature size, and a wrong image size fails here, not later
+            with torch.no_grad():
+                self.dim = int(self.model(torch.zeros(1, 3, *self.image_size, device=self.device)).shape[1])
+        except (AssertionError, RuntimeError) as e:  # timm asserts on the patch grid, a conv on a too-small input
+            trained = list(prep["img_size"])
+            raise ValueError(f"image_size {list(self.image_size)}: the model cannot take it ({str(e).strip()[:160]}); "
+                             f"it was trained at {trained}: use that, or sides that are multiples of its patch "
+                             "size") from None  # fmt: skip
 
     def __repr__(self) -> str:
         return (f"FeatureExtractor({type(self.model).__name__}, dim={self.dim}, image_size={self.image_size}, "

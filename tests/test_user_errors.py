@@ -106,3 +106,16 @@ def test_feature_extractor_refuses_a_nan_mean_or_a_zero_std(tmp_path):
         FeatureExtractor(tmp_path / "w.pth", "cpu", mean=(float("nan"), 0, 0), **kw)
     with pytest.raises(ValueError, match=r"^std \[0.2, 0.0, 0.2\]: expected 3 finite values > 0 \(RGB\)$"):
         FeatureExtractor(tmp_path / "w.pth", "cpu", std=(0.2, 0, 0.2), **kw)
+
+
+def test_feature_extractor_at_a_size_the_model_cannot_take_names_the_size_it_was_trained_at(tmp_path):
+    from dino_recog import FeatureExtractor
+    from dino_recog.models import build_backbone
+
+    torch = pytest.importorskip("torch")
+    net = build_backbone("vit_small", img_size=(32, 16), patch_size=8, depth=1, embed_dim=32, num_heads=2)[0]
+    torch.save(net.state_dict(), tmp_path / "w.pth")
+    kw = dict(backbone=dict(name="vit_small", img_size=(32, 16), patch_size=8, depth=1, embed_dim=32, num_heads=2))
+    with pytest.raises(ValueError, match=r"^image_size \[30, 17\]: the model cannot take it \(.*\); it was trained at "
+                                         r"\[32, 16\]: use that, or sides that are multiples of its patch size$"):
+        FeatureExtractor(tmp_path / "w.pth", "cpu", image_size=(30, 17), **kw)
