@@ -61,8 +61,8 @@ bench/.venv-ref/.installed: bench/ref_env.sh
 	PYTHON=$(PYTHON) bash bench/ref_env.sh
 	touch $@
 
-# Every test (CI runs this). test-fast, for the edit loop, leaves out those marked slow: the learning tests and the
-# multi-process, kill and restart runs.
+# Every test (CI runs this). test-fast, for the edit loop, leaves out those marked slow: the learning tests, the
+# multi-process, kill and restart runs, the commands run in a fresh interpreter and torch.compile.
 test: $(VENV)/.installed-dev bench/.venv-ref/.installed
 	$(PY) -m pytest -q --durations=10
 

@@ -39,6 +39,7 @@ def demo_sets(small_demo, size=(32, 16)):
     return ds.ImageDataset(data.query, tf, train=False), ds.ImageDataset(data.gallery, tf, train=False)
 
 
+@pytest.mark.slow  # a fresh interpreter (about 9 s of start-up on 2 cores)
 def test_eval_reid_on_a_stage2_model(small_demo, tmp_path, run_script):
     torch.manual_seed(0)
     spec = dict(
@@ -85,6 +86,7 @@ def test_eval_reid_on_a_stage2_model(small_demo, tmp_path, run_script):
     assert top["mAP"] == pytest.approx(cut["mAP"], abs=1e-9) and top["mAP"] <= result["mAP"]
 
 
+@pytest.mark.slow  # a fresh interpreter (about 9 s of start-up on 2 cores)
 def test_eval_knn_on_a_backbone_export(small_demo, tmp_path):
     torch.manual_seed(0)
     backbone = build_backbone("vit_small", img_size=(32, 16), patch_size=8, depth=2, embed_dim=32, num_heads=2)[0]
@@ -104,6 +106,7 @@ def test_eval_knn_on_a_backbone_export(small_demo, tmp_path):
         assert result[f"k{k}_top5"] >= result[f"k{k}_top1"]
 
 
+@pytest.mark.slow  # a fresh interpreter (about 9 s of start-up on 2 cores)
 def test_eval_reid_flags_are_overrides_validated_with_the_rest(tmp_path):
     import eval_reid
 

@@ -192,6 +192,7 @@ def image_folder(root):
     return root
 
 
+@pytest.mark.slow  # a fresh interpreter (about 9 s of start-up on 2 cores)
 def test_cli_writes_features_and_file_list(model_path, tmp_path, capsys):
     root = image_folder(tmp_path / "imgs")
     out = tmp_path / "out" / "feats.npy"

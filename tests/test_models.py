@@ -151,6 +151,7 @@ def test_speed_options_switch_what_they_name():
     assert (g - ref).norm() / ref.norm() < 1e-3  # summation order differs between the layouts
 
 
+@pytest.mark.slow  # torch.compile: seconds of tracing
 def test_compiled_backbone_keeps_names_and_outputs():
     from dino_recog.models import configure_speed
 

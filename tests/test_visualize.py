@@ -278,6 +278,7 @@ def write_log(run_dir, records):
     (run_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+@pytest.mark.slow  # a fresh interpreter (about 9 s of start-up on 2 cores)
 def test_curves_of_two_runs(tmp_path):
     dino = [{"kind": "eval", "step": 0, "epoch": 0, "knn_top1": 0.1, "rank1": 0.05, "mAP": 0.04}]
     dino += [{"kind": "train", "step": s, "epoch": s // 10, "loss": 5.0, "lr": 1e-4 * s} for s in range(0, 30, 5)]
