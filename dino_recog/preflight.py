@@ -57,7 +57,7 @@ def _missing_path(cfg) -> str | None:
     resume = cfg.run.resume if cfg.run.resume not in ("auto", "") else ""
     if resume and not Path(resume).is_file():
         return f"run.resume: {resume} not found; expected a checkpoint file, auto (the newest in run.output_dir) or ''"
-    pretrained = getattr(getattr(cfg.model, "pretrained", None), "strip", lambda: "")()
+    pretrained = getattr(cfg.model, "pretrained", "")  # stage 2 only
     if pretrained and not Path(pretrained).is_file():  # the words of dino_recog.tasks.reid.build_model
         return (
             f"model.pretrained: {pretrained} not found; run stage 1 first (train_dino.py exports "

@@ -33,8 +33,6 @@ def user_errors() -> Iterator[None]:
 
 
 def _is_user_error(e: Exception) -> bool:
-    if isinstance(e, RuntimeError) and type(e).__name__ != "RunLockedError":
-        return False
     if isinstance(e, OSError):
         return isinstance(e, _OS_ERRORS) or e.errno == errno.ENOSPC
     # Imported here, when one was raised: `report` never loads torch.
