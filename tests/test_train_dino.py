@@ -79,19 +79,34 @@ def test_bad_config_stops_before_any_work(tmp_path):
     assert "unknown key train.epoch; did you mean train.epochs?" in r.stderr
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(1800)  # about 2.5 minutes on 2 idle cores, with the demo set's generation; 5 min when shared
-def test_dino_teacher_learns_on_the_demo_data(demo_set, tmp_path):
-    """About 3 minutes on 2 CPU cores: the demo preset for 12 epochs, teacher against its random initialisation."""
-    cfg = C.load(ROOT / "configs/demo/dino.yaml", [
+def learn_on_the_demo_data(preset: str, demo_set: Path, out: Path, *extra: str) -> tuple[dict, dict, C.DinoConfig]:
+    """The demo preset `preset` shortened to 4 epochs with 2 local crops, evaluated before and after: the teacher
+    against its random initialisation, whose LayerScale of 1e-5 starts every image at nearly the same CLS feature
+    (scores near chance, where colour statistics of a random network would otherwise give rank-1 near 8%)."""
+    cfg = C.load(ROOT / "configs/demo" / preset, [
         f"data.train={{name: demo, root: {demo_set}}}", f"data.eval_set={{name: demo, root: {demo_set}}}",
-        f"run.output_dir={tmp_path}", "train.epochs=12", "eval.eval_every=12", "run.log_every=100",
+        f"run.output_dir={out}", "model.layerscale=1e-5", "train.epochs=4", "train.warmup_epochs=1",
+        "crops.local_crops_number=2", "eval.eval_every=4", "run.log_every=100", *extra,
     ], cls=C.DinoConfig)  # fmt: skip
     train_dino.main(cfg)
-    start, end = read_jsonl(tmp_path / "log.jsonl", "eval")
-    assert start["epoch"] == 0 and end["epoch"] == 12
-    assert end["rank1"] > start["rank1"] + 0.03, (start, end)
-    assert end["mAP"] > 1.4 * start["mAP"], (start, end)
+    start, end = read_jsonl(out / "log.jsonl", "eval")
+    assert start["epoch"] == 0 and end["epoch"] == 4
+    # Every threshold holds on run.seed 0 and 1 with a margin (the measurements are in each test's docstring).
+    assert end["knn_top1"] > start["knn_top1"] + 0.04, (start, end)
+    assert end["mAP"] > 1.6 * start["mAP"], (start, end)
+    assert end["rank1"] > start["rank1"], (start, end)
+    return start, end, cfg
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # about 45 s on 2 idle cores; several times that when other jobs share them
+def test_dino_teacher_learns_on_the_demo_data(demo_set, tmp_path):
+    """DINO v1 (configs/demo/dino.yaml), 4 epochs with 2 local crops from LayerScale 1e-5.
+
+    Measured on 2026-12-02 (run.seed 0 / 1): kNN top-1 1.2 -> 10.1 / 1.2 -> 7.3%, mAP 1.2 -> 3.2 / 1.4 -> 2.8%,
+    rank-1 0 -> 5.2 / 1.2 -> 1.6%. Before, this test ran the preset for 12 epochs from LayerScale 0 (3 minutes):
+    rank-1 8.1 -> 11.3% on seed 0 but 7.3 -> 4.4% on seed 1, a gain over random features too small to tell apart."""
+    learn_on_the_demo_data("dino.yaml", demo_set, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -134,23 +149,11 @@ def test_dinov2_resume_gives_the_same_weights_and_ibot_centre(small_demo, tmp_pa
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # about 50 s on 2 idle cores; several times that when other jobs share them
 def test_dinov2_teacher_learns_on_the_demo_data(demo_set, tmp_path):
-    """The DINOv2 demo preset, shortened to 4 epochs with 2 local crops (about 50 s on 2 idle CPU cores): the
-    teacher against its random initialisation, whose LayerScale of 1e-5 starts every image at nearly the same CLS
-    feature (scores near chance).
+    """DINOv2 (configs/demo/dinov2.yaml, whose LayerScale is 1e-5 already), 4 epochs with 2 local crops.
 
     Measured on 2026-12-02 (run.seed 0 / 1): kNN top-1 1.2 -> 10.1 / 1.2 -> 8.5%, mAP 1.2 -> 4.1 / 1.4 -> 3.3%,
     rank-1 0 -> 5.6 / 1.2 -> 2.0%; the full preset (16 epochs, 4 local crops) is what `make demo` runs."""
-    cfg = C.load(ROOT / "configs/demo/dinov2.yaml", [
-        f"data.train={{name: demo, root: {demo_set}}}", f"data.eval_set={{name: demo, root: {demo_set}}}",
-        f"run.output_dir={tmp_path}", "train.epochs=4", "train.warmup_epochs=1", "crops.local_crops_number=2",
-        "eval.eval_every=4", "run.log_every=100",
-    ], cls=C.DinoConfig)  # fmt: skip
-    train_dino.main(cfg)
-    start, end = read_jsonl(tmp_path / "log.jsonl", "eval")
-    assert start["epoch"] == 0 and end["epoch"] == 4
-    assert end["knn_top1"] > start["knn_top1"] + 0.04, (start, end)
-    assert end["mAP"] > 1.6 * start["mAP"], (start, end)
-    assert end["rank1"] > start["rank1"], (start, end)
+    _, _, cfg = learn_on_the_demo_data("dinov2.yaml", demo_set, tmp_path)
     first, last = read_jsonl(tmp_path / "log.jsonl", "epoch")[:: cfg.train.epochs - 1]
     assert {"dino", "ibot", "koleo"} <= set(last)
     assert last["koleo"] < first["koleo"] - 5  # the CLS features spread out over the sphere
