@@ -63,11 +63,15 @@ bench/.venv-ref/.installed: bench/ref_env.sh
 
 # Every test (CI runs this). test-fast, for the edit loop, leaves out those marked slow: the learning tests, the
 # multi-process, kill and restart runs, the commands run in a fresh interpreter and torch.compile.
+# TEST_WORKERS pytest processes (pytest-xdist) share the tests: much of the suite waits on fresh interpreters' start-up
+# (torchrun and its workers), which a second process overlaps with another test's computation, so 2 is faster than
+# 1 even on 2 cores. TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed-dev bench/.venv-ref/.installed
-	$(PY) -m pytest -q --durations=10
+	$(PY) -m pytest -q --durations=10 -n $(TEST_WORKERS)
 
 test-fast: $(VENV)/.installed-dev bench/.venv-ref/.installed
-	$(PY) -m pytest -q --durations=10 -m "not slow"
+	$(PY) -m pytest -q --durations=10 -n $(TEST_WORKERS) -m "not slow"
 
 lint: $(VENV)/.installed-dev
 	$(PY) -m ruff check .

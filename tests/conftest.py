@@ -14,7 +14,9 @@ import os
 # thread). The number of threads, hence every result, stays what it was.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import fcntl  # noqa: E402
 import runpy  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -101,18 +103,42 @@ def run_script(monkeypatch):
 
 def pytest_collection_modifyitems(items):
     """Tests marked slow run for minutes where other jobs share the cores: they get a hang guard of 15 minutes instead
-    of the default 5 (pyproject.toml), unless they set their own."""
+    of the default 5 (pyproject.toml), unless they set their own.
+
+    The longest tests go first, so that with `pytest -n 2` (make test) no worker is left running a minute-long test
+    after the other one has finished: the learning runs on the full demo set, then the rest marked slow, then the
+    others, each group in the order of collection."""
     for item in items:
         if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(900))
+    items.sort(key=lambda item: (not item.get_closest_marker("slow"), "demo_set" not in item.fixturenames))
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """The folder `name` filled by `build(folder)` once per test session, also when pytest-xdist splits the session
+    over several worker processes: the first worker that asks builds it under a lock in the folder the workers share,
+    the others wait for it and reuse it. A build that fails leaves no mark of completion, so the next one retries."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        out = tmp_path_factory.mktemp(name)
+        build(out)
+        return out
+    shared = tmp_path_factory.getbasetemp().parent  # pytest-N/, the parent of every worker's popen-gwK/
+    out, done = shared / name, shared / f"{name}.done"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed, also if this worker dies
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            build(out)
+            done.touch()
+    return out
 
 
 @pytest.fixture(scope="session")
 def small_demo(tmp_path_factory):
     """A small demo set (Market-1501 layout + unlabeled pool), generated once per test session."""
-    root = tmp_path_factory.mktemp("demo")
-    generate(root, seed=3, train_ids=30, test_ids=15, unlabeled_ids=16, distractors=4, junk=2)
-    return root
+    return built_once(tmp_path_factory, "demo", lambda root: generate(
+        root, seed=3, train_ids=30, test_ids=15, unlabeled_ids=16, distractors=4, junk=2))  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -120,7 +146,7 @@ def demo_set(tmp_path_factory):
     """The full default demo set (about 5,000 images, ~10 s to generate), once per test session."""
     from dino_recog.data.demo import ensure_demo
 
-    return ensure_demo(tmp_path_factory.mktemp("full") / "demo")
+    return built_once(tmp_path_factory, "full", lambda root: ensure_demo(root / "demo")) / "demo"
 
 
 @pytest.fixture(scope="session")
@@ -128,9 +154,9 @@ def dino_single(small_demo, tmp_path_factory) -> Path:
     """The tiny stage 1 in this process, uninterrupted: 2 epochs of 12 steps, a checkpoint every 5 steps, all kept."""
     import train_dino
 
-    out = tmp_path_factory.mktemp("dino_single")
-    train_dino.main(dino_cfg(small_demo / "lup" / "images", out, "run.save_every_steps=5", "run.keep_last=20"))
-    return out
+    args = ("run.save_every_steps=5", "run.keep_last=20")
+    return built_once(tmp_path_factory, "dino_single", lambda out: train_dino.main(
+        dino_cfg(small_demo / "lup" / "images", out, *args)))  # fmt: skip
 
 
 DINO_2PROC = ["run.save_every_steps=4", "run.keep_last=2"]  # 2 processes: 6 steps per epoch, 12 in all
@@ -139,7 +165,9 @@ DINO_2PROC = ["run.save_every_steps=4", "run.keep_last=2"]  # 2 processes: 6 ste
 @pytest.fixture(scope="session")
 def dino_2proc(small_demo, tmp_path_factory) -> Path:
     """The tiny stage 1 with 2 CPU processes through train.sh, uninterrupted (DINO_2PROC)."""
-    out = tmp_path_factory.mktemp("dino_2proc")
-    r = train_sh("cpu", 2, "train_dino.py", *dino_args(small_demo / "lup" / "images", out, *DINO_2PROC))
-    assert r.returncode == 0, r.stderr[-4000:]
-    return out
+
+    def build(out: Path) -> None:
+        r = train_sh("cpu", 2, "train_dino.py", *dino_args(small_demo / "lup" / "images", out, *DINO_2PROC))
+        assert r.returncode == 0, r.stderr[-4000:]
+
+    return built_once(tmp_path_factory, "dino_2proc", build)
