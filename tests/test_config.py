@@ -7,7 +7,7 @@ import yaml
 
 from dino_recog import cli
 from dino_recog import config as C
-from dino_recog.config import loader as L
+from dino_recog.config import constraints as L
 
 ROOT = Path(__file__).resolve().parents[1]
 

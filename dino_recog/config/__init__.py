@@ -4,7 +4,8 @@ Precedence: dataclass defaults -> YAML file -> command-line overrides. Every key
 an unknown key is an error that names its full path and the closest valid key, a wrong type names the key, the
 value and the expected type, and impossible values are refused here rather than hours into a run.
 
-- `loader`: the generic part (load, from_dict, save, dump, the declared constraints `positive(...)`, `choice(...)`);
+- `loader`: the generic part (load, from_dict, save, dump); `yaml_file`: reading the YAML file;
+- `constraints`: the value checks declared next to the fields (`positive(...)`, `choice(...)`) and `validate`;
 - `common`: what both stages share (DatasetSpec, RunConfig, architecture and data set names);
 - `dino`, `recog`: the two stages' schemas.
 """
@@ -25,6 +26,7 @@ from .common import (
     DatasetSpec,
     RunConfig,
 )
+from .constraints import ConfigError, validate
 from .dino import (
     DinoConfig,
     DinoDataConfig,
@@ -34,7 +36,7 @@ from .dino import (
     DinoTrainConfig,
     MultiCropConfig,
 )
-from .loader import ConfigError, dump, from_dict, save, to_dict, validate
+from .loader import dump, from_dict, save, to_dict
 from .recog import (
     RecogConfig,
     RecogDataConfig,

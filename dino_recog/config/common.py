@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .loader import (
+from .constraints import (
     NON_NEGATIVE,
     POSITIVE,
     ConfigError,

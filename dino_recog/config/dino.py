@@ -18,7 +18,7 @@ from .common import (
     norm_mean,
     norm_std,
 )
-from .loader import (
+from .constraints import (
     ConfigError,
     Constraint,
     check,

@@ -1,272 +1,31 @@
 """The generic loader: a config dataclass filled from YAML, then from `key.sub=value` overrides, then validated.
 
 Nothing here knows a schema. Every key is checked against the dataclass: an unknown key is an error that names its
-full path and the closest valid key, a wrong type names the key, the value and the expected type. Value checks are
-declared next to the fields (`lr: float = positive(5e-4)`) and `validate` checks them for every field of the tree,
-sections in lists included; what involves several fields stays in a small `validate(self, path)` method of the
-dataclass that holds them, called after its fields passed. A file must be UTF-8 YAML text, and a key given twice in one
-of its mappings is an error (on the command line the last `key=value` of a key wins).
+full path and the closest valid key, a wrong type names the key, the value and the expected type. The value checks
+declared next to the fields run last (`constraints.validate`). The file is read by `yaml_file.read_yaml` (UTF-8, no key
+twice in one mapping); on the command line the last `key=value` of a key wins.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
-import math
 import os
 import reprlib
 import types
 import typing
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
 from ..atomic import atomic_write
+from .constraints import ConfigError, validate
+from .yaml_file import read_yaml
 
-__all__ = [
-    "NON_NEGATIVE",
-    "POSITIVE",
-    "ConfigError",
-    "Constraint",
-    "check",
-    "choice",
-    "declare",
-    "dump",
-    "each",
-    "finite",
-    "is_finite",
-    "from_dict",
-    "load",
-    "non_negative",
-    "one_of",
-    "positive",
-    "range_pair",
-    "save",
-    "to_dict",
-    "unit_interval",
-    "validate",
-]
+__all__ = ["ConfigError", "dump", "from_dict", "load", "save", "to_dict", "validate"]
 
 T = TypeVar("T")
-
-_CHECKS = "dino_recog.config.checks"  # the key of the declared constraints in a field's metadata
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the file and the key."""
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Declared constraints
-
-
-@dataclass(frozen=True)
-class Constraint:
-    """A condition on one value and what the error says when it fails.
-
-    `text` follows `key: `; `{value}` in it stands for the value as YAML would show it (strings quoted, tuples as
-    lists), e.g. "{value}; expected a value > 0". With `items`, each item of a tuple or list is checked and the
-    first that fails is shown.
-    """
-
-    ok: Callable[[Any], bool]
-    text: str
-    items: bool = False
-
-    def problem(self, value: Any) -> str | None:
-        """What is wrong with `value`, or None."""
-        for v in value if self.items else [value]:
-            if not self.ok(v):
-                return self.text.replace("{value}", repr(list(v) if isinstance(v, tuple) else v))
-        return None
-
-
-POSITIVE = Constraint(lambda v: v > 0, "{value}; expected a value > 0")
-NON_NEGATIVE = Constraint(lambda v: v >= 0, "{value}; expected a value >= 0")
-
-
-def is_finite(v: Any) -> bool:
-    """False for a float NaN or +-inf; ints (never infinite, and maybe too large for a float) pass."""
-    return not isinstance(v, float) or math.isfinite(v)
-
-
-def finite(expected: str = "") -> Constraint:
-    """Refuses NaN and +-inf, which `v > 0` and `v >= 0` let through (inf) or refuse saying the wrong thing (nan):
-    an infinite learning rate, temperature or weight trains on garbage. `expected` completes "a finite value"."""
-    return Constraint(is_finite, "{value}; expected a finite value" + (f" {expected}" if expected else ""))
-
-
-def each(inner: Constraint) -> Constraint:
-    """`inner` for every item of a tuple or list."""
-    return dataclasses.replace(inner, items=True)
-
-
-def one_of(*allowed: Any) -> Constraint:
-    return Constraint(lambda v: v in allowed, "{value} is not one of " + ", ".join(map(repr, allowed)))
-
-
-def check(key: str, value: Any, *constraints: Constraint) -> None:
-    """Raise a ConfigError `key: problem` for the first of `constraints` that `value` fails (for `validate` methods)."""
-    for c in constraints:
-        problem = c.problem(value)
-        if problem is not None:
-            raise ConfigError(f"{key}: {problem}")
-
-
-def declare(default: Any, *constraints: Constraint) -> Any:
-    """A dataclass field with `default` (copied per instance when mutable) whose value must pass `constraints`."""
-    metadata = {_CHECKS: constraints}
-    if isinstance(default, (list, dict, set)):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-def _per_item(default: Any, *constraints: Constraint) -> list[Constraint]:
-    return [each(c) for c in constraints] if isinstance(default, tuple) else list(constraints)
-
-
-def positive(default: Any) -> Any:
-    """A finite value > 0; for a tuple (a size), each of its items."""
-    return declare(default, *_per_item(default, finite("> 0"), POSITIVE))
-
-
-def non_negative(default: Any) -> Any:
-    """A finite value >= 0; for a tuple, each of its items."""
-    return declare(default, *_per_item(default, finite(">= 0"), NON_NEGATIVE))
-
-
-def unit_interval(default: float, open_right: bool = False) -> Any:
-    """A value in [0, 1], or [0, 1) with `open_right`."""
-    if open_right:
-        return declare(default, Constraint(lambda v: 0 <= v < 1, "{value}; expected a value in [0, 1)"))
-    return declare(default, Constraint(lambda v: 0 <= v <= 1, "{value}; expected a value in [0, 1]"))
-
-
-def choice(*allowed: Any, default: Any = None) -> Any:
-    """One of `allowed`; the default is the first unless given."""
-    return declare(allowed[0] if default is None else default, one_of(*allowed))
-
-
-def range_pair(default: tuple[float, float], zero_low: bool = False) -> Any:
-    """(low, high) with 0 < low <= high <= 1, or 0 <= low with `zero_low`."""
-    if zero_low:
-        pair = Constraint(lambda v: 0 <= v[0] <= v[1] <= 1, "{value} is not a range 0 <= low <= high <= 1")
-    else:
-        pair = Constraint(lambda v: 0 < v[0] <= v[1] <= 1, "{value} is not a range 0 < low <= high <= 1")
-    return declare(default, pair)
-
-
-def validate(cfg: Any, path: str = "") -> None:
-    """Check every field's declared constraints, depth first, then the dataclass's own `validate(path)` if it has one.
-
-    Raises:
-        ConfigError: `key: problem`, the key as a full path (`data.train[0].name`).
-    """
-    for f in dataclasses.fields(cfg):
-        key = f"{path}.{f.name}" if path else f.name
-        value = getattr(cfg, f.name)
-        if value is None:  # an optional section or value switched off
-            continue
-        check(key, value, *f.metadata.get(_CHECKS, ()))
-        if dataclasses.is_dataclass(value):
-            validate(value, key)
-        elif isinstance(value, list):
-            for i, item in enumerate(value):
-                if dataclasses.is_dataclass(item):
-                    validate(item, f"{key}[{i}]")
-    own = getattr(cfg, "validate", None)
-    if own is not None:
-        own(path)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Reading a file
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last, silently).
-
-    A repeated `lr:` under `train:` is an edit that did not take, or an old value left behind; either way the file
-    does not say what the run will use. `construct_document` first notes every mapping's dotted path so that the
-    error can name the key in full.
-    """
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self.paths: dict[int, str] = {}
-
-    def construct_document(self, node: yaml.Node) -> Any:
-        self._note_paths(node, "")
-        return super().construct_document(node)
-
-    def _note_paths(self, node: yaml.Node, path: str) -> None:
-        if id(node) in self.paths:  # an alias met again (or a recursive one)
-            return
-        if isinstance(node, yaml.MappingNode):
-            self.paths[id(node)] = path
-            for k, v in node.value:
-                key = str(k.value) if isinstance(k, yaml.ScalarNode) else "?"
-                self._note_paths(v, f"{path}.{key}" if path else key)
-        elif isinstance(node, yaml.SequenceNode):
-            self.paths[id(node)] = path
-            for i, v in enumerate(node.value):
-                self._note_paths(v, f"{path}[{i}]")
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        first: dict[Any, int] = {}
-        for k, _ in node.value:  # the keys as written, before `<<` merges (which a written key may override)
-            if k.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(k)
-            try:
-                line = first.setdefault(key, k.start_mark.line + 1)
-            except TypeError:  # an unhashable key; the safe constructor refuses it below
-                continue
-            if line != k.start_mark.line + 1:
-                path = self.paths.get(id(node), "")
-                raise ConfigError(
-                    f"key {f'{path}.{key}' if path else key} given twice, at lines {line} and "
-                    f"{k.start_mark.line + 1}; expected each key once (the second would replace the first)"
-                )
-        return super().construct_mapping(node, deep)
-
-
-def _read_yaml(p: Path) -> Any:
-    """The YAML document in `p`, or a one-line ConfigError naming the file and, for a syntax error, the line."""
-    try:
-        text = p.read_bytes().decode("utf-8-sig")  # -sig: a byte-order mark some editors write is not content
-    except UnicodeDecodeError as e:
-        raise ConfigError(
-            f"{p}: not a UTF-8 YAML text file (byte {e.object[e.start]:#04x} at offset {e.start} is not UTF-8); "
-            "expected a YAML config"
-        ) from None
-    loader = None
-    try:
-        loader = _StrictLoader(text)  # checks that every character is printable
-        return loader.get_single_data()
-    except ConfigError as e:
-        raise ConfigError(f"{p}: {e}") from None
-    except yaml.reader.ReaderError as e:  # a control character: binary data that happens to be valid UTF-8
-        raise ConfigError(
-            f"{p}: not a YAML text file (control character #x{e.character:04x} at offset {e.position}); "
-            "expected a YAML config"
-        ) from None
-    except yaml.MarkedYAMLError as e:
-        where = f"line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1}" if e.problem_mark else "?"
-        context = ""
-        if e.context:
-            cm = e.context_mark
-            context = f" ({e.context}" + (f" from line {cm.line + 1}, column {cm.column + 1})" if cm else ")")
-        raise ConfigError(f"{p}: not valid YAML at {where}: {e.problem}{context}") from None
-    except (yaml.YAMLError, ValueError) as e:  # ValueError: an int of more than 4300 digits (Python's limit)
-        raise ConfigError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from None
-    finally:
-        if loader is not None:
-            loader.dispose()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -486,7 +245,7 @@ def load(path: str | os.PathLike | None, overrides: list[str] | None, cls: type[
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
-    values = _read_yaml(p)
+    values = read_yaml(p)
     return from_dict(cls, values if values is not None else {}, str(p), overrides)
 
 

@@ -21,7 +21,7 @@ from .common import (
     norm_std,
     pixels,
 )
-from .loader import (
+from .constraints import (
     ConfigError,
     Constraint,
     check,
