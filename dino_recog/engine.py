@@ -106,6 +106,11 @@ def train_one_epoch(
     for i, (batch, n_bad) in enumerate(loader, start_step):
         skipped += n_bad
         if batch is None:  # every image of the batch was undecodable
+            if dist.get_world_size() > 1:  # the other ranks would wait for this one in DDP's gradient all-reduce
+                raise CorruptImageError(
+                    f"epoch {epoch}, batch {i}: none of the {n_bad} images of rank {dist.get_rank()} could be decoded "
+                    "(each named in a warning above); with several processes a rank cannot skip a step alone: "
+                    "remove or replace those files of data.train")  # fmt: skip
             continue
         it = epoch * opts.steps_per_epoch + i
         step = schedule(it)

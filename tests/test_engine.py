@@ -233,3 +233,25 @@ def test_nonfinite_check_without_a_skip_budget_does_not_sync_every_step(tmp_path
                         save_checkpoint=saves.append)  # fmt: skip
     assert saves == []  # the step-4 checkpoint would hold the non-finite state: the check before it raised
     assert len(calls) == 4  # no sync stopped the loop at iteration 2; the check before the save did, after step 3
+
+
+def test_a_batch_with_no_decodable_image_is_skipped_alone_but_stops_a_multi_process_run(tmp_path, monkeypatch):
+    """One process skips the batch and counts its images; with several, skipping alone would leave the other ranks
+    waiting in DDP's gradient all-reduce (or pair their collectives with the wrong step), so it stops, naming it."""
+    import dino_recog.engine as engine
+    from dino_recog.data.datasets import CorruptImageError
+
+    student, teacher = tiny_pair()
+    opt = build_optimizer("adamw", param_groups(student), 1e-3, 0.04)
+    step = DinoStep(lr=1e-3, weight_decay=0.04, momentum=0.99, teacher_temp=0.04, freeze_last_layer=False)
+    loader = batches(3)
+    loader[1] = (None, 4)
+    stats = epoch(student, teacher, DINOLoss(64), loader, opt, step, tmp_path)
+    assert stats["skipped_images"] == 4
+    monkeypatch.setattr(engine.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(engine.dist, "get_rank", lambda: 1)
+    with pytest.raises(CorruptImageError, match=r"^epoch 0, batch 1: none of the 4 images of rank 1 could be decoded "
+                                                r"\(each named in a warning above\); with several processes a rank "
+                                                r"cannot skip a step alone: remove or replace those files of "
+                                                r"data.train$"):  # fmt: skip
+        epoch(student, teacher, DINOLoss(64), loader, opt, step, tmp_path)
