@@ -18,7 +18,8 @@ class RunLog:
     """Append metric records to OUTPUT/log.jsonl and OUTPUT/tb/; a no-op on ranks other than 0.
 
     Each record is one JSON object with `kind` (e.g. "train", "epoch", "eval"), `step` and plain numbers, so that
-    curves can be drawn from the file alone and a resumed run simply appends.
+    curves can be drawn from the file alone. A resumed run appends a "resume" record with the iteration it continues
+    from, then the records of the steps it repeats; `read_jsonl` drops the older records of those steps.
     """
 
     def __init__(self, output_dir: str | os.PathLike, tensorboard: bool = True) -> None:
@@ -51,17 +52,29 @@ class RunLog:
 
 def read_jsonl(path: str | os.PathLike, kind: str | None = None) -> list[dict]:
     """The records of a log.jsonl, optionally only those of one `kind`. A last line cut short (a run killed while
-    writing it) is skipped with a warning; a bad line elsewhere is a ValueError naming the file and line."""
+    writing it) is skipped with a warning; a bad line elsewhere is a ValueError naming the file and line.
+
+    A "resume" record at iteration R drops the records before it that come after R: what the crashed run logged
+    after its last checkpoint, which the resumed run repeats (or never reaches). A "train" record at step s was
+    written after iteration s (s + 1 done); "epoch" and "eval" records at step s describe s done iterations."""
     lines = [(i, line) for i, line in enumerate(Path(path).read_text(errors="replace").splitlines(), 1) if line.strip()]
     records = []
     for i, line in lines:
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as e:
             if i != lines[-1][0]:
                 raise ValueError(f"{path}, line {i}: not a JSON record ({e.msg})") from None
             logging.getLogger(__name__).warning("%s: skipped its last line %d, cut short (%s)", path, i, e.msg)
+            continue
+        if record.get("kind") == "resume":
+            records = [r for r in records if _iterations_done(r) <= record["step"]]
+        records.append(record)
     return [r for r in records if kind is None or r.get("kind") == kind]
+
+
+def _iterations_done(record: dict) -> int:
+    return record["step"] + 1 if record.get("kind") == "train" else record["step"]
 
 
 def fmt_metrics(d: dict) -> str:

@@ -88,6 +88,8 @@ class TrainingRun:
         self.nonfinite = int(state.get("nonfinite_steps", 0))  # the skip budget is one for the whole run
         self.last_saved = path
         log.info("resumed from %s at epoch %d, step %d", path, self.start_epoch, self.start_step)
+        # Marks where the records of the timeline that ended in a crash stop being valid (runlog.read_jsonl).
+        self.log.write("resume", self.start_epoch * self.steps_per_epoch + self.start_step, epoch=self.start_epoch)
         if changes:
             log.warning("resumed with a changed config: %s", format_changes(changes))
         self._save_config()

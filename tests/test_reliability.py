@@ -196,6 +196,13 @@ def test_resume_skips_a_truncated_newest_checkpoint_and_continues_mid_epoch(imag
     assert f"skipping unusable checkpoint: {newest}: not a readable checkpoint" in caplog.text
     assert f"resumed from {out / 'checkpoint_0001_000003.pth'} at epoch 1, step 3" in caplog.text
     assert same_dino_weights(dino_single / "checkpoint_0002.pth", out / "checkpoint_0002.pth") == []
+    # log.jsonl: appended to, and read with the copied run's records after iteration 15 replaced by the repeats
+    lines = (out / "log.jsonl").read_text().splitlines()
+    assert sum('"kind": "train"' in line for line in lines) == 24 + 9
+    train = read_jsonl(out / "log.jsonl", "train")
+    assert [r["step"] for r in train] == list(range(24))
+    assert [r["loss"] for r in train] == [r["loss"] for r in read_jsonl(dino_single / "log.jsonl", "train")]
+    assert [r["step"] for r in read_jsonl(out / "log.jsonl", "epoch")] == [12, 24]
 
 
 def test_a_directory_of_unusable_checkpoints_is_an_error_not_a_fresh_start(images, dino_single, tmp_path):
