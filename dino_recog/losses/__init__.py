@@ -2,7 +2,16 @@
 
 from .dino import DINOLoss, collapse_stats
 from .dinov2 import IBOTPatchLoss, KoLeoLoss, sinkhorn_knopp
-from .metric import ArcFaceLoss, CenterLoss, CosFaceLoss, CrossEntropyLabelSmooth, DistillationLoss, TripletLoss
+from .metric import (
+    ArcFaceLoss,
+    CenterLoss,
+    CombinedMarginLoss,
+    CosFaceLoss,
+    CrossEntropyLabelSmooth,
+    DistillationLoss,
+    TripletLoss,
+)
+from .partial_fc import PartialFC
 
 __all__ = [
     "DINOLoss",
@@ -12,8 +21,10 @@ __all__ = [
     "sinkhorn_knopp",
     "ArcFaceLoss",
     "CenterLoss",
+    "CombinedMarginLoss",
     "CosFaceLoss",
     "CrossEntropyLabelSmooth",
     "DistillationLoss",
+    "PartialFC",
     "TripletLoss",
 ]

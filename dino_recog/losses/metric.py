@@ -18,8 +18,10 @@ __all__ = [
     "TripletLoss",
     "CosFaceLoss",
     "ArcFaceLoss",
+    "CombinedMarginLoss",
     "CenterLoss",
     "DistillationLoss",
+    "margin_target",
     "pairwise_distances",
 ]
 
@@ -141,10 +143,55 @@ class ArcFaceLoss(_MarginSoftmax):
         super().__init__(in_features, num_classes, s, m)
 
     def margin_logits(self, cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        cos = cos.clamp(-1.0, 1.0)
+        return margin_target(cos, 1.0, self.m, 0.0)
+
+
+class CombinedMarginLoss(_MarginSoftmax):
+    """The combined margin of insightface's arcface_torch: SphereFace (m1), ArcFace (m2) and CosFace (m3) in one
+    formula (Deng et al. 2019, "ArcFace", section 3.3):
+
+        target logit s * (cos(m1 t_y + m2) - m3)
+
+    (1, 0, m) is CosFace, (1, m, 0) ArcFace, exactly; where m1 t_y + m2 > pi see `margin_target`.
+    Shapes: features (B, D), labels (B,) -> scalar; weight (N, D). Defaults (arcface_torch's) s = 64, (1, 0.5, 0).
+    """
+
+    def __init__(self, in_features: int, num_classes: int, s: float = 64.0, m1: float = 1.0, m2: float = 0.5,
+                 m3: float = 0.0) -> None:  # fmt: skip
+        super().__init__(in_features, num_classes, s, m2)
+        self.m1, self.m2, self.m3 = m1, m2, m3
+
+    def margin_logits(self, cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return margin_target(cos, self.m1, self.m2, self.m3)
+
+
+def margin_target(cos: torch.Tensor, m1: float, m2: float, m3: float) -> torch.Tensor:
+    """The target cosine with the combined margin, cos(m1 t + m2) - m3 with t = arccos(cos), elementwise.
+
+    Where m1 t + m2 would pass pi (t > t* = (pi - m2) / m1) the cosine would rise again; there the value is the
+    ArcFace fallback (insightface's `easy_margin=False`) moved to start at t*:
+
+        cos t - cos t* - m3 - (cos m2 + m2 sin m2)
+
+    which is decreasing in t, and for m1 = 1 is ArcFace's `cos t - m2 sin m2 - m3` exactly. m1 = 1 uses
+    cos(t + m2) = cos t cos m2 - sin t sin m2 (no arccos, whose gradient is infinite at +-1).
+    Shapes: any; the margin constants are floats.
+    """
+    if m1 == 1.0 and m2 == 0.0:
+        return cos - m3  # CosFace: no clamp, no fallback (t* = pi)
+    cos = cos.clamp(-1.0, 1.0)
+    if m1 == 1.0:
         sin = (1.0 - cos * cos).clamp_min(1e-12).sqrt()
-        cos_m = cos * math.cos(self.m) - sin * math.sin(self.m)  # cos(t + m)
-        return torch.where(cos > math.cos(math.pi - self.m), cos_m, cos - self.m * math.sin(self.m))
+        inside = cos * math.cos(m2) - sin * math.sin(m2)
+    else:
+        # in float64, where the clamp that keeps arccos's gradient finite moves t by only ~1e-6
+        t = torch.acos(cos.double().clamp(-1.0 + 1e-12, 1.0 - 1e-12))
+        inside = torch.cos(m1 * t + m2).to(cos.dtype)
+    t_star = (math.pi - m2) / m1
+    if t_star >= math.pi:  # m1 t + m2 never passes pi
+        return inside - m3
+    fallback = cos - math.cos(t_star) - (math.cos(m2) + m2 * math.sin(m2))
+    return torch.where(cos > math.cos(t_star), inside, fallback) - m3
 
 
 class CenterLoss(nn.Module):
