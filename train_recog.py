@@ -67,9 +67,14 @@ def main(cfg: C.RecogConfig, export_onnx: bool = False) -> dict[str, float]:
         groups = task.param_groups(t.bias_lr_factor, t.head_lr_factor, t.layer_decay if is_vit(cfg.model.arch) else 1)
         optimizers = {"optimizer": build_optimizer(t.optimizer, groups, t.lr, t.weight_decay, t.momentum,
                                                    cfg.run.fused_optimizer)}  # fmt: skip
+        sharded = ()
+        if task.shards():  # Partial FC: each rank's classifier shard has an optimiser (and its state) of its own
+            sharded = ("partial_fc_optimizer",)
+            optimizers[sharded[0]] = build_optimizer(t.optimizer, task.shard_param_groups(), t.lr, t.weight_decay,
+                                                     t.momentum, cfg.run.fused_optimizer)  # fmt: skip
         optimizers.update(zip(["center_optimizer"], task.extra_optimizers()))  # the centres' own SGD (BoT)
         best = {"mAP": -1.0}
-        run = TrainingRun(cfg, task, optimizers, len(loader),
+        run = TrainingRun(cfg, task, optimizers, len(loader), sharded=sharded,
                           extra=lambda: {"kind": "reid_model", "spec": dict(net.spec), "best": best})  # fmt: skip
         schedule = reid_schedule(cfg, len(loader))
 

@@ -9,6 +9,7 @@ name; it is read with `torch.load(..., weights_only=True)`, which never unpickle
 from __future__ import annotations
 
 import argparse
+import glob
 import logging
 import os
 import pickletools
@@ -33,6 +34,7 @@ __all__ = [
     "checkpoint_name",
     "check_state_dict",
     "prune_checkpoints",
+    "shard_path",
     "rng_state",
     "set_rng_state",
     "resume_point",
@@ -117,6 +119,17 @@ def checkpoint_name(epoch: int, step_in_epoch: int = 0) -> str:
     return f"checkpoint_{epoch:04d}.pth" if step_in_epoch == 0 else f"checkpoint_{epoch:04d}_{step_in_epoch:06d}.pth"
 
 
+def shard_path(path: str | os.PathLike, rank: int, world_size: int) -> Path:
+    """Where rank `rank` of `world_size` keeps its shard of checkpoint `path` (checkpoint_0003.rank1-of-4.pth): the
+    state that differs by rank, such as a Partial FC classifier and its optimiser."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.rank{rank}-of-{world_size}{path.suffix}")
+
+
+def _shard_files(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(f"{glob.escape(path.stem)}.rank*-of-*{path.suffix}"))
+
+
 def _position(name: str) -> tuple[int, int] | None:
     m = CKPT_RE.match(name)
     return None if m is None else (int(m.group(1)), int(m.group(2) or 0))
@@ -187,11 +200,14 @@ def find_resume(resume: str, output_dir: str | os.PathLike, required: tuple[str,
 
 def prune_checkpoints(output_dir: str | os.PathLike, keep_last: int, keep_every: int = 0) -> None:
     """Delete all but the newest `keep_last` checkpoints (end-of-epoch and mid-epoch alike), keeping every end-of-epoch
-    checkpoint whose epoch is a multiple of `keep_every`; also delete temporary files that a killed process left."""
+    checkpoint whose epoch is a multiple of `keep_every`, with their per-rank shards; also delete temporary files that
+    a killed process left."""
     for path in list_checkpoints(output_dir)[keep_last:]:
         epoch, step = _position(path.name)
         if not (keep_every and step == 0 and epoch % keep_every == 0):
-            path.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)  # first: a checkpoint without its shards is never picked
+            for shard in _shard_files(path):
+                shard.unlink(missing_ok=True)
     for path in Path(output_dir).iterdir():
         m = _TMP_RE.match(path.name)
         if m and int(m.group(1)) != os.getpid():  # left by a process that died while saving

@@ -272,8 +272,9 @@ def fingerprints(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def wrap_ddp(task: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Prepare a task for several processes: every rank starts from rank 0's state (teachers and loss weights too,
-    which DDP would not broadcast), BatchNorm becomes SyncBatchNorm on CUDA (statistics over the global batch, as the
-    official code does; it needs CUDA), and `task.trainable` gets a DistributedDataParallel wrapper that
+    which DDP would not broadcast; not the `task.shards()`, which are per rank), BatchNorm becomes SyncBatchNorm on
+    CUDA (statistics over the global batch, as the official code does; it needs CUDA), and `task.trainable` gets a
+    DistributedDataParallel wrapper that
     `ddp_module(task)` returns. The wrapper is not a submodule: the task's parameter names and state stay those of
     the plain modules, and the teachers stay outside DDP. Nothing happens in a single process.
 
@@ -284,9 +285,12 @@ def wrap_ddp(task: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         return task
     if device.type == "cuda" and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in task.modules()):
         torch.nn.SyncBatchNorm.convert_sync_batchnorm(task)  # replaces the BatchNorm children in place
+    # a task's `shards()` (Partial FC classifiers) differ by rank by design, in shape too
+    own = {id(t) for m in getattr(task, "shards", dict)().values() for t in [*m.parameters(), *m.buffers()]}
     with torch.no_grad():
         for t in [*task.parameters(), *task.buffers()]:
-            dist.broadcast(t.data, 0)
+            if id(t) not in own:
+                dist.broadcast(t.data, 0)
     ddp = torch.nn.parallel.DistributedDataParallel(
         task.trainable, device_ids=[device.index] if device.type == "cuda" else None
     )

@@ -44,6 +44,8 @@ class LoopOptions:
             centre update); one more raises NonFiniteLossError. The decision is taken on all ranks together.
         save_every_steps: `save_checkpoint(steps done in the epoch)` after every this-many-th iteration (counted
             over the run) that does not end the epoch; 0 = never.
+        scheduled: how many of the optimisers, from the first, `schedule` sets (the main one, and those of the
+            sharded classifiers, which follow it); the others keep their own lr (BoT's centre SGD).
     """
 
     steps_per_epoch: int
@@ -52,6 +54,7 @@ class LoopOptions:
     log_every: int = 50
     nonfinite_budget: int = 0
     save_every_steps: int = 0
+    scheduled: int = 1
 
 
 def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
@@ -114,7 +117,8 @@ def train_one_epoch(
             continue
         it = epoch * opts.steps_per_epoch + i
         step = schedule(it)
-        set_schedule(main, step.lr, getattr(step, "weight_decay", None))
+        for o in optimizers[: opts.scheduled]:
+            set_schedule(o, step.lr, getattr(step, "weight_decay", None))
         may_skip = opts.nonfinite_budget > nonfinite
         saved = [b.clone() for b in buffers] if may_skip else None
         with autocast_context(device, opts.amp):

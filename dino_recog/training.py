@@ -37,11 +37,22 @@ class TrainingRun:
         steps_per_epoch: iterations of a whole epoch.
         keep_every: also keep every end-of-epoch checkpoint whose epoch is a multiple of this (0: none).
         extra: what the script adds to every checkpoint (called at each save).
+        sharded: the optimisers of the task's `shards()` (per rank, like them); they follow the main schedule.
+
+    The task's `shards()` (state that differs by rank: Partial FC classifiers) and the `sharded` optimisers are saved
+    by every rank into `shard_path(checkpoint, rank, world)`, all before rank 0 writes the checkpoint itself, so a
+    checkpoint that exists has its shards; such a run resumes on the same number of processes.
     """
 
     def __init__(self, cfg, task: nn.Module, optimizers: Mapping[str, torch.optim.Optimizer], steps_per_epoch: int,
-                 keep_every: int = 0, extra: Callable[[], dict] | None = None) -> None:  # fmt: skip
-        self.cfg, self.task, self.optimizers = cfg, task, dict(optimizers)
+                 keep_every: int = 0, extra: Callable[[], dict] | None = None,
+                 sharded: tuple[str, ...] = ()) -> None:  # fmt: skip
+        main, rest = next(iter(optimizers)), [k for k in optimizers if k not in sharded]
+        # the main optimiser, then the sharded ones (both scheduled: LoopOptions.scheduled), then the others
+        order = [main, *[k for k in sharded if k != main], *[k for k in rest if k != main]]
+        self.cfg, self.task, self.optimizers = cfg, task, {k: optimizers[k] for k in order}
+        self.sharded = tuple(sharded)
+        self.shards: dict[str, nn.Module] = getattr(task, "shards", dict)()
         self.out = Path(cfg.run.output_dir)
         self.steps_per_epoch, self.keep_every, self.extra = steps_per_epoch, keep_every, extra or dict
         device = next(task.parameters()).device
@@ -80,8 +91,9 @@ class TrainingRun:
                 "run.output_dir, or set run.resume_changed=allow to continue anyway"
             )
         for name, opt in self.optimizers.items():
-            if state.get(name):
+            if state.get(name) and name not in self.sharded:
                 opt.load_state_dict(state[name])
+        self._load_shards(path, state)
         self.scaler.load_state_dict(state["scaler"])
         self.start_epoch, self.start_step, self.rng = ckpt.resume_point(state, path, dist.get_rank(),
                                                                         dist.get_world_size())  # fmt: skip
@@ -94,6 +106,33 @@ class TrainingRun:
             log.warning("resumed with a changed config: %s", format_changes(changes))
         self._save_config()
         return state
+
+    def _load_shards(self, path: Path, state: dict) -> None:
+        """This rank's shards and their optimisers, from the files beside checkpoint `path`."""
+        written, world = state.get("shard_world_size"), dist.get_world_size()
+        if not self.shards:
+            if written:
+                names = ", ".join(state.get("shard_names", []))
+                raise ckpt.CheckpointError(f"{path}: has classifiers sharded over {written} processes ({names}), "
+                                           "which this run does not have; resume with loss.partial_fc as it was")
+            return
+        if not written:
+            raise ckpt.CheckpointError(f"{path}: holds no sharded classifier ({', '.join(self.shards)}); it was "
+                                       "written without loss.partial_fc: resume with the checkpoint's loss.partial_fc")
+        if written != world:
+            raise ckpt.CheckpointError(
+                f"{path}: its sharded classifiers ({', '.join(self.shards)}) were written by {written} processes, this "
+                f"run has {world}; a Partial FC run resumes on the number of processes that wrote it: {written}"
+            )
+        shard_file = ckpt.shard_path(path, dist.get_rank(), world)
+        shard = ckpt.load_checkpoint(shard_file)  # a missing or unreadable one names itself
+        for name, module in self.shards.items():
+            if name not in shard.get("shards", {}):
+                raise ckpt.CheckpointError(f"{shard_file}: lacks the {name} shard; expected {', '.join(self.shards)}")
+            ckpt.check_state_dict(module, shard["shards"][name], shard_file, f"{name} shard")
+            module.load_state_dict(shard["shards"][name])
+        for name in self.sharded:
+            self.optimizers[name].load_state_dict(shard[name])
 
     @staticmethod
     def _check_parts(parts: Mapping[str, nn.Module], state: dict, path: Path) -> None:
@@ -119,7 +158,9 @@ class TrainingRun:
         def write() -> None:
             state = {name: ({k: m.state_dict() for k, m in module.items()} if isinstance(module, nn.ModuleDict)
                             else module.state_dict()) for name, module in self.task.parts().items()}  # fmt: skip
-            state.update({name: opt.state_dict() for name, opt in self.optimizers.items()})
+            state.update({name: opt.state_dict() for name, opt in self.optimizers.items() if name not in self.sharded})
+            if self.shards:
+                state.update(shard_world_size=dist.get_world_size(), shard_names=list(self.shards))
             state.update(scaler=self.scaler.state_dict(), epoch=epochs_done, step_in_epoch=step_in_epoch,
                          iteration=epochs_done * self.steps_per_epoch + step_in_epoch, nonfinite_steps=self.nonfinite,
                          config=C.to_dict(self.cfg), rng=rngs, **self.extra())  # fmt: skip
@@ -128,9 +169,26 @@ class TrainingRun:
             ckpt.save_checkpoint(state, path)
             ckpt.prune_checkpoints(self.out, self.cfg.run.keep_last, self.keep_every)
 
+        if self.shards:
+            self._save_shards(path)
         dist.run_on_main(write)  # a failed write (disk full) stops every rank, not only rank 0
         self.last_saved = path
         return path
+
+    def _save_shards(self, path: Path) -> None:
+        """Every rank writes its shard file; if one fails, every rank raises with its message (and rank 0 writes no
+        checkpoint that would lack it)."""
+        rank, world = dist.get_rank(), dist.get_world_size()
+        state = {name: self.optimizers[name].state_dict() for name in self.sharded}
+        state.update(shards={name: m.state_dict() for name, m in self.shards.items()}, rank=rank, world_size=world)
+        error = None
+        try:
+            ckpt.save_checkpoint(state, ckpt.shard_path(path, rank, world))
+        except Exception as e:  # raised below on every rank
+            error = f"rank {rank}: {type(e).__name__}: {e}"
+        errors = [e for e in dist.all_gather_object(error) if e]
+        if errors:
+            raise OSError(f"{path}: not written, a shard failed: {'; '.join(errors)}")
 
     # --- one epoch ---------------------------------------------------------------------------------------------------
     def begin_epoch(self, epoch: int, batches, loader) -> int:
@@ -154,7 +212,8 @@ class TrainingRun:
         the replicated state (teachers, centres, loss weights) is identical on every rank."""
         r = self.cfg.run
         opts = LoopOptions(self.steps_per_epoch, r.amp, self.cfg.train.clip_grad, r.log_every,
-                           r.skip_nonfinite_steps - self.nonfinite, r.save_every_steps)  # fmt: skip
+                           r.skip_nonfinite_steps - self.nonfinite, r.save_every_steps,
+                           scheduled=1 + len(self.sharded))  # fmt: skip
         self.fingerprints = None
         try:
             stats = train_one_epoch(self.task, loader, list(self.optimizers.values()), self.scaler, schedule, epoch,

@@ -129,6 +129,18 @@ def test_latest_skips_a_corrupt_newest_checkpoint_and_pruning(tmp_path, caplog):
     ]
 
 
+def test_shards_are_named_beside_their_checkpoint_never_listed_and_pruned_with_it(tmp_path):
+    shard = ckpt.shard_path(tmp_path / "checkpoint_0003_000010.pth", 1, 4)
+    assert shard.name == "checkpoint_0003_000010.rank1-of-4.pth"
+    for epoch in (1, 2, 3):
+        for name in [f"checkpoint_{epoch:04d}.pth", *(f"checkpoint_{epoch:04d}.rank{r}-of-2.pth" for r in (0, 1))]:
+            ckpt.save_checkpoint({"epoch": epoch}, tmp_path / name)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [f"checkpoint_000{e}.pth" for e in (3, 2, 1)]
+    ckpt.prune_checkpoints(tmp_path, keep_last=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_0003.pth", "checkpoint_0003.rank0-of-2.pth",
+                                                          "checkpoint_0003.rank1-of-2.pth"]  # fmt: skip
+
+
 def test_rng_state_round_trip(tmp_path):
     import random
 

@@ -96,6 +96,14 @@ def test_recog_value_checks():
         C.load(None, ["model.arch=resnet50"], cls=C.RecogConfig)
     with pytest.raises(C.ConfigError, match=r"loss\.distill_teacher: empty while distill_weight > 0"):
         C.load(None, ["loss.distill_weight=1"], cls=C.RecogConfig)
+    with pytest.raises(C.ConfigError, match=r"loss\.partial_fc with loss\.distill_weight=1\.0: distillation reads "
+                                            r"the logits of every class"):  # fmt: skip
+        C.load(None, ["loss.partial_fc=true", "loss.distill_weight=1", "loss.distill_teacher=t.pth"], cls=C.RecogConfig)
+    with pytest.raises(C.ConfigError, match=r"loss\.partial_fc: no loss with a classifier is on; expected one of "
+                                            r"loss\.ce_weight, loss\.cosface_weight"):  # fmt: skip
+        C.load(None, ["loss.partial_fc=true", "loss.ce_weight=0"], cls=C.RecogConfig)
+    with pytest.raises(C.ConfigError, match=r"loss\.partial_fc_sample_rate: 0\.0; expected 0 < rate <= 1"):
+        C.load(None, ["loss.partial_fc_sample_rate=0"], cls=C.RecogConfig)
     with pytest.raises(C.ConfigError, match=r"data\.train\[1\]: index out of range; data\.train has 1 entries"):
         C.load(None, ["data.train[1].root=/x"], cls=C.RecogConfig)
 

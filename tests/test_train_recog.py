@@ -147,3 +147,47 @@ def test_more_processes_than_identities_is_refused(small_demo, tmp_path, monkeyp
     monkeypatch.setattr(D, "get_world_size", lambda: 4)  # as if launched with NPROC=4
     with pytest.raises(ValueError, match="30 identities cannot fill a step of 8 identities per process x 4 processes"):
         train_recog.build_data(recog_cfg(small_demo / "market", tmp_path))
+
+
+@pytest.mark.slow
+def test_partial_fc_on_two_processes_resumes_exactly_and_only_on_two(small_demo, tmp_path):
+    """loss.partial_fc: each rank keeps half of the 30 classes of each classifier loss in its own shard file, the
+    model and model.pth have no classifier, and a resume on 2 processes continues bit-identically."""
+    extra = ["train.epochs=2", "loss.partial_fc=true", "loss.cosface_weight=1", "loss.arcface_weight=0.5",
+             "loss.partial_fc_sample_rate=0.5"]  # fmt: skip
+    ref = tmp_path / "ref"
+    r = train_sh("cpu", 2, "train_recog.py", *recog_args(small_demo / "market", ref, *extra))
+    assert r.returncode == 0, r.stderr[-3000:]
+    main = ckpt.load_checkpoint(ref / "checkpoint_0002.pth")
+    assert main["shard_world_size"] == 2 and sorted(main["shard_names"]) == ["arcface", "ce", "cosface"]
+    assert "partial_fc_optimizer" not in main and list(main["losses"]) == ["triplet"]  # the classifiers: per rank
+    assert "head.classifier.weight" not in main["state_dict"]
+    shards = [ckpt.load_checkpoint(ckpt.shard_path(ref / "checkpoint_0002.pth", i, 2)) for i in range(2)]
+    for name in ("ce", "cosface", "arcface"):
+        w0, w1 = (s["shards"][name]["weight"] for s in shards)
+        assert w0.shape == w1.shape == (15, 32) and not torch.equal(w0, w1)
+        assert [int(s["shards"][name]["step"]) for s in shards] == [8, 8]  # 4 steps per epoch x 2 epochs
+    assert all(s["partial_fc_optimizer"]["state"] for s in shards)
+    assert ckpt.load_reid_model(ref / "model.pth").head.classifier is None
+
+    out = tmp_path / "run"  # as if the run had died during epoch 2
+    out.mkdir()
+    for f in ref.glob("checkpoint_0001*.pth"):
+        shutil.copy(f, out / f.name)
+    r = train_sh("cpu", 2, "train_recog.py", *recog_args(small_demo / "market", out, *extra))
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (ckpt.load_checkpoint(d / "checkpoint_0002.pth") for d in (ref, out))
+    for k in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=0, atol=0, msg=k)
+    for i in range(2):
+        sa, sb = (ckpt.load_checkpoint(ckpt.shard_path(d / "checkpoint_0002.pth", i, 2)) for d in (ref, out))
+        for name in ("ce", "cosface", "arcface"):
+            assert torch.equal(sa["shards"][name]["weight"], sb["shards"][name]["weight"]), (i, name)
+
+    one = tmp_path / "one"
+    one.mkdir()
+    for f in ref.glob("checkpoint_0001*.pth"):
+        shutil.copy(f, one / f.name)
+    r = train_sh("cpu", 1, "train_recog.py", *recog_args(small_demo / "market", one, *extra))
+    assert r.returncode != 0
+    assert "were written by 2 processes, this run has 1; a Partial FC run resumes on the number" in r.stderr

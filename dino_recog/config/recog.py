@@ -102,6 +102,9 @@ class RecogModelConfig:
 
 
 _RADIANS = Constraint(lambda v: 0 <= v < math.pi / 2, "{value}; expected radians in [0, pi/2)")
+_SAMPLE_RATE = Constraint(lambda v: 0 < v <= 1, "{value}; expected 0 < rate <= 1 (1 = every class)")
+# the losses with a classifier that loss.partial_fc shards
+SHARDABLE = ("ce_weight", "cosface_weight", "arcface_weight", "combined_weight")
 
 
 @dataclass
@@ -117,6 +120,16 @@ class RecogLossConfig:
     arcface_weight: float = non_negative(0.0)  # ArcFace (Deng et al. 2019) weight; 0 = off
     arcface_s: float = positive(30.0)  # ArcFace scale
     arcface_m: float = declare(0.5, _RADIANS)  # ArcFace additive angular margin (radians)
+    # arcface_torch's combined margin, target logit s (cos(m1 t + m2) - m3) (Deng et al. 2019, 3.3); 0 = off
+    combined_weight: float = non_negative(0.0)
+    combined_s: float = positive(64.0)  # scale (arcface_torch 64)
+    combined_m1: float = positive(1.0)  # multiplicative angular margin (SphereFace); arcface_torch 1.0
+    combined_m2: float = declare(0.5, _RADIANS)  # additive angular margin (ArcFace), radians; arcface_torch 0.5
+    combined_m3: float = non_negative(0.0)  # additive cosine margin (CosFace); arcface_torch 0.0
+    # shard the classifiers of ce / cosface / arcface / combined over the processes (Partial FC, An et al. 2022)
+    partial_fc: bool = False
+    # fraction of each shard's classes scored per step, the batch's identities always among them (paper 0.1)
+    partial_fc_sample_rate: float = declare(0.1, _SAMPLE_RATE)
     center_weight: float = non_negative(0.0)  # center loss weight (BoT 5e-4); 0 = off
     center_lr: float = positive(0.5)  # SGD lr of the class centres (BoT 0.5)
     distill_weight: float = non_negative(0.0)  # alpha of knowledge distillation (Hinton et al. 2015); 0 = off
@@ -132,6 +145,14 @@ class RecogLossConfig:
             raise ConfigError(f"{path}.distill_teacher: empty while distill_weight > 0; expected a checkpoint path")
         if sum(getattr(self, f.name) for f in dataclasses.fields(self) if f.name.endswith("_weight")) == 0:
             raise ConfigError(f"{path}: every loss weight is 0; expected at least one loss")
+        if self.partial_fc:
+            if self.distill_weight > 0:
+                raise ConfigError(f"{path}.partial_fc with {path}.distill_weight={self.distill_weight}: distillation "
+                                  "reads the logits of every class, which a sharded classifier never forms; set "
+                                  "distill_weight=0 or partial_fc=false")  # fmt: skip
+            if not any(getattr(self, k) > 0 for k in SHARDABLE):
+                raise ConfigError(f"{path}.partial_fc: no loss with a classifier is on; expected one of "
+                                  f"{', '.join(path + '.' + k for k in SHARDABLE)} > 0")  # fmt: skip
 
 
 _LAYER_DECAY = Constraint(lambda v: 0 < v <= 1, "{value}; expected 0 < value <= 1 (1 = off)")

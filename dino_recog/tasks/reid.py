@@ -3,7 +3,9 @@
 `ReIDTask` owns what stage 2 trains: the recognition model (backbone + BN-neck head) and the weighted loss terms with
 their own weights (CosFace / ArcFace classes, centre-loss centres, the auxiliary DINO head) in one module that DDP
 wraps (`ReIDNet`), so DDP averages every gradient; the frozen distillation teacher and the EMA teacher of the
-auxiliary DINO term stay outside it. `engine.train_one_epoch` runs it like any other task.
+auxiliary DINO term stay outside it, and so do the classifiers that `loss.partial_fc` shards over the processes
+(`sharded` terms: each rank trains its own part, with an optimiser of its own; `shards()`).
+`engine.train_one_epoch` runs it like any other task.
 """
 
 from __future__ import annotations
@@ -18,7 +20,16 @@ import torch.nn as nn
 from .. import checkpoint as ckpt
 from .. import config as C
 from .. import distributed as dist
-from ..losses import ArcFaceLoss, CenterLoss, CosFaceLoss, CrossEntropyLabelSmooth, DistillationLoss, TripletLoss
+from ..losses import (
+    ArcFaceLoss,
+    CenterLoss,
+    CombinedMarginLoss,
+    CosFaceLoss,
+    CrossEntropyLabelSmooth,
+    DistillationLoss,
+    PartialFC,
+    TripletLoss,
+)
 from ..models import BackboneSpec, ReIDModel, build_reid_model, reid_spec
 from ..optim import reid_param_groups
 from ..schedules import cosine_schedule, step_schedule
@@ -111,12 +122,13 @@ class ReIDTask(nn.Module):
         terms: the switched-on loss terms.
         distill_teacher: a frozen ReIDModel whose logits the terms reading `teacher_logits` get.
         dino_aux: the DINOWrapper around `model.backbone` behind a term whose loss is `_DinoAux`.
+        sharded: terms whose loss holds this rank's shard of a classifier (`PartialFC`); outside DDP.
     """
 
     name = "re-id"  # in messages
 
     def __init__(self, model: ReIDModel, terms: list[LossTerm], distill_teacher: nn.Module | None = None,
-                 dino_aux: DINOWrapper | None = None) -> None:  # fmt: skip
+                 dino_aux: DINOWrapper | None = None, sharded: list[LossTerm] | None = None) -> None:  # fmt: skip
         super().__init__()
         if model.head.classifier is None:
             blind = [t.name for t in terms if "logits" in t.reads]
@@ -125,6 +137,7 @@ class ReIDTask(nn.Module):
         if distill_teacher is None and any("teacher_logits" in t.reads for t in terms):
             raise ValueError("a loss term reads teacher_logits, but no distillation teacher is given")
         self.net = ReIDNet(model, terms)
+        self.sharded = nn.ModuleList(sharded or [])
         self.distill_teacher, self.dino_aux = distill_teacher, dino_aux
         if distill_teacher is not None:
             distill_teacher.requires_grad_(False)
@@ -141,7 +154,16 @@ class ReIDTask(nn.Module):
 
     @property
     def terms(self) -> dict[str, LossTerm]:
-        return {t.name: t for t in self.net.terms}
+        return {t.name: t for t in [*self.net.terms, *self.sharded]}
+
+    def shards(self) -> dict[str, nn.Module]:
+        """The state each rank holds a different part of (the Partial FC classifiers): saved per rank, left out of
+        `parts()`, of the broadcast from rank 0 and of the cross-rank check."""
+        return {t.name: t.loss for t in self.sharded}
+
+    def shard_param_groups(self) -> list[dict]:
+        """The sharded classifiers' weights, for their own optimiser (its state is per rank too)."""
+        return [{"params": t.params(), "lr_scale": t.lr_scale, "apply_wd": True} for t in self.sharded]
 
     def parts(self) -> dict[str, nn.Module]:
         """The state a checkpoint holds, resume restores and the cross-rank check compares: the model under
@@ -173,6 +195,9 @@ class ReIDTask(nn.Module):
             with torch.no_grad():
                 teacher_logits = self.distill_teacher(x)["logits"]
         out, values = dist.ddp_module(self)(x, labels, teacher_logits)
+        if len(self.sharded):  # on the DDP output: the embeddings' gradient reaches the backbone through DDP
+            inputs = {**out, "labels": labels, "images": x, "teacher_logits": teacher_logits}
+            values.update({t.name: t(inputs) for t in self.sharded})
         loss = sum(self.terms[k].weight * v for k, v in values.items())
         if out["logits"] is not None:
             self.correct += (out["logits"].detach().argmax(1) == labels).sum()
@@ -211,7 +236,8 @@ def model_spec(cfg: C.RecogConfig, num_classes: int) -> dict:
     if m.pretrained and Path(m.pretrained).is_file():
         backbone = ckpt.pretrained_backbone_spec(backbone, m.pretrained, "model.pretrained")
     return reid_spec(backbone, num_classes, embedding_dim=m.embedding_dim, neck=m.neck, drop_path_rate=m.drop_path_rate,
-                     classifier=cfg.loss.ce_weight > 0 or cfg.loss.distill_weight > 0)  # fmt: skip
+                     classifier=(cfg.loss.ce_weight > 0 and not cfg.loss.partial_fc)
+                     or cfg.loss.distill_weight > 0)  # fmt: skip
 
 
 def build_model(cfg: C.RecogConfig, num_classes: int) -> ReIDModel:
@@ -243,23 +269,37 @@ def _dino_aux(cfg: C.RecogConfig, backbone: nn.Module, steps_per_epoch: int) -> 
 
 def build_reid_task(cfg: C.RecogConfig, num_classes: int, steps_per_epoch: int = 1) -> ReIDTask:
     """The model and the loss terms `loss.*` switches on: CE / distillation read the logits, triplet and centre the
-    feature before the BN neck, CosFace / ArcFace the one after it (with their class weights, trained like the head)."""
+    feature before the BN neck, CosFace / ArcFace / combined margin the one after it (with their class weights,
+    trained like the head). With `loss.partial_fc` every classifier loss is a `PartialFC` on the BN-neck feature
+    and the model has no classifier of its own."""
     lc, head_lr = cfg.loss, cfg.train.head_lr_factor
     model = build_model(cfg, num_classes)
     dim = model.head.out_dim
-    terms, teacher, aux = [], None, None
-    if lc.ce_weight and not lc.distill_weight:  # the distillation loss contains the cross-entropy
-        terms.append(LossTerm("ce", lc.ce_weight, CrossEntropyLabelSmooth(num_classes, lc.label_smoothing),
-                              ("logits", "labels")))  # fmt: skip
+    terms, sharded, teacher, aux = [], [], None, None
+    classifiers = {  # name: (weight, the replicated loss, the Partial FC kind, scale, (m1, m2, m3), smoothing)
+        "ce": (lc.ce_weight, lambda: CrossEntropyLabelSmooth(num_classes, lc.label_smoothing), "ce", 1.0,
+               (1.0, 0.0, 0.0), lc.label_smoothing),
+        "cosface": (lc.cosface_weight, lambda: CosFaceLoss(dim, num_classes, lc.cosface_s, lc.cosface_m), "cosface",
+                    lc.cosface_s, (1.0, 0.0, lc.cosface_m), 0.0),
+        "arcface": (lc.arcface_weight, lambda: ArcFaceLoss(dim, num_classes, lc.arcface_s, lc.arcface_m), "arcface",
+                    lc.arcface_s, (1.0, lc.arcface_m, 0.0), 0.0),
+        "combined": (lc.combined_weight, lambda: CombinedMarginLoss(dim, num_classes, lc.combined_s, lc.combined_m1,
+                                                                    lc.combined_m2, lc.combined_m3),
+                     "combined", lc.combined_s, (lc.combined_m1, lc.combined_m2, lc.combined_m3), 0.0),
+    }  # fmt: skip
+    for name, (weight, replicated, kind, s, margins, eps) in classifiers.items():
+        if not weight or (name == "ce" and lc.distill_weight):  # the distillation loss contains the cross-entropy
+            continue
+        if lc.partial_fc:  # the classifier reads the BN-neck feature, as the model's own classifier would
+            pfc = PartialFC(dim, num_classes, kind, s, margins, lc.partial_fc_sample_rate, eps, cfg.run.seed)
+            sharded.append(LossTerm(name, weight, pfc, ("neck", "labels"), lr_scale=head_lr))
+        elif name == "ce":
+            terms.append(LossTerm(name, weight, replicated(), ("logits", "labels")))
+        else:
+            terms.append(LossTerm(name, weight, replicated(), ("neck", "labels"), lr_scale=head_lr))
     if lc.triplet_weight:
         terms.append(LossTerm("triplet", lc.triplet_weight, TripletLoss(lc.triplet_margin, lc.triplet_distance),
                               ("feat", "labels")))  # fmt: skip
-    if lc.cosface_weight:
-        terms.append(LossTerm("cosface", lc.cosface_weight, CosFaceLoss(dim, num_classes, lc.cosface_s, lc.cosface_m),
-                              ("neck", "labels"), lr_scale=head_lr))  # fmt: skip
-    if lc.arcface_weight:
-        terms.append(LossTerm("arcface", lc.arcface_weight, ArcFaceLoss(dim, num_classes, lc.arcface_s, lc.arcface_m),
-                              ("neck", "labels"), lr_scale=head_lr))  # fmt: skip
     if lc.center_weight:
         terms.append(LossTerm("center", lc.center_weight, CenterLoss(dim, num_classes), ("feat", "labels"),
                               own_lr=lc.center_lr))  # fmt: skip
@@ -274,7 +314,7 @@ def build_reid_task(cfg: C.RecogConfig, num_classes: int, steps_per_epoch: int =
     if lc.dino_aux_weight:
         aux = _dino_aux(cfg, model.backbone, steps_per_epoch)
         terms.append(LossTerm("dino", lc.dino_aux_weight, _DinoAux(aux), ("images",), lr_scale=head_lr))
-    return ReIDTask(model, terms, teacher, aux)
+    return ReIDTask(model, terms, teacher, aux, sharded)
 
 
 def reid_schedule(cfg: C.RecogConfig, steps_per_epoch: int):
