@@ -14,6 +14,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -23,7 +24,8 @@ from dino_recog import distributed as dist
 from dino_recog.cli import apply_speed_options, eval_options, load_config, start_run
 from dino_recog.data import datasets as ds
 from dino_recog.data.build import query_gallery, train_records
-from dino_recog.data.samplers import PKSampler, SeededBatches
+from dino_recog.data.labeled_lmdb import LabeledLMDB
+from dino_recog.data.samplers import PKSampler, RandomPKSampler, SeededBatches
 from dino_recog.data.transforms import reid_train_transform
 from dino_recog.evaluation import evaluate_query_gallery
 from dino_recog.export import export_onnx as onnx_export
@@ -39,13 +41,16 @@ log = logging.getLogger("dino_recog.train_recog")
 
 def build_data(cfg: C.RecogConfig) -> tuple[DataLoader, SeededBatches, int, tuple[ds.ImageDataset, ds.ImageDataset]]:
     a = cfg.aug
-    records = train_records(cfg.data.train)
-    num_classes = len({r.pid for r in records})
+    d = cfg.data
+    records = train_records(d.train, d.min_images_per_id)
+    pids = records.pids if isinstance(records, LabeledLMDB) else np.array([r.pid for r in records])
+    num_classes = int(pids.max()) + 1  # labels are 0..N-1
     train_set = ds.ImageDataset(
         records, reid_train_transform(a.size, a.mean, a.std, a.flip_prob, a.padding, a.erasing_prob, a.color_jitter)
     )
-    sampler = PKSampler([r.pid for r in records], cfg.data.num_identities, cfg.data.num_instances,
-                        dist.get_rank(), dist.get_world_size(), cfg.run.seed)  # fmt: skip
+    sampler_class = {"pk_epoch": PKSampler, "pk_random": RandomPKSampler}[d.sampler]
+    sampler = sampler_class(pids, d.num_identities, d.num_instances, dist.get_rank(), dist.get_world_size(),
+                            cfg.run.seed, d.iters_per_epoch)  # fmt: skip
     # Batches that can start mid-epoch, each sample with its own augmentation seed (exact mid-epoch resume).
     batches = SeededBatches(sampler, cfg.run.seed, dist.get_rank())
     loader = DataLoader(train_set, batch_sampler=batches, num_workers=dist.loader_workers(cfg.data.num_workers),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 __all__ = ["check_output_paths", "finite_float", "positive_float", "positive_int", "user_errors"]
 
-_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+_OS_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 @contextmanager

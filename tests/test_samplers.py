@@ -1,11 +1,12 @@
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from dino_recog.data import datasets as ds
-from dino_recog.data.samplers import PKSampler, SeededBatches
+from dino_recog.data.samplers import PKSampler, RandomPKSampler, SeededBatches
 from dino_recog.data.transforms import MultiCropTransform
 
 
@@ -85,3 +86,49 @@ def test_augmentation_depends_on_neither_workers_nor_the_starting_batch(small_de
     (batch, _), *_ = pk_loader
     first = batch[0][0][[i for i, idx in enumerate(batch[3].tolist()) if idx == 0]]  # global crop 1 of image 0
     assert len(first) == 4 and not torch.equal(first[0], first[1])
+
+
+def test_random_pk_gives_distinct_identities_across_ranks_k_images_each_and_starts_anywhere():
+    pids = np.array(make_pids())[np.random.default_rng(0).permutation(len(make_pids()))]  # not grouped
+    ranks = [RandomPKSampler(pids, 3, 4, rank=r, world_size=2, seed=5) for r in range(2)]
+    assert len(ranks[0]) == len(pids) // (3 * 4 * 2)
+    for s in ranks:
+        s.set_epoch(2)
+    for b in range(len(ranks[0])):
+        step = [ranks[r].batch(b) for r in range(2)]
+        ids = [[int(pids[i]) for i in batch] for batch in step]
+        for batch in ids:  # P x K: K images of each identity, in a row
+            assert len(batch) == 12 and all(len(set(batch[j : j + 4])) == 1 for j in range(0, 12, 4))
+        groups = [set(batch) for batch in ids]
+        assert len(groups[0]) == len(groups[1]) == 3 and not groups[0] & groups[1]  # no identity on both ranks
+        for batch in step:  # without replacement where the identity has K images
+            for j in range(0, 12, 4):
+                chunk = batch[j : j + 4]
+                assert len(set(chunk)) == 4 or (pids == pids[chunk[0]]).sum() < 4
+    full = list(ranks[0])
+    assert [b for _, b in ranks[0].iter_from(2)] == full[2:]  # a resumed epoch draws what the whole one would
+    ranks[0].set_epoch(3)
+    assert list(ranks[0]) != full
+    assert len(RandomPKSampler(pids, 3, 4, num_batches=50)) == 50
+
+
+def test_random_pk_draws_identities_in_proportion_to_their_images():
+    pids = np.repeat(np.arange(40), np.where(np.arange(40) < 20, 2, 20))  # 20 ids x 2 images, 20 ids x 20
+    s = RandomPKSampler(pids, 4, 2, seed=0, num_batches=2000)
+    drawn = Counter(int(pids[i]) for b in s for i in b[::2])
+    small, large = sum(drawn[i] for i in range(20)), sum(drawn[i] for i in range(20, 40))
+    # image-weighted: the identities with 10x the images are drawn about 10x as often (4 distinct of 40 a step
+    # pulls it a little towards 1; uniform over identities would give 1)
+    assert 7 < large / small < 11, (small, large)
+    with pytest.raises(ValueError, match="40 identities cannot fill a step of 8 identities per process x 6 processes"):
+        RandomPKSampler(pids, 8, 2, world_size=6)
+
+
+def test_seeded_batches_start_a_random_pk_epoch_where_asked():
+    pids = make_pids()
+    inner = RandomPKSampler(pids, 2, 2, seed=1)
+    whole = SeededBatches(inner, seed=4)
+    whole.set_epoch(1)
+    later = SeededBatches(RandomPKSampler(pids, 2, 2, seed=1), seed=4)
+    later.set_epoch(1, start=3)
+    assert list(later) == list(whole)[3:] and len(later) == len(whole)

@@ -21,6 +21,7 @@ from .constraints import (
 __all__ = [
     "ARCHS",
     "DATASETS_LABELED",
+    "DATASETS_LMDB_LABELED",
     "DATASETS_UNLABELED",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -43,6 +44,8 @@ ARCHS = VIT_ARCHS + ("resnet18", "resnet50", "resnet101")
 # like market1501 (the same layout, 8 cameras), msmt17_v1 / msmt17_v2 are msmt17 with `version` V1 / V2.
 DATASET_ALIASES = ("dukemtmcreid", "dukemtmc", "msmt17_v1", "msmt17_v2")
 DATASETS_LABELED = ("market1501", "msmt17", "labeled_folder", "demo", *DATASET_ALIASES)
+# training only (no query/gallery): LUPerson-NL's LMDB with its keys.pkl, and the LMDBs of data.build_lmdb
+DATASETS_LMDB_LABELED = ("luperson_nl", "labeled_lmdb")
 DATASETS_UNLABELED = ("luperson", "luperson_lmdb", "image_folder", "demo", "market1501", "msmt17", "labeled_folder",
                       *DATASET_ALIASES)  # fmt: skip
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -93,8 +96,8 @@ class DatasetSpec:
     Which names are allowed depends on the stage (labeled or not), so the section holding a spec checks `name`.
     """
 
-    # market1501 | msmt17 | labeled_folder | demo (+ luperson | luperson_lmdb | image_folder; + the torchreid and
-    # fast-reid names dukemtmcreid, dukemtmc, msmt17_v1, msmt17_v2)
+    # market1501 | msmt17 | labeled_folder | demo (+ luperson | luperson_lmdb | image_folder; + stage-2 training
+    # luperson_nl | labeled_lmdb; + the torchreid and fast-reid names dukemtmcreid, dukemtmc, msmt17_v1, msmt17_v2)
     name: str = "market1501"
     root: str = "data/Market-1501-v15.09.15"  # directory of the data set (demo: generated there on first use)
     version: str = choice("auto", "V1", "V2")  # MSMT17 only: V1, V2 or auto (detected from the folders)

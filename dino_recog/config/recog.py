@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from .common import (
     ARCHS,
     DATASETS_LABELED,
+    DATASETS_LMDB_LABELED,
     PATCH_SIZES,
     VIT_ARCHS,
     DatasetSpec,
@@ -54,11 +55,20 @@ class RecogDataConfig:
     num_instances: int = positive(4)  # K: images per identity per batch (BoT 4); batch = P x K per process
     num_workers: int = non_negative(8)  # DataLoader workers per process
     test_batch_size: int = positive(256)  # images per process at feature extraction
+    min_images_per_id: int = non_negative(0)  # drop training identities with fewer images (0 = keep all)
+    # pk_epoch: every image once per epoch, in chunks of K (torchreid's RandomIdentitySampler); pk_random: each
+    # step draws its P identities (image-weighted) and K images anew, O(P K) per step (millions of images)
+    sampler: str = choice("pk_epoch", "pk_random")
+    iters_per_epoch: int = non_negative(0)  # steps per epoch; 0 = images / (P x K x processes)
 
     def validate(self, path: str) -> None:
         seen: dict[str, int] = {}
         for i, spec in enumerate(self.train):
-            check(f"{path}.train[{i}].name", spec.name, one_of(*DATASETS_LABELED))
+            check(f"{path}.train[{i}].name", spec.name, one_of(*DATASETS_LABELED, *DATASETS_LMDB_LABELED))
+            if spec.name in DATASETS_LMDB_LABELED and len(self.train) > 1:
+                raise ConfigError(f"{path}.train[{i}]: {spec.name} is combined with {len(self.train) - 1} other "
+                                  "set(s); expected an LMDB set alone (pack the others into it with "
+                                  "python -m dino_recog.data.build_lmdb)")  # fmt: skip
             # the same folder twice would count each identity twice, as two people
             where = os.path.normpath(os.path.abspath(spec.root))
             if where in seen:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..config import DatasetSpec
 from . import datasets as ds
 from .demo import ensure_demo
+from .labeled_lmdb import LabeledLMDB
 from .transforms import reid_test_transform
 
 __all__ = ["labeled_data", "query_gallery", "train_records", "unlabeled_items"]
@@ -49,8 +51,16 @@ def query_gallery(
     return data, ds.ImageDataset(data.query, tf, train=False), ds.ImageDataset(data.gallery, tf, train=False)
 
 
-def train_records(specs: list[DatasetSpec]) -> list[ds.Record]:
-    """The labeled training images of one or several data sets, identities and cameras offset per set."""
+def train_records(specs: list[DatasetSpec], min_images_per_id: int = 0) -> list[ds.Record] | LabeledLMDB:
+    """The labeled training images of one or several data sets, identities and cameras offset per set, without the
+    identities that have fewer than `min_images_per_id` images (pids then relabelled 0..N-1, in order).
+
+    A labeled LMDB (luperson_nl, labeled_lmdb; alone, the config makes sure) comes as a `LabeledLMDB`."""
+    if specs[0].name in ("luperson_nl", "labeled_lmdb"):
+        data = LabeledLMDB(specs[0].root, min_images_per_id)
+        log.info("%s %s: %d identities, %d images%s", specs[0].name, specs[0].root, data.num_identities, len(data),
+                 _dropped(data.dropped, min_images_per_id))  # fmt: skip
+        return data
     sets = []
     for spec in specs:
         if spec.name == "labeled_folder":
@@ -66,7 +76,26 @@ def train_records(specs: list[DatasetSpec]) -> list[ds.Record]:
     if len(specs) > 1:
         log.info("combined %d train sets: %d identities, %d images", len(specs), len({r.pid for r in combined}),
                  len(combined))  # fmt: skip
+    if min_images_per_id > 1:
+        counts = Counter(r.pid for r in combined)
+        kept = sorted(pid for pid, n in counts.items() if n >= min_images_per_id)
+        dropped = {"identities": len(counts) - len(kept), "images": sum(n for n in counts.values()
+                                                                        if n < min_images_per_id)}  # fmt: skip
+        new = {pid: i for i, pid in enumerate(kept)}
+        combined = [ds.Record(r.path, new[r.pid], r.camid) for r in combined if r.pid in new]
+        log.info("training on %d identities, %d images%s", len(kept), len(combined),
+                 _dropped(dropped, min_images_per_id))  # fmt: skip
+        if not combined:
+            raise ds.DatasetLayoutError(f"no training identity has {min_images_per_id} images or more "
+                                        "(data.min_images_per_id); nothing to train on")  # fmt: skip
     return combined
+
+
+def _dropped(dropped: dict[str, int], minimum: int) -> str:
+    if not dropped["identities"]:
+        return ""
+    return (f" ({dropped['identities']} identities with fewer than {minimum} images dropped, {dropped['images']} "
+            "images; data.min_images_per_id)")  # fmt: skip
 
 
 def unlabeled_items(spec: DatasetSpec, keys_file: str = "") -> list[str] | list[ds.Record] | ds.LMDBImages:

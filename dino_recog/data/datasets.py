@@ -241,7 +241,7 @@ class ImageDataset(Dataset):
     process's own generators are left as they were.
 
     Args:
-        items: ``list[Record]``, ``list[str]`` of paths, or ``LMDBImages``.
+        items: ``list[Record]``, ``list[str]`` of paths, ``LMDBImages``, or a ``LabeledLMDB`` (labeled_lmdb.py).
         transform: applied to the RGB ``PIL.Image``.
         train: skip (True) or raise on (False) corrupt images.
     """
@@ -264,9 +264,9 @@ class ImageDataset(Dataset):
         item = self.items[i]
         if isinstance(self.items, LMDBImages):
             name, pid, camid = f"{self.items.path}[{self.items.keys[i]}]", -1, -1
-        elif isinstance(item, tuple):
+        elif isinstance(item, tuple):  # a Record, or (bytes, pid, camid) of a LabeledLMDB
             item, pid, camid = item
-            name = item
+            name = self.items.name(i) if hasattr(self.items, "name") else item
         else:
             name, pid, camid = os.fspath(item), -1, -1
         try:

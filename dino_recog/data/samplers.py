@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from torch.utils.data import BatchSampler, Sampler
 
-__all__ = ["PKSampler", "SeededBatches"]
+__all__ = ["PKSampler", "RandomPKSampler", "SeededBatches"]
 
 
 class PKSampler(Sampler[list[int]]):
@@ -26,10 +26,12 @@ class PKSampler(Sampler[list[int]]):
         num_instances: K.
         rank, world_size: this process and the number of processes.
         seed: base seed, shared by all ranks.
+        num_batches: batches per epoch; 0 = as many as the chunks fill (exhausted identities are refilled when
+            more are asked for).
     """
 
     def __init__(self, pids: Sequence[int], num_identities: int, num_instances: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0) -> None:  # fmt: skip
+                 world_size: int = 1, seed: int = 0, num_batches: int = 0) -> None:  # fmt: skip
         self.index_by_pid: dict[int, list[int]] = defaultdict(list)
         for i, pid in enumerate(pids):
             self.index_by_pid[int(pid)].append(i)
@@ -44,7 +46,7 @@ class PKSampler(Sampler[list[int]]):
                 f"processes; lower data.num_identities or the number of processes"
             )
         chunks = sum(max(len(v) // self.k, 1) for v in self.index_by_pid.values())
-        self.num_batches = max(chunks // per_step, 1)
+        self.num_batches = num_batches or max(chunks // per_step, 1)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -71,6 +73,76 @@ class PKSampler(Sampler[list[int]]):
             chosen = rng.choice(len(avail), per_step, replace=False, p=weights / weights.sum())
             step = [remaining[avail[c]].pop() for c in chosen]
             yield [i for chunk in step[self.rank * self.p : (self.rank + 1) * self.p] for i in chunk]
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+
+class RandomPKSampler(Sampler[list[int]]):
+    """P x K batches for data sets of millions of images and hundreds of thousands of identities (LUPerson-NL).
+
+    Each step is drawn on its own from (seed, epoch, step): P x world distinct identities, each with probability
+    proportional to its number of images (the identities of uniformly drawn images), rank r taking the r-th group of
+    P, and K images of each (without replacement where it has K, with replacement otherwise). Memory is three integer
+    arrays over the images, work per step O(P x K x world), and an epoch can start at any step at no cost (resume).
+    Unlike `PKSampler`, an epoch does not visit every image exactly once.
+
+    Args:
+        pids: the identity of every sample (any integer array-like).
+        num_identities, num_instances: P per process and K.
+        rank, world_size: this process and the number of processes.
+        seed: base seed, shared by all ranks.
+        num_batches: batches per epoch; 0 = images // (P x K x world).
+    """
+
+    def __init__(self, pids: Sequence[int] | np.ndarray, num_identities: int, num_instances: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, num_batches: int = 0) -> None:  # fmt: skip
+        pids = np.asarray(pids)
+        self.order = np.argsort(pids, kind="stable")  # the images grouped by identity
+        _, self.starts, self.counts = np.unique(pids[self.order], return_index=True, return_counts=True)
+        self.p, self.k, self.rank, self.world = num_identities, num_instances, rank, world_size
+        self.seed, self.epoch = seed, 0
+        if len(self.counts) < self.p * self.world:
+            raise ValueError(
+                f"{len(self.counts)} identities cannot fill a step of {self.p} identities per process x {self.world} "
+                f"processes; lower data.num_identities or the number of processes"
+            )
+        self.num_batches = num_batches or max(len(pids) // (self.p * self.k * self.world), 1)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _identities(self, rng: np.random.Generator) -> np.ndarray:
+        """P x world distinct identities, image-weighted; uniform over the rest if a few huge ones keep recurring."""
+        need, n = self.p * self.world, int(self.counts.sum())
+        chosen = np.empty(0, dtype=np.int64)
+        for _ in range(8):
+            ids = np.searchsorted(self.starts, rng.integers(0, n, 2 * need), side="right") - 1
+            ids = np.concatenate([chosen, ids])
+            _, first = np.unique(ids, return_index=True)
+            chosen = ids[np.sort(first)][:need]
+            if len(chosen) == need:
+                return chosen
+        rest = np.setdiff1d(np.arange(len(self.counts)), chosen)
+        return np.concatenate([chosen, rng.choice(rest, need - len(chosen), replace=False)])
+
+    def batch(self, b: int) -> list[int]:
+        """Batch `b` of the current epoch on this rank."""
+        ids = self._identities(np.random.default_rng([self.seed, self.epoch, b]))[self.rank * self.p :][: self.p]
+        rng = np.random.default_rng([self.seed, self.epoch, b, self.rank, 1])
+        out = []
+        for j in ids:
+            n = int(self.counts[j])
+            offsets = rng.choice(n, self.k, replace=n < self.k)
+            out.extend(self.order[self.starts[j] + offsets].tolist())
+        return out
+
+    def iter_from(self, start: int) -> Iterator[tuple[int, list[int]]]:
+        """(b, batch b) from batch `start` on, without drawing the ones before."""
+        return ((b, self.batch(b)) for b in range(start, self.num_batches))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (batch for _, batch in self.iter_from(0))
 
     def __len__(self) -> int:
         return self.num_batches
@@ -104,9 +176,11 @@ class SeededBatches(Sampler[list[tuple[int, int]]]):
             inner.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for b, batch in enumerate(self.batches):
-            if b < self.start:
-                continue  # the plan of the whole epoch is still drawn, so the remaining batches are the same
+        if hasattr(self.batches, "iter_from"):  # each batch drawn on its own: start where asked
+            batches = self.batches.iter_from(self.start)
+        else:  # the plan of the whole epoch is still drawn, so the remaining batches are the same
+            batches = ((b, batch) for b, batch in enumerate(self.batches) if b >= self.start)
+        for b, batch in batches:
             seeds = np.random.default_rng([self.seed, self.epoch, self.rank, b]).integers(0, 2**62, len(batch))
             yield [(int(i), int(s)) for i, s in zip(batch, seeds)]
 
