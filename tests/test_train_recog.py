@@ -153,10 +153,11 @@ def test_more_processes_than_identities_is_refused(small_demo, tmp_path, monkeyp
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # about 70 s on 2 idle cores
-def test_partial_fc_on_an_lmdb_learns_on_two_processes_and_resumes_exactly_only_on_two(demo_set, tmp_path):
+def test_partial_fc_on_an_lmdb_learns_on_two_processes_and_resumes_exactly(demo_set, tmp_path):
     """loss.partial_fc with CE, CosFace and ArcFace on a labeled LMDB of the demo identities: each rank keeps half of
     the 150 classes of each in its own shard file, the model (and model.pth) has no classifier, it learns, and a
-    resume from a mid-epoch checkpoint on 2 processes continues bit-identically; on 1 process it is refused."""
+    resume from a mid-epoch checkpoint on 2 processes continues bit-identically (on another number of processes it
+    is refused: tests/test_training.py)."""
     records = ds.load_market1501(demo_set / "market").train
     lmdb_root = build_lmdb(records, tmp_path / "lmdb")
     extra = ["train.epochs=6", "eval.eval_every=6", "data.num_identities=8", "train.lr=0.001",
@@ -185,10 +186,9 @@ def test_partial_fc_on_an_lmdb_learns_on_two_processes_and_resumes_exactly_only_
 
     mid = ckpt.list_checkpoints(ref)[1]  # the last mid-epoch checkpoint of epoch 6
     assert mid.name == "checkpoint_0005_000020.pth"
-    for name in ("run", "one"):
-        (tmp_path / name).mkdir()
-        for f in ref.glob(mid.stem + "*.pth"):
-            shutil.copy(f, tmp_path / name / f.name)
+    (tmp_path / "run").mkdir()
+    for f in ref.glob(mid.stem + "*.pth"):  # with its shards
+        shutil.copy(f, tmp_path / "run" / f.name)
     r = train_sh("cpu", 2, "train_recog.py", *recog_args(demo_set / "market", tmp_path / "run", *extra))
     assert r.returncode == 0, r.stderr[-3000:]
     resumed = f"resumed from {tmp_path / 'run' / mid.name} at epoch 5, step 20"
@@ -201,6 +201,3 @@ def test_partial_fc_on_an_lmdb_learns_on_two_processes_and_resumes_exactly_only_
                   for d in (ref, tmp_path / "run"))  # fmt: skip
         for name in ("ce", "cosface", "arcface"):
             assert torch.equal(sa["shards"][name]["weight"], sb["shards"][name]["weight"]), (i, name)
-    r = train_sh("cpu", 1, "train_recog.py", *recog_args(demo_set / "market", tmp_path / "one", *extra))
-    assert r.returncode != 0
-    assert "were written by 2 processes, this run has 1; a Partial FC run resumes on the number" in r.stderr

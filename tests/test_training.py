@@ -23,8 +23,13 @@ def reid_run(out: Path, *extra: str, seed: int = 0) -> TrainingRun:
     torch.manual_seed(seed)
     task = build_reid_task(cfg, num_classes=4)
     opts = {"optimizer": build_optimizer("adamw", task.param_groups(), 1e-3, 0.01)}
+    sharded = ()
+    if task.shards():
+        sharded = ("partial_fc_optimizer",)
+        opts[sharded[0]] = build_optimizer("sgd", task.shard_param_groups(), 1e-3, 0.01)
     opts.update(zip(["center_optimizer"], task.extra_optimizers()))
-    return TrainingRun(cfg, task, opts, steps_per_epoch=5, extra=lambda: {"kind": "reid_model", "best": {"mAP": 0.1}})
+    return TrainingRun(cfg, task, opts, steps_per_epoch=5, sharded=sharded,
+                       extra=lambda: {"kind": "reid_model", "best": {"mAP": 0.1}})  # fmt: skip
 
 
 def states(run: TrainingRun) -> dict[str, torch.Tensor]:
@@ -71,6 +76,29 @@ def test_resume_refuses_loss_state_the_config_does_not_switch_on(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match=r"checkpoint_0001.pth: has a cosface loss, which the config does "
                        r"not switch on"):  # fmt: skip
         reid_run(tmp_path, "loss.cosface_weight=0", "run.resume_changed=allow").resume()
+
+
+def test_sharded_classifiers_are_saved_per_rank_and_resume_only_on_that_many_processes(tmp_path, monkeypatch):
+    a = reid_run(tmp_path, "loss.partial_fc=true", seed=1)
+    path = a.save(1, step_in_epoch=2)
+    shard = ckpt.load_checkpoint(ckpt.shard_path(path, 0, 1))
+    assert set(shard["shards"]) == {"ce", "cosface"} and shard["partial_fc_optimizer"]["param_groups"]
+    b = reid_run(tmp_path, "loss.partial_fc=true", seed=2)
+    assert b.resume() is not None
+    for name, module in b.shards.items():
+        assert torch.equal(module.weight, a.shards[name].weight), name
+    monkeypatch.setattr("dino_recog.distributed.get_world_size", lambda: 3)  # as if relaunched with 3 processes
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoint_0001_000002.pth: its sharded classifiers \(ce, "
+                       r"cosface\) were written by 1 processes, this run has 3; a Partial FC run resumes on the number "
+                       r"of processes that wrote it: 1"):  # fmt: skip
+        b.resume()
+    monkeypatch.undo()
+    with pytest.raises(ckpt.CheckpointError, match=r"head.classifier.weight: missing from the checkpoint\nconfig keys "
+                       r"changed since that checkpoint: loss.partial_fc True -> False"):  # fmt: skip
+        reid_run(tmp_path, "run.resume_changed=allow").resume()
+    ckpt.shard_path(path, 0, 1).unlink()
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoint_0001_000002.rank0-of-1.pth: checkpoint not found"):
+        reid_run(tmp_path, "loss.partial_fc=true").resume()
 
 
 def test_dino_checkpoint_keys_are_the_parts(tmp_path):
