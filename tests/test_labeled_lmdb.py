@@ -53,6 +53,11 @@ def test_reads_the_luperson_nl_release_and_drops_small_identities(tmp_path):
     # The labels are cached as memory-mapped arrays, which the next reader (rank, worker) maps.
     again = LabeledLMDB(tmp_path / "lupnl_lmdb")
     assert isinstance(again._keys, np.memmap) and len(again) == 8 and again.dropped == {"identities": 0, "images": 0}
+    # What a spawned DataLoader worker receives: where to map the arrays from, not a copy of them.
+    blob = pickle.dumps(data)
+    assert len(blob) < 500
+    copy = pickle.loads(blob)
+    assert copy.pids.tolist() == data.pids.tolist() and copy[5] == data[5] and isinstance(copy._keys, np.memmap)
 
 
 def test_train_records_reads_an_lmdb_set_and_filters_folders_too(small_demo, tmp_path):

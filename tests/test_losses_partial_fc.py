@@ -2,11 +2,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import train_sh
 
 from dino_recog.losses import ArcFaceLoss, CombinedMarginLoss, CosFaceLoss, CrossEntropyLabelSmooth
 from dino_recog.losses.metric import margin_target
-from dino_recog.losses.partial_fc import PartialFC, shard_range
+from dino_recog.losses.partial_fc import LabelCorrection, PartialFC, shard_range
 
 
 def replicated(kind, s, margins, eps, weight):
@@ -137,3 +138,63 @@ def test_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
                 torch.testing.assert_close(got["feature_grad"], 2 * f_grad[rows[i]], atol=1e-5, rtol=1e-5)
                 shard = slice(got["first"], got["first"] + got["num_local"])
                 torch.testing.assert_close(got["weight_grad"], w_grad[shard], atol=1e-5, rtol=1e-5)
+    # Label correction across the two processes is the one-process correction of the whole batch.
+    correction = LabelCorrection(start_step=1, alpha=0.5, threshold=0.3, t=0.1, momentum=0.5)  # as the script's
+    one = PartialFC(8, 11, "ce", sample_rate=1.0, correction=correction)
+    with torch.no_grad():
+        one.weight.copy_(3 * ranks[0]["weight"])
+    losses = [one(ranks[0]["features"], labels).detach() for _ in range(2)]
+    assert int(one.corrected) > 0  # the case corrects some labels
+    for r in ranks:
+        assert r["correction"]["corrected"] == int(one.corrected)
+        torch.testing.assert_close(torch.stack(r["correction"]["losses"]), torch.stack(losses))
+    torch.testing.assert_close(torch.cat([r["correction"]["prototypes"] for r in ranks]), one.prototypes)
+
+
+def test_label_correction_replaces_confident_labels_and_moves_the_prototypes():
+    """LabelCorrection on one process, against the formula computed by hand: nothing changes before its start step;
+    then a label becomes argmax of alpha softmax(z) + (1 - alpha) softmax(<f, P> / t) when that passes the threshold."""
+    w = torch.tensor([[4.0, 0.0], [0.0, 4.0], [-4.0, 0.0]])
+    f = torch.tensor([[1.0, 0.1], [0.1, 1.0], [-1.0, 0.0], [0.9, -0.1]])
+    y = torch.tensor([0, 1, 2, 1])  # the last one looks like class 0
+    c = LabelCorrection(start_step=1, alpha=0.5, threshold=0.6, t=0.1, momentum=0.5)
+    pfc = PartialFC(2, 3, "ce", correction=c)
+    with torch.no_grad():
+        pfc.weight.copy_(w)
+    loss0 = pfc(f, y)  # step 0: before the start, only the prototypes move (from 0, momentum 0.5)
+    torch.testing.assert_close(loss0, F.cross_entropy(f @ w.t(), y))
+    n = F.normalize(f, dim=1)
+    protos = F.normalize(torch.stack([n[0], (n[1] + n[3]) / 2, n[2]]) * 0.5, dim=1)
+    torch.testing.assert_close(pfc.prototypes, protos)
+    assert int(pfc.corrected) == 0
+    soft = 0.5 * F.softmax(f @ w.t(), 1) + 0.5 * F.softmax(n @ protos.t() / 0.1, 1)
+    score, best = soft.max(1)
+    expected = torch.where(score > 0.6, best, y)
+    assert expected.tolist() == [0, 1, 2, 0]  # the hand-built case: only the mislabelled sample changes
+    loss1 = pfc(f, y)
+    torch.testing.assert_close(loss1, F.cross_entropy(f @ w.t(), expected))
+    assert int(pfc.corrected) == 1
+    means = torch.stack([(n[0] + n[3]) / 2, n[1], n[2]])  # the prototypes move with the corrected labels
+    torch.testing.assert_close(pfc.prototypes, F.normalize(0.5 * protos + 0.5 * means, dim=1))
+    pfc.eval()
+    pfc(f, y)
+    assert int(pfc.corrected) == 1  # evaluation corrects nothing
+
+
+def test_label_correction_is_a_config_option_of_the_sharded_classifier():
+    from dino_recog import config as C
+    from dino_recog.tasks import build_reid_task
+
+    with pytest.raises(C.ConfigError, match=r"loss.label_correction needs loss.partial_fc=true"):
+        C.load(None, ["loss.label_correction=true"], cls=C.RecogConfig)
+    cfg = C.load(None, ["model.arch=vit_tiny", "model.depth=1", "model.pretrained=", "aug.size=[32,16]",
+                        "model.patch_size=8", "loss.partial_fc=true", "loss.label_correction=true",
+                        "loss.cosface_weight=1", "loss.label_correction_start_epoch=3"], cls=C.RecogConfig)  # fmt: skip
+    task = build_reid_task(cfg, num_classes=7, steps_per_epoch=10)
+    shards = task.shards()
+    assert shards["ce"].correction == LabelCorrection(30, 0.5, 0.8, 0.07, 0.999)  # PNL's values, from epoch 3
+    assert shards["cosface"].correction is None  # one classifier corrects
+    assert shards["ce"].prototypes.shape == (7, 192)
+    task.train()
+    task((torch.randn(4, 3, 32, 16), torch.tensor([0, 0, 5, 5])), None)
+    assert task.epoch_stats()["labels_corrected"] == 0  # logged with every epoch (none yet: from epoch 3)

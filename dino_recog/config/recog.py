@@ -140,6 +140,13 @@ class RecogLossConfig:
     partial_fc: bool = False
     # fraction of each shard's classes scored per step, the batch's identities always among them (paper 0.1)
     partial_fc_sample_rate: float = declare(0.1, _SAMPLE_RATE)
+    # prototype-guided correction of noisy labels (PNL, Zhu et al. 2022) in the sharded ce (or first) classifier
+    label_correction: bool = False
+    label_correction_start_epoch: int = non_negative(11)  # epochs before it starts (PNL 11)
+    label_correction_alpha: float = unit_interval(0.5)  # weight of the classifier against the prototypes (PNL 0.5)
+    label_correction_threshold: float = unit_interval(0.8)  # confidence above which a label is replaced (PNL 0.8)
+    label_correction_t: float = positive(0.07)  # temperature of the prototype similarities (PNL 0.07)
+    label_correction_momentum: float = unit_interval(0.999)  # moving average of the prototypes (PNL 0.999)
     center_weight: float = non_negative(0.0)  # center loss weight (BoT 5e-4); 0 = off
     center_lr: float = positive(0.5)  # SGD lr of the class centres (BoT 0.5)
     distill_weight: float = non_negative(0.0)  # alpha of knowledge distillation (Hinton et al. 2015); 0 = off
@@ -155,6 +162,9 @@ class RecogLossConfig:
             raise ConfigError(f"{path}.distill_teacher: empty while distill_weight > 0; expected a checkpoint path")
         if sum(getattr(self, f.name) for f in dataclasses.fields(self) if f.name.endswith("_weight")) == 0:
             raise ConfigError(f"{path}: every loss weight is 0; expected at least one loss")
+        if self.label_correction and not self.partial_fc:
+            raise ConfigError(f"{path}.label_correction needs {path}.partial_fc=true: it runs in the sharded "
+                              "classifier (on one process with partial_fc_sample_rate 1 that is the plain classifier)")
         if self.partial_fc:
             if self.distill_weight > 0:
                 raise ConfigError(f"{path}.partial_fc with {path}.distill_weight={self.distill_weight}: distillation "

@@ -7,6 +7,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from .. import distributed as dist
 from ..config import DatasetSpec
 from . import datasets as ds
 from .demo import ensure_demo
@@ -57,6 +58,9 @@ def train_records(specs: list[DatasetSpec], min_images_per_id: int = 0) -> list[
 
     A labeled LMDB (luperson_nl, labeled_lmdb; alone, the config makes sure) comes as a `LabeledLMDB`."""
     if specs[0].name in ("luperson_nl", "labeled_lmdb"):
+        # Rank 0 reads the label file and writes the shared cache; the other ranks then map it.
+        dist.run_on_main(lambda: LabeledLMDB(specs[0].root, min_images_per_id))
+        dist.barrier()
         data = LabeledLMDB(specs[0].root, min_images_per_id)
         log.info("%s %s: %d identities, %d images%s", specs[0].name, specs[0].root, data.num_identities, len(data),
                  _dropped(data.dropped, min_images_per_id))  # fmt: skip

@@ -135,7 +135,7 @@ class LabeledLMDB:
     """
 
     def __init__(self, root: str | os.PathLike, min_images_per_id: int = 0) -> None:
-        self.root = Path(root)
+        self.root, self.min_images_per_id = Path(root), min_images_per_id
         if not self.root.is_dir():
             raise DatasetLayoutError(f"{self.root}: not a folder; expected a labeled LMDB folder")
         self.path = os.fspath(_lmdb_dir(self.root).resolve())
@@ -166,6 +166,13 @@ class LabeledLMDB:
             raise DatasetLayoutError(f"{self.label_file}: {len(missing)} of {len(sample)} sampled keys are not in the "
                                      f"LMDB {self.path} (e.g. {', '.join(map(repr, missing[:3]))}); expected the "
                                      "label file of this LMDB")  # fmt: skip
+
+    def __getstate__(self) -> dict:
+        # A spawned DataLoader worker maps the cached arrays again rather than receive a pickled copy of them.
+        return {"root": self.root, "min_images_per_id": self.min_images_per_id}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["root"], state["min_images_per_id"])
 
     def __len__(self) -> int:
         return len(self.index)

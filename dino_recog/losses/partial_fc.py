@@ -9,6 +9,8 @@ all-reduced max and sum, so no process ever holds the C-wide logits or the whole
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.distributed as tdist
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 from .. import distributed as dist
 from .metric import margin_target
 
-__all__ = ["KINDS", "PartialFC", "shard_range"]
+__all__ = ["KINDS", "LabelCorrection", "PartialFC", "shard_range"]
 
 KINDS = ("ce", "cosface", "arcface", "combined")
 
@@ -118,11 +120,12 @@ class PartialFC(nn.Module):
         sample_rate: the fraction of each shard's classes scored per step (positives always); 1 = all.
         epsilon: label smoothing (Szegedy et al. 2016) over the scored classes.
         seed: base seed of the negative sampling and of the shard's initialisation.
+        correction: prototype-guided label correction (`LabelCorrection`), or None.
     """
 
     def __init__(self, in_features: int, num_classes: int, kind: str = "cosface", s: float = 30.0,
                  margins: tuple[float, float, float] = (1.0, 0.0, 0.35), sample_rate: float = 1.0,
-                 epsilon: float = 0.0, seed: int = 0) -> None:  # fmt: skip
+                 epsilon: float = 0.0, seed: int = 0, correction: LabelCorrection | None = None) -> None:  # fmt: skip
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"partial FC loss {kind!r}: expected one of {', '.join(KINDS)}")
@@ -144,6 +147,11 @@ class PartialFC(nn.Module):
         self.weight = nn.Parameter(torch.randn(self.num_local, in_features, generator=g) * std)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.last_index: torch.Tensor | None = None  # the local classes scored by the last training step
+        self.correction = correction
+        if correction is not None:
+            # the class prototypes of this rank's shard, in the space of the L2-normalised embeddings
+            self.register_buffer("prototypes", torch.zeros(self.num_local, in_features))
+            self.register_buffer("corrected", torch.zeros((), dtype=torch.long), persistent=False)
 
     def extra_repr(self) -> str:
         return (f"{self.kind}, classes {self.first}..{self.first + self.num_local - 1} of {self.num_classes} "
@@ -164,6 +172,8 @@ class PartialFC(nn.Module):
         if self.world_size > 1:
             features = _GatherWithGrad.apply(features)
             labels = torch.cat(dist.all_gather_variable(labels.contiguous()))
+        if self.correction is not None and self.training:
+            labels = self._correct(features.detach(), labels)
         local = labels - self.first
         mine = (local >= 0) & (local < self.num_local)
         target = torch.where(mine, local, -1)
@@ -188,6 +198,64 @@ class PartialFC(nn.Module):
             here = torch.tensor(self.num_local if index is None else len(index), device=logits.device)
             num_scored = int(dist.all_reduce_sum(here))
         return _ShardedCrossEntropy.apply(logits, target, self.epsilon, num_scored)
+
+
+    @torch.no_grad()
+    def _correct(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The labels of the global batch after `LabelCorrection` (from its start step on), then the prototype update
+        with them."""
+        c = self.correction
+        f = F.normalize(features.float(), dim=1)
+        if int(self.step) >= c.start_step:
+            weight = self.weight.float()
+            logits = f @ F.normalize(weight, dim=1).t() * self.s if self.kind != "ce" else features.float() @ weight.t()
+            soft = c.alpha * _sharded_softmax(logits) + (1 - c.alpha) * _sharded_softmax(f @ self.prototypes.t() / c.t)
+            score, index = soft.max(1) if self.num_local else (soft.new_zeros(len(f)), labels.new_zeros(len(f)))
+            scores, indexes = dist.all_gather_variable(score[None]), dist.all_gather_variable(index[None] + self.first)
+            best = torch.cat(scores).argmax(0)  # the rank whose shard holds the most confident class
+            score = torch.cat(scores).gather(0, best[None])[0]
+            index = torch.cat(indexes).gather(0, best[None])[0]
+            new = torch.where(score > c.threshold, index, labels)
+            self.corrected += (new != labels).sum()
+            labels = new
+        local = labels - self.first
+        mine = (local >= 0) & (local < self.num_local)
+        if mine.any():  # each class's prototype moves towards the mean of its batch features
+            rows = local[mine]
+            sums = torch.zeros_like(self.prototypes).index_add_(0, rows, f[mine])
+            counts = torch.zeros(self.num_local, device=f.device).index_add_(0, rows, f.new_ones(len(rows)))
+            seen = counts > 0
+            mean = sums[seen] / counts[seen, None]
+            self.prototypes[seen] = F.normalize(c.momentum * self.prototypes[seen] + (1 - c.momentum) * mean, dim=1)
+        return labels
+
+
+def _sharded_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the classes of all ranks of (B, n_r) logits split by class (all-reduced max and sum)."""
+    top = dist.all_reduce_max(logits.max(1).values if logits.shape[1] else logits.new_full((len(logits),), -torch.inf))
+    p = (logits - top[:, None]).exp()
+    return p / dist.all_reduce_sum(p.sum(1))[:, None]
+
+
+@dataclass
+class LabelCorrection:
+    """Prototype-guided label correction of noisy labels (Zhu et al. 2022, "Large-Scale Pre-training for Person
+    Re-identification with Noisy Labels", PNL; their `pnl_builder.py`): from step `start_step` on, a sample's label
+    becomes the class c* of
+
+        s = alpha softmax(z) + (1 - alpha) softmax(<f, P> / t),   c* = argmax_c s_c,   if s_c* > threshold
+
+    with z the classifier's logits over all classes and P the class prototypes, each the moving average (`momentum`)
+    of the L2-normalised embeddings labelled with its class, renormalised. PNL's values: alpha 0.5, threshold 0.8,
+    t 0.07, momentum 0.999, from epoch 11. PNL updates a prototype once per sample of the batch; here once per class
+    with the mean of its samples. The corrected labels train the classifier of that step and move the prototypes.
+    """
+
+    start_step: int = 0
+    alpha: float = 0.5
+    threshold: float = 0.8
+    t: float = 0.07
+    momentum: float = 0.999
 
 
 def _seed(seed: int, rank: int, step: int) -> int:

@@ -30,6 +30,7 @@ from ..losses import (
     PartialFC,
     TripletLoss,
 )
+from ..losses.partial_fc import LabelCorrection
 from ..models import BackboneSpec, ReIDModel, build_reid_model, reid_spec
 from ..optim import reid_param_groups
 from ..schedules import cosine_schedule, step_schedule
@@ -217,10 +218,15 @@ class ReIDTask(nn.Module):
         return {}  # the loop logs lr, loss and terms; nothing more to monitor here
 
     def epoch_stats(self) -> dict[str, float]:
-        """The classifier's accuracy on this rank's training batches since the last call."""
+        """The classifier's accuracy on this rank's training batches since the last call, and how many labels of
+        the global batches label correction replaced."""
         stats = {"train_acc": self.correct.item() / self.seen.item()} if self.seen.item() else {}
         self.correct.zero_()
         self.seen.zero_()
+        for t in self.sharded:
+            if t.loss.correction is not None:
+                stats["labels_corrected"] = int(t.loss.corrected.item())
+                t.loss.corrected.zero_()
         return stats
 
 
@@ -291,7 +297,13 @@ def build_reid_task(cfg: C.RecogConfig, num_classes: int, steps_per_epoch: int =
         if not weight or (name == "ce" and lc.distill_weight):  # the distillation loss contains the cross-entropy
             continue
         if lc.partial_fc:  # the classifier reads the BN-neck feature, as the model's own classifier would
-            pfc = PartialFC(dim, num_classes, kind, s, margins, lc.partial_fc_sample_rate, eps, cfg.run.seed)
+            correction = None
+            if lc.label_correction and not sharded:  # ce when it is on, else the first classifier loss
+                correction = LabelCorrection(lc.label_correction_start_epoch * steps_per_epoch,
+                                             lc.label_correction_alpha, lc.label_correction_threshold,
+                                             lc.label_correction_t, lc.label_correction_momentum)  # fmt: skip
+            pfc = PartialFC(dim, num_classes, kind, s, margins, lc.partial_fc_sample_rate, eps, cfg.run.seed,
+                            correction)  # fmt: skip
             sharded.append(LossTerm(name, weight, pfc, ("neck", "labels"), lr_scale=head_lr))
         elif name == "ce":
             terms.append(LossTerm(name, weight, replicated(), ("logits", "labels")))

@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 
 from dino_recog import distributed as D
-from dino_recog.losses.partial_fc import PartialFC
+from dino_recog.losses.partial_fc import LabelCorrection, PartialFC
 
 SPLIT = (5, 7)
 CLASSES, DIM = 11, 8
+CORRECTION = LabelCorrection(start_step=1, alpha=0.5, threshold=0.3, t=0.1, momentum=0.5)
 CASES = {  # name: (kind, s, margins, epsilon)
     "ce": ("ce", 1.0, (1.0, 0.0, 0.0), 0.1),
     "cosface": ("cosface", 30.0, (1.0, 0.0, 0.35), 0.0),
@@ -48,6 +49,12 @@ def main(out_dir: str) -> None:
                     "loss": loss.detach(), "feature_grad": f.grad, "weight_grad": pfc.weight.grad,
                     "first": pfc.first, "num_local": pfc.num_local, "index": pfc.last_index,
                 }  # fmt: skip
+        # Label correction: the second step corrects with the classifier and the prototypes of the first.
+        pfc = PartialFC(DIM, CLASSES, "ce", sample_rate=1.0, correction=CORRECTION)
+        with torch.no_grad():
+            pfc.weight.copy_(3 * weight[pfc.first : pfc.first + pfc.num_local])
+        losses = [pfc(share(features, rank), share(labels, rank)).detach() for _ in range(2)]
+        saved["correction"] = {"losses": losses, "prototypes": pfc.prototypes, "corrected": int(pfc.corrected)}
         torch.save(saved, Path(out_dir, f"rank{rank}.pt"))
 
 
