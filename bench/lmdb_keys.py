@@ -4,7 +4,7 @@
 
 Builds a synthetic LMDB per size in a temporary folder (LUPerson-NL's key format, 16-byte values: only the keys
 matter here) with LUPerson-NL's keys.pkl, then, each in a fresh process:
-  - pickle.load of keys.pkl (what LUPerson-NL's own reader does in every process), and its forked workers;
+  - keys.pkl as Python lists (what LUPerson-NL's own reader holds in every process), and its forked workers;
   - the first LabeledLMDB: reads keys.pkl safely and writes the memory-mapped cache;
   - a later LabeledLMDB (every other rank, every run after the first): maps the cache;
   - per forked DataLoader-style worker that reads every key once: its private memory (smaps_rollup), i.e. what the
@@ -60,8 +60,9 @@ def measure(what: str, root: Path, workers: int) -> dict:
     base = _rss_mb()
     t = time.perf_counter()
     if what.startswith("pickle"):
-        with open(root / "keys.pkl", "rb") as fh:
-            keys = pickle.load(fh)["keys"]
+        from dino_recog.data.labeled_lmdb import read_keys_pickle
+
+        keys = read_keys_pickle(root / "keys.pkl")[0]  # the lists LUPerson-NL's reader holds in every process
         touch = keys.__getitem__  # a Python list: reading an entry writes its reference count
     else:
         data = LabeledLMDB(root)
@@ -101,7 +102,7 @@ def main() -> None:
             t = time.perf_counter()
             build(Path(tmp), n)
             row = {"keys": n, "build_s": time.perf_counter() - t}
-            for what in ("pickle.load", "pickle workers", "first LabeledLMDB", "cached LabeledLMDB", "workers"):
+            for what in ("pickle lists", "pickle workers", "first LabeledLMDB", "cached LabeledLMDB", "workers"):
                 out = subprocess.run([sys.executable, __file__, "--one", what, tmp, "--workers", str(args.workers)],
                                      capture_output=True, text=True, check=True)  # fmt: skip
                 row[what] = json.loads(out.stdout.strip().splitlines()[-1])
