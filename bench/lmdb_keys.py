@@ -55,6 +55,7 @@ def _rss_mb() -> float:
 
 def measure(what: str, root: Path, workers: int) -> dict:
     """Run in a fresh process: one of the measurements, as a dict."""
+    import dino_recog.data.datasets  # noqa: F401  (torch, PIL, lmdb: loaded before the baseline)
     from dino_recog.data.labeled_lmdb import LabeledLMDB
 
     base = _rss_mb()
