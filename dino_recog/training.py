@@ -47,9 +47,9 @@ class TrainingRun:
     def __init__(self, cfg, task: nn.Module, optimizers: Mapping[str, torch.optim.Optimizer], steps_per_epoch: int,
                  keep_every: int = 0, extra: Callable[[], dict] | None = None,
                  sharded: tuple[str, ...] = ()) -> None:  # fmt: skip
-        main, rest = next(iter(optimizers)), [k for k in optimizers if k not in sharded]
+        main = next(iter(optimizers))
         # the main optimiser, then the sharded ones (both scheduled: LoopOptions.scheduled), then the others
-        order = [main, *[k for k in sharded if k != main], *[k for k in rest if k != main]]
+        order = [main, *sharded, *(k for k in optimizers if k != main and k not in sharded)]
         self.cfg, self.task, self.optimizers = cfg, task, {k: optimizers[k] for k in order}
         self.sharded = tuple(sharded)
         self.shards: dict[str, nn.Module] = getattr(task, "shards", dict)()

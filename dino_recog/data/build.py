@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,7 +10,7 @@ from .. import distributed as dist
 from ..config import DatasetSpec
 from . import datasets as ds
 from .demo import ensure_demo
-from .labeled_lmdb import LabeledLMDB
+from .labeled_lmdb import LabeledLMDB, keep_identities
 from .transforms import reid_test_transform
 
 __all__ = ["labeled_data", "query_gallery", "train_records", "unlabeled_items"]
@@ -59,9 +58,9 @@ def train_records(specs: list[DatasetSpec], min_images_per_id: int = 0) -> list[
     A labeled LMDB (luperson_nl, labeled_lmdb; alone, the config makes sure) comes as a `LabeledLMDB`."""
     if specs[0].name in ("luperson_nl", "labeled_lmdb"):
         # Rank 0 reads the label file and writes the shared cache; the other ranks then map it.
-        dist.run_on_main(lambda: LabeledLMDB(specs[0].root, min_images_per_id))
+        data = dist.run_on_main(lambda: LabeledLMDB(specs[0].root, min_images_per_id))
         dist.barrier()
-        data = LabeledLMDB(specs[0].root, min_images_per_id)
+        data = data or LabeledLMDB(specs[0].root, min_images_per_id)
         log.info("%s %s: %d identities, %d images%s", specs[0].name, specs[0].root, data.num_identities, len(data),
                  _dropped(data.dropped, min_images_per_id))  # fmt: skip
         return data
@@ -81,13 +80,9 @@ def train_records(specs: list[DatasetSpec], min_images_per_id: int = 0) -> list[
         log.info("combined %d train sets: %d identities, %d images", len(specs), len({r.pid for r in combined}),
                  len(combined))  # fmt: skip
     if min_images_per_id > 1:
-        counts = Counter(r.pid for r in combined)
-        kept = sorted(pid for pid, n in counts.items() if n >= min_images_per_id)
-        dropped = {"identities": len(counts) - len(kept), "images": sum(n for n in counts.values()
-                                                                        if n < min_images_per_id)}  # fmt: skip
-        new = {pid: i for i, pid in enumerate(kept)}
-        combined = [ds.Record(r.path, new[r.pid], r.camid) for r in combined if r.pid in new]
-        log.info("training on %d identities, %d images%s", len(kept), len(combined),
+        kept, labels, dropped = keep_identities([r.pid for r in combined], min_images_per_id)
+        combined = [ds.Record(combined[i].path, int(pid), combined[i].camid) for i, pid in zip(kept, labels)]
+        log.info("training on %d identities, %d images%s", len(set(labels.tolist())), len(combined),
                  _dropped(dropped, min_images_per_id))  # fmt: skip
         if not combined:
             raise ds.DatasetLayoutError(f"no training identity has {min_images_per_id} images or more "

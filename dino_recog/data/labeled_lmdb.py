@@ -28,7 +28,7 @@ import numpy as np
 from ..atomic import atomic_write
 from .parsers import DatasetLayoutError
 
-__all__ = ["LabeledLMDB", "read_keys_pickle", "read_labels_txt", "write_labels_txt"]
+__all__ = ["LabeledLMDB", "keep_identities", "read_keys_pickle", "read_labels_txt", "write_labels_txt"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,21 @@ def read_keys_pickle(path: str | os.PathLike) -> tuple[list[str], list[int]]:
         raise DatasetLayoutError(f"{path}: entry {bad} is key {keys[bad]!r} with pid {pids[bad]!r}; expected a "
                                  "string key and an integer pid")  # fmt: skip
     return keys, [int(p) for p in pids]
+
+
+def keep_identities(pids, minimum: int) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """Which samples belong to identities with at least `minimum` images, and their new labels 0..N-1 (in sorted
+    order of the old ones).
+
+    Returns:
+        (kept: positions of the kept samples, labels: their new labels, dropped: {"identities": n, "images": n}).
+    """
+    unique, inverse, counts = np.unique(np.asarray(pids), return_inverse=True, return_counts=True)
+    keep_ids = counts >= max(minimum, 1)
+    relabel = np.cumsum(keep_ids) - 1  # new label of each kept identity
+    kept = np.flatnonzero(keep_ids[inverse])
+    dropped = {"identities": int((~keep_ids).sum()), "images": int(counts[~keep_ids].sum())}
+    return kept, relabel[inverse[kept]], dropped
 
 
 def _is_int(v) -> bool:
@@ -142,14 +157,9 @@ class LabeledLMDB:
         self.label_file = _label_file(self.root, Path(self.path))
         keys, raw_pids = _cached_labels(self.label_file)
         self._keys = keys
-        unique, inverse, counts = np.unique(raw_pids, return_inverse=True, return_counts=True)
-        keep_ids = counts >= max(min_images_per_id, 1)
-        self.dropped = {"identities": int((~keep_ids).sum()), "images": int(counts[~keep_ids].sum())}
-        relabel = np.cumsum(keep_ids) - 1  # new label of each kept identity
-        kept = keep_ids[inverse]
-        self.index = np.flatnonzero(kept)  # positions in the label file of the kept images
-        self.pids = relabel[inverse[kept]].astype(np.int32)
-        self.num_identities = int(keep_ids.sum())
+        self.index, pids, self.dropped = keep_identities(raw_pids, min_images_per_id)  # index: in the label file
+        self.pids = pids.astype(np.int32)
+        self.num_identities = int(pids.max()) + 1 if len(pids) else 0
         if not len(self.index):
             raise DatasetLayoutError(f"{self.label_file}: no identity has {min_images_per_id} images or more "
                                      "(data.min_images_per_id); nothing to train on")  # fmt: skip

@@ -65,11 +65,7 @@ class _ShardedCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, epsilon: float, num_scored: int) -> torch.Tensor:
         here = target >= 0
         rows = torch.arange(len(target), device=logits.device)
-        top = logits.max(1).values if logits.shape[1] else logits.new_full((len(logits),), -torch.inf)
-        top = dist.all_reduce_max(top)
-        p = (logits - top[:, None]).exp_()
-        total = dist.all_reduce_sum(p.sum(1))
-        p.div_(total[:, None])  # softmax over all ranks' classes; kept for backward
+        p, top, total = _sharded_softmax(logits)  # kept for backward
         z_y = dist.all_reduce_sum(torch.where(here, logits[rows, target.clamp_min(0)], 0.0) if logits.shape[1]
                                   else logits.new_zeros(len(logits)))  # fmt: skip
         loss = total.log() + top - (1.0 - epsilon) * z_y
@@ -209,7 +205,8 @@ class PartialFC(nn.Module):
         if int(self.step) >= c.start_step:
             weight = self.weight.float()
             logits = f @ F.normalize(weight, dim=1).t() * self.s if self.kind != "ce" else features.float() @ weight.t()
-            soft = c.alpha * _sharded_softmax(logits) + (1 - c.alpha) * _sharded_softmax(f @ self.prototypes.t() / c.t)
+            proto_logits = f @ self.prototypes.t() / c.t
+            soft = c.alpha * _sharded_softmax(logits)[0] + (1 - c.alpha) * _sharded_softmax(proto_logits)[0]
             score, index = soft.max(1) if self.num_local else (soft.new_zeros(len(f)), labels.new_zeros(len(f)))
             scores, indexes = dist.all_gather_variable(score[None]), dist.all_gather_variable(index[None] + self.first)
             best = torch.cat(scores).argmax(0)  # the rank whose shard holds the most confident class
@@ -230,11 +227,13 @@ class PartialFC(nn.Module):
         return labels
 
 
-def _sharded_softmax(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over the classes of all ranks of (B, n_r) logits split by class (all-reduced max and sum)."""
+def _sharded_softmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax over the classes of all ranks of (B, n_r) logits split by class: (this rank's probabilities, the
+    all-reduced max and the all-reduced sum of exp(logits - max))."""
     top = dist.all_reduce_max(logits.max(1).values if logits.shape[1] else logits.new_full((len(logits),), -torch.inf))
-    p = (logits - top[:, None]).exp()
-    return p / dist.all_reduce_sum(p.sum(1))[:, None]
+    p = (logits - top[:, None]).exp_()
+    total = dist.all_reduce_sum(p.sum(1))
+    return p.div_(total[:, None]), top, total
 
 
 @dataclass

@@ -99,7 +99,7 @@ class ReIDNet(nn.Module):
     def forward(self, images: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None):
         out = self.model(images)  # {"feat", "neck", "logits"}
         inputs = {**out, "labels": labels, "images": images, "teacher_logits": teacher_logits}
-        return out, {t.name: t(inputs) for t in self.terms}
+        return inputs, {t.name: t(inputs) for t in self.terms}
 
 
 class _DinoAux(nn.Module):
@@ -195,10 +195,9 @@ class ReIDTask(nn.Module):
         if self.distill_teacher is not None:
             with torch.no_grad():
                 teacher_logits = self.distill_teacher(x)["logits"]
-        out, values = dist.ddp_module(self)(x, labels, teacher_logits)
-        if len(self.sharded):  # on the DDP output: the embeddings' gradient reaches the backbone through DDP
-            inputs = {**out, "labels": labels, "images": x, "teacher_logits": teacher_logits}
-            values.update({t.name: t(inputs) for t in self.sharded})
+        out, values = dist.ddp_module(self)(x, labels, teacher_logits)  # out: what the terms read
+        # the sharded terms on the DDP output: the embeddings' gradient reaches the backbone through DDP
+        values.update({t.name: t(out) for t in self.sharded})
         loss = sum(self.terms[k].weight * v for k, v in values.items())
         if out["logits"] is not None:
             self.correct += (out["logits"].detach().argmax(1) == labels).sum()
