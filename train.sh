@@ -97,7 +97,9 @@ fi
 
 # The package is importable from any script without installing it.
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
-cmd=("$PYTHON" -m torch.distributed.run "${args[@]}" "$SCRIPT" "$@")
+# dino_recog.launch is torchrun (torch.distributed.run, same options) ending a failed run with the failed worker's
+# own one-line error rather than torchrun's report of the failed processes.
+cmd=("$PYTHON" -m dino_recog.launch "${args[@]}" "$SCRIPT" "$@")
 if [ -n "${DRY_RUN:-}" ]; then echo "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES ${cmd[*]}"; exit 0; fi
 # The config and the paths it names, checked once here (no torch: well under a second) rather than by every worker,
 # whose messages torchrun would bury under its report of the failed workers.

@@ -14,6 +14,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from .launch import record_worker_error
+
 __all__ = ["check_output_paths", "finite_float", "positive_float", "positive_int", "user_errors"]
 
 _OS_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
@@ -28,7 +30,9 @@ def user_errors() -> Iterator[None]:
     except (ValueError, OSError, RuntimeError) as e:
         if not _is_user_error(e):
             raise
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        message = f"error: {_one_line(e)}"
+        print(message, file=sys.stderr)
+        record_worker_error(message)  # under train.sh, also the run's last line (dino_recog.launch)
         sys.exit(2)
 
 
