@@ -9,6 +9,7 @@ output/demo/recog, ...: the tiny runs of these tests stand in for the demo's), w
   (`dino_recog.preflight`); the training itself is what the learning tests run (tests/test_train_*.py);
 - absolute data paths (`/data/...`) become folders of the demo data under the same names, and every data root and
   run directory the docs name exists there;
+- `pip install ...` (no download here): the versions it names are the pins of requirements.txt;
 - `python -m pytest FILES [-k WORD]`: the files exist and the keyword selects at least one of their tests;
 - in a command, `[--flag ...]` is given (without the brackets) and `[key=value ...]` is left out;
 - every other `python ...` command runs in this interpreter (as `__main__`) and must exit with status 0.
@@ -146,6 +147,10 @@ def run_command(work: Path, command: str, monkeypatch) -> None:
         assert check.returncode == 0, f"{command}: {check.stderr}"
     elif words[:3] == ["python", "-m", "pytest"]:
         check_pytest_selection(words[3:], command)
+    elif words[:2] == ["pip", "install"]:
+        pins = set(re.findall(r"^(\S+==\S+)", (ROOT / "requirements.txt").read_text(), re.M))
+        named = {w for w in words if "==" in w}
+        assert named and named <= pins, f"{command}: {sorted(named - pins)} are not the pins of requirements.txt"
     elif words[0] == "python":
         run_in_process(work, words, monkeypatch)
     else:
@@ -205,5 +210,7 @@ def test_a_command_that_fails_or_has_no_rule_fails_this_test(tmp_path, monkeypat
         run_command(tmp_path, "python -m dino_recog.report missing_run", monkeypatch)
     with pytest.raises(AssertionError, match=r"-k nothing_like_it selects none of"):
         run_command(tmp_path, "python -m pytest tests/test_docs.py -k nothing_like_it", monkeypatch)
+    with pytest.raises(AssertionError, match=r"\['torch==2.0.0'\] are not the pins of requirements.txt"):
+        run_command(tmp_path, "pip install torch==2.0.0", monkeypatch)
     with pytest.raises(pytest.fail.Exception, match=r"no rule in tests/test_docs.py .*: docker run x"):
         run_command(tmp_path, "docker run x", monkeypatch)
