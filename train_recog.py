@@ -46,7 +46,8 @@ def build_data(cfg: C.RecogConfig) -> tuple[DataLoader, SeededBatches, int, tupl
     pids = records.pids if isinstance(records, LabeledLMDB) else np.array([r.pid for r in records])
     num_classes = int(pids.max()) + 1  # labels are 0..N-1
     train_set = ds.ImageDataset(
-        records, reid_train_transform(a.size, a.mean, a.std, a.flip_prob, a.padding, a.erasing_prob, a.color_jitter)
+        records, reid_train_transform(a.size, a.mean, a.std, a.flip_prob, a.padding, a.erasing_prob, a.color_jitter),
+        replace_by_identity=True,  # an undecodable image is replaced by another of its identity: P x K keeps K
     )
     sampler_class = {"pk_epoch": PKSampler, "pk_random": RandomPKSampler}[d.sampler]
     sampler = sampler_class(pids, d.num_identities, d.num_instances, dist.get_rank(), dist.get_world_size(),

@@ -534,3 +534,41 @@ def test_a_market_name_with_a_range_for_a_pid_is_a_layout_error(tmp_path):
         ds.DatasetLayoutError, match=r"cannot parse identity and camera from .*12-34_c1s1_000001_00.jpg"
     ):
         ds.load_market1501(root)
+
+
+def test_an_undecodable_labeled_image_is_replaced_by_another_of_its_identity(tmp_path, caplog):
+    """A P x K batch keeps K images of each identity: the broken one's place goes to another image of the same
+    identity, drawn from the item's seed (the same on a resume), and the broken one is counted as skipped."""
+    from dino_recog.data.samplers import PKSampler, SeededBatches
+
+    records = []
+    for pid in range(3):
+        for j in range(4):
+            path = tmp_path / f"{pid}_{j}.jpg"
+            write_jpg(path, color=(60 * pid, 20 * j, 90))
+            records.append(Record(str(path), pid, j))
+    broken = records[5]  # identity 1
+    Path(broken.path).write_bytes(b"not a jpeg")
+    train = ImageDataset(records, transform=to_tensor, replace_by_identity=True)
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    item = train[(5, 1234)]
+    assert isinstance(item, ds.Replaced) and item.n_bad == 1
+    assert item[1] == 1 and item[3] in (4, 6, 7)  # identity 1, another of its images
+    assert train[(5, 1234)][3] == item[3]  # the same seed draws the same replacement
+    assert {train[(5, s)][3] for s in range(40)} == {4, 6, 7}  # every other image of the identity can stand in
+    assert any(broken.path in r.getMessage() for r in caplog.records)
+    assert ImageDataset(records, transform=to_tensor)[(5, 1234)] is None  # without labels: skipped, as before
+    # an identity whose every other image is broken too: nothing to stand in, skipped
+    for r in records[4:8]:
+        Path(r.path).write_bytes(b"not a jpeg")
+    assert train[(5, 1)] is None
+    write_jpg(Path(records[7].path))
+    alone = ImageDataset(records[5:6], transform=to_tensor, replace_by_identity=True)
+    assert alone[(0, 1)] is None  # the identity's only image
+    # through a DataLoader worker (items pickled) and a P x K sampler: K = 4 images of each identity, image 7 standing
+    # in for the 3 broken ones of identity 1, each of which is counted (and so are the broken ones tried in vain)
+    loader = DataLoader(train, batch_sampler=SeededBatches(PKSampler([r.pid for r in records], 3, 4), seed=0),
+                        num_workers=1, collate_fn=collate_skip_none)  # fmt: skip
+    (imgs, pids, camids, idx), skipped = next(iter(loader))
+    assert sorted(pids.tolist()) == [0] * 4 + [1] * 4 + [2] * 4 and 3 <= skipped <= 3 * 3
+    assert set(idx[pids == 1].tolist()) == {7}

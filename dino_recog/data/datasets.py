@@ -49,6 +49,7 @@ __all__ = [  # with the parsers' names, so every name keeps its old import path
     "Record",
     "ReIDData",
     "collate_skip_none",
+    "Replaced",
     "combine_train_sets",
     "format_table",
     "list_image_folder",
@@ -234,7 +235,11 @@ class ImageDataset(Dataset):
     Items are ``(transform(image), pid, camid, index)``; unlabeled sources give pid = camid = -1. With
     ``train=True`` an undecodable image is logged and returned as ``None`` (drop it with :func:`collate_skip_none`)
     so one bad file among millions does not end a run; with ``train=False`` it raises, since evaluation results must
-    cover every image.
+    cover every image. With ``replace_by_identity=True`` (labeled training items), an undecodable image is replaced
+    instead by another image of the same identity, drawn from the item's seed (so a resumed run draws the same one;
+    up to ``MAX_REPLACEMENTS`` are tried, each once): a P x K batch keeps K images of each identity, which the
+    triplet loss and the sampler's balance rely on. The item then comes as :class:`Replaced`, which
+    :func:`collate_skip_none` counts with the skipped ones; ``None`` only when no other image of the identity decodes.
 
     An item may be asked for as ``dataset[(i, seed)]`` (what :class:`~dino_recog.data.samplers.SeededBatches` yields):
     the transform then draws its randomness (python, numpy and torch CPU generators) from `seed` alone, and the
@@ -244,23 +249,42 @@ class ImageDataset(Dataset):
         items: ``list[Record]``, ``list[str]`` of paths, ``LMDBImages``, or a ``LabeledLMDB`` (labeled_lmdb.py).
         transform: applied to the RGB ``PIL.Image``.
         train: skip (True) or raise on (False) corrupt images.
+        replace_by_identity: replace an undecodable image by another of its identity (labeled items) instead of
+            skipping it.
     """
+
+    MAX_REPLACEMENTS = 8
 
     def __init__(
         self,
         items: Sequence[Record] | Sequence[str] | LMDBImages,
         transform: Callable[[Image.Image], Any] | None = None,
         train: bool = True,
+        replace_by_identity: bool = False,
     ) -> None:
         self.items = items
         self.transform = transform
         self.train = train
+        self.replace_by_identity = replace_by_identity
+        self._by_pid: tuple[np.ndarray, ...] | None = None  # (pids, indices sorted by pid, their pids): on demand
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, int, int, int] | None:
         i, seed = key if isinstance(key, tuple) else (key, None)
+        item = self._load(i, seed)
+        if item is not None or not self.replace_by_identity:
+            return item
+        bad = 1
+        for j in self._same_identity(i, seed)[: self.MAX_REPLACEMENTS]:
+            item = self._load(int(j), seed)
+            if item is not None:
+                return Replaced(item, bad)
+            bad += 1
+        return None
+
+    def _load(self, i: int, seed: int | None) -> tuple[Any, int, int, int] | None:
         item = self.items[i]
         if isinstance(self.items, LMDBImages):
             name, pid, camid = f"{self.items.path}[{self.items.keys[i]}]", -1, -1
@@ -280,6 +304,33 @@ class ImageDataset(Dataset):
             return img, pid, camid, i
         with _seeded(seed) if seed is not None else contextlib.nullcontext():
             return self.transform(img), pid, camid, i
+
+    def __getstate__(self) -> dict:  # DataLoader workers build their own grouping if they need one
+        return {**self.__dict__, "_by_pid": None}
+
+    def _same_identity(self, i: int, seed: int | None) -> np.ndarray:
+        """The other items of item i's identity, in an order drawn from (seed, i)."""
+        if self._by_pid is None:  # built once per worker, at its first undecodable image (not pickled to workers)
+            pids = np.asarray(self.items.pids if hasattr(self.items, "pids") else [r[1] for r in self.items])
+            order = np.argsort(pids, kind="stable")
+            self._by_pid = pids, order, pids[order]
+        pids, order, sorted_pids = self._by_pid
+        lo, hi = np.searchsorted(sorted_pids, pids[i], "left"), np.searchsorted(sorted_pids, pids[i], "right")
+        others = order[lo:hi][order[lo:hi] != i]
+        return np.random.default_rng([(i if seed is None else seed) % 2**63, i]).permutation(others)
+
+
+class Replaced(tuple):
+    """A training item that stands in for an undecodable image of the same identity, after `n_bad` undecodable reads
+    (the image itself and the failed replacements; ImageDataset)."""
+
+    def __new__(cls, item: tuple, n_bad: int) -> Replaced:
+        self = super().__new__(cls, item)
+        self.n_bad = n_bad
+        return self
+
+    def __reduce__(self):  # DataLoader workers send items through pickle: keep the count
+        return Replaced, (tuple(self), self.n_bad)
 
 
 @contextlib.contextmanager
@@ -302,7 +353,9 @@ def collate_skip_none(batch: list[Any]) -> tuple[Any, int]:
     """``default_collate`` over the items that are not ``None``.
 
     Returns:
-        ``(collated, n_skipped)``; ``(None, n_skipped)`` when every item was ``None``.
+        ``(collated, n_skipped)``: n_skipped counts the undecodable images, those replaced (:class:`Replaced`) and
+        those dropped; ``(None, n_skipped)`` when every item was ``None``.
     """
     kept = [item for item in batch if item is not None]
-    return (default_collate(kept) if kept else None), len(batch) - len(kept)
+    replaced = sum(item.n_bad for item in kept if isinstance(item, Replaced))
+    return (default_collate([tuple(item) for item in kept]) if kept else None), len(batch) - len(kept) + replaced
