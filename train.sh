@@ -12,7 +12,9 @@
 # SCRIPT a Python script; ARGS are passed to it unchanged.
 #
 # Environment (all optional):
-#   NNODES, NODE_RANK        multi-node: number of nodes and this node's index (0 on the master node)
+#   NNODES, NODE_RANK        multi-node: number of nodes and this node's index (0 on the master node); inside a SLURM
+#                            job step (srun --ntasks-per-node=1 bash train.sh ...) filled from SLURM's variables, with
+#                            MASTER_ADDR (the first node) and MASTER_PORT (from the job id)
 #   MASTER_ADDR, MASTER_PORT multi-node: address and port of node 0 (MASTER_ADDR required when NNODES > 1; port
 #                            default 29500, checked to be free on node 0 before torchrun starts)
 #   MAX_RESTARTS             torchrun elastic restarts of the whole worker group after a worker fails (default 0):
@@ -62,6 +64,15 @@ elif [[ "$GPUS" =~ ^[0-9]+(,[0-9]+)*$ ]]; then
   export CUDA_VISIBLE_DEVICES=$GPUS
 else
   die "GPUS must be comma-separated GPU ids like 0,1,2,3 or 'cpu', got '$GPUS'"
+fi
+
+# Inside a SLURM allocation (srun --ntasks-per-node=1 bash train.sh ...: one train.sh per node), the nodes, this
+# node's rank and the rendezvous host come from SLURM's variables unless NNODES is set (dino_recog/slurm.py).
+if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${NNODES:-}" ]; then
+  slurm_env=$(PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m dino_recog.slurm train-sh 2>&1) || die "$slurm_env"
+  while IFS='=' read -r key value; do
+    [ -z "$key" ] || export "$key=$value"
+  done <<< "$slurm_env"
 fi
 
 MAX_RESTARTS=${MAX_RESTARTS:-0}

@@ -72,9 +72,11 @@ def recog_cfg(market: Path, out: Path, *extra: str) -> C.RecogConfig:
 
 
 def launcher_env(**extra: str | None) -> dict[str, str]:
-    """This process's environment for `bash train.sh`, without multi-node variables; PYTHON is this interpreter
-    (train.sh would look for .venv next to the checkout) and each CPU process gets one thread."""
-    env = {k: v for k, v in os.environ.items() if k not in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    """This process's environment for `bash train.sh`, without multi-node variables (nor SLURM's, from which
+    train.sh would fill them when the tests run in a SLURM job); PYTHON is this interpreter (train.sh would look for
+    .venv next to the checkout) and each CPU process gets one thread."""
+    multi_node = ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in multi_node and not k.startswith("SLURM")}
     env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1")
     env.update(extra)
     return {k: v for k, v in env.items() if v is not None}  # NAME=None: unset (OMP_NUM_THREADS=None: train.sh picks)
