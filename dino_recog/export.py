@@ -223,7 +223,7 @@ def verify_onnx(
     batch_size: int = 256,
     num_workers: int = 0,
     **options: Any,
-) -> dict[str, dict[str, float]]:
+) -> dict[str, Any]:
     """The query/gallery metrics of `model` with PyTorch and of the exported graph with onnxruntime, on the CPU.
 
     Both go through the same data sets, transform, `extract_features` and `query_gallery_metrics`; the graph is
@@ -239,14 +239,16 @@ def verify_onnx(
         {"pytorch": metrics, "onnx": metrics, "max_feature_diff": float, "num_query": int, "num_gallery": int}.
     """
     from .data.build import query_gallery
+    from .data.datasets import ImageDataset
+    from .data.transforms import reid_test_transform
     from .evaluation import extract_features, query_gallery_metrics
 
     cpu = torch.device("cpu")
     data, query, gallery = query_gallery(test, spec.img_size, spec.mean, spec.std)
+    query_px, gallery_px = query, gallery
     if pixels != "raw":  # the same records and resize, without the normalisation the graph does itself
-        _, query_px, gallery_px = query_gallery(test, spec.img_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
-    else:
-        query_px, gallery_px = query, gallery
+        tf = reid_test_transform(spec.img_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        query_px, gallery_px = (ImageDataset(records, tf, train=False) for records in (data.query, data.gallery))
     graph = OnnxEmbedding(onnx_path, pixels)
     out: dict[str, Any] = {"num_query": len(query), "num_gallery": len(gallery)}
     feats = {}

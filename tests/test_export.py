@@ -125,11 +125,11 @@ def printed(out):
     return {m[1]: (float(m[2]), float(m[3])) for m in re.finditer(r"^ *(PyTorch|ONNX) +([\d.]+) +([\d.]+)$", out, re.M)}
 
 
-@pytest.mark.parametrize("stage", [2, 1])
-def test_verify_reruns_the_runs_evaluation_through_onnxruntime(small_demo, tmp_path, capsys, stage):
+@pytest.mark.parametrize("stage, flags", [(2, []), (1, []), (2, ["--raw"])])
+def test_verify_reruns_the_runs_evaluation_through_onnxruntime(small_demo, tmp_path, capsys, stage, flags):
     torch.manual_seed(0)
     ckpt, model = verify_run(small_demo, tmp_path / "run", stage)
-    onnx_path = main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "model.onnx"), "--verify"])
+    onnx_path = main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "model.onnx"), "--verify", *flags])
     out = capsys.readouterr().out
     _, query, gallery = query_gallery(C.DatasetSpec("market1501", str(small_demo / "market")), (32, 16), MEAN, STD)
     expected = evaluate_query_gallery(model, query, gallery, torch.device("cpu"))  # what eval_reid.py computes
