@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import config as C
 
-__all__ = ["check", "is_override"]
+__all__ = ["check", "is_override", "load"]
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"train_dino.py": (C.DinoConfig, "cfg_dino.yaml"), "train_recog.py": (C.RecogConfig, "cfg_recog.yaml")}
@@ -30,6 +30,16 @@ def is_override(arg: str, cls: type) -> bool:
 
 def check(script: str, argv: list[str]) -> str | None:
     """What is wrong with `script ARGV` before it starts, as one line; None if nothing that can be seen from here."""
+    try:
+        cfg = load(script, argv)
+    except C.ConfigError as e:
+        return f"config error: {e}"
+    return None if cfg is None else _missing_path(cfg)
+
+
+def load(script: str, argv: list[str]):
+    """The config `script ARGV` will run with (`--config` or the script's default file, then the overrides), or None
+    for a script that is not one of the training scripts. Raises ConfigError."""
     if Path(script).name not in SCRIPTS:
         return None
     cls, default = SCRIPTS[Path(script).name]
@@ -39,11 +49,7 @@ def check(script: str, argv: list[str]) -> str | None:
             config = argv[i + 1]
         elif arg.startswith("--config="):
             config = arg.split("=", 1)[1]
-    try:
-        cfg = C.load(config, [a for a in argv if is_override(a, cls)], cls=cls)
-    except C.ConfigError as e:
-        return f"config error: {e}"
-    return _missing_path(cfg)
+    return C.load(config, [a for a in argv if is_override(a, cls)], cls=cls)
 
 
 def _missing_path(cfg) -> str | None:

@@ -10,6 +10,8 @@ output/demo/recog, ...: the tiny runs of these tests stand in for the demo's), w
 - absolute data paths (`/data/...`) become folders of the demo data under the same names, and every data root and
   run directory the docs name exists there;
 - `pip install ...` (no download here): the versions it names are the pins of requirements.txt;
+- `python -m dino_recog.submit` to SLURM: its options parse and its config passes the check it runs before
+  submitting; `srun ... bash train.sh ...`: the train.sh rule;
 - `python -m pytest FILES [-k WORD]`: the files exist and the keyword selects at least one of their tests;
 - in a command, `[--flag ...]` is given (without the brackets) and `[key=value ...]` is left out;
 - every other `python ...` command runs in this interpreter (as `__main__`) and must exit with status 0.
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import ROOT, launcher_env, recog_cfg
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -88,7 +91,14 @@ def checkout(small_demo, dino_single, tmp_path_factory) -> Path:
     import train_recog
 
     work = tmp_path_factory.mktemp("checkout")
-    lup, market, dino = small_demo / "lup" / "images", small_demo / "market", dino_single
+    lup, market = small_demo / "lup" / "images", small_demo / "market"
+    dino = work / "runs" / "dino"  # the tiny stage 1, evaluated on the demo set as the demo preset's is
+    dino.mkdir(parents=True)
+    for name in ("teacher_backbone.pth", "log.jsonl"):
+        shutil.copy(dino_single / name, dino / name)
+    config = yaml.safe_load((dino_single / "config.yaml").read_text())
+    config["data"]["eval_set"] = {"name": "demo", "root": str(small_demo)}
+    (dino / "config.yaml").write_text(yaml.safe_dump(config))
     recog = work / "runs" / "recog"
     train_recog.main(recog_cfg(market, recog, "train.epochs=1"))
     links = {
@@ -151,6 +161,16 @@ def run_command(work: Path, command: str, monkeypatch) -> None:
         pins = set(re.findall(r"^(\S+==\S+)", (ROOT / "requirements.txt").read_text(), re.M))
         named = {w for w in words if "==" in w}
         assert named and named <= pins, f"{command}: {sorted(named - pins)} are not the pins of requirements.txt"
+    elif words[:3] == ["python", "-m", "dino_recog.submit"] and "--local" not in words:
+        from dino_recog.preflight import check
+        from dino_recog.submit import _parser
+
+        args = _parser().parse_args(words[3:])  # a SLURM submission: its options read, its config checked
+        monkeypatch.chdir(work)
+        assert check(args.script, args.args) is None, f"{command}: {check(args.script, args.args)}"
+    elif words[0] == "srun":
+        assert words[words.index("bash") + 1] == "train.sh", f"{command}: expected srun ... bash train.sh ..."
+        run_command(work, shlex.join(words[words.index("bash") :]), monkeypatch)
     elif words[0] == "python":
         run_in_process(work, words, monkeypatch)
     else:
