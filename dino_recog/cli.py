@@ -130,11 +130,12 @@ def eval_options(e: C.RecogEvalConfig) -> dict:
     }
 
 
-def recog_eval_model(cfg: C.RecogConfig, checkpoint: str, device: torch.device):
+def recog_eval_model(cfg: C.RecogConfig, checkpoint: str, device: torch.device, allow_missing: bool = False):
     """The model of any checkpoint as stage-2 evaluation sees it, and the configured query/gallery preprocessed as
     that model expects. A file with a BackboneSpec (stage-2 model, backbone export, stage-1 checkpoint) brings its
     architecture, input size and normalisation; other backbone weights (official DINO, timm, older exports) are
-    described by `model.*` and `aug.*`.
+    described by `model.*` and `aug.*`. Backbone weights that lack some of the model's tensors are refused unless
+    `allow_missing` (the tools' `--allow-missing`).
 
     Returns:
         (model on `device`, its BackboneSpec as a dict, ReIDData, query set, gallery set).
@@ -143,6 +144,7 @@ def recog_eval_model(cfg: C.RecogConfig, checkpoint: str, device: torch.device):
     from .models.spec import BackboneSpec
     from .weights import open_feature_model
 
-    model, spec = open_feature_model(checkpoint, BackboneSpec.from_recog_config(cfg), cfg.model.pretrained_key)
+    model, spec = open_feature_model(checkpoint, BackboneSpec.from_recog_config(cfg), cfg.model.pretrained_key,
+                                     allow_missing=allow_missing)
     data, query, gallery = query_gallery(cfg.data.test, spec.img_size, spec.mean, spec.std)
     return model.to(device), spec.to_dict(), data, query, gallery
