@@ -9,9 +9,10 @@ Every file dino_recog writes carries its `BackboneSpec` (architecture, input siz
 only needed for weights without one (official DINO, timm, exports written before the spec existed).
 
 The command writes `feats.npy` ((N, D) float32, L2-normalised rows) and `feats.txt` (the image paths relative to
-`--images`, one per line, in the same order), both atomically. Every input goes through the evaluation transform
-(`reid_test_transform`: bicubic resize of the RGB image, normalisation), so the features equal those of
-`evaluation.extract_features` for the same images.
+`--images`, one per line, in the same order; names that are not UTF-8 keep their bytes: read the list with
+`errors="surrogateescape"`), atomically and together: a `feats.npy` is always that of the `feats.txt` beside it.
+Every input goes through the evaluation transform (`reid_test_transform`: bicubic resize of the RGB image,
+normalisation), so the features equal those of `evaluation.extract_features` for the same images.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import weights
-from .atomic import atomic_write
+from .atomic import atomic_write_together
 from .config import IMAGENET_MEAN, IMAGENET_STD
 from .data.datasets import IMAGE_EXTENSIONS, CorruptImageError
 from .data.transforms import reid_test_transform
@@ -319,9 +320,12 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         feats = extractor([os.path.join(args.images, n) for n in names], progress=True).numpy()  # (N, D)
         listing = out.with_suffix(".txt")
-        try:
-            atomic_write(out, lambda fh: np.save(fh, feats), "features")
-            atomic_write(listing, lambda fh: fh.write("".join(n + "\n" for n in names).encode("utf-8")), "file list")
+        # A name that is not UTF-8 on disk reaches Python surrogate-escaped (os.fsdecode); surrogateescape writes its
+        # original bytes back, and reading the list with errors="surrogateescape" gives the same str, hence the file.
+        text = "".join(n + "\n" for n in names).encode("utf-8", "surrogateescape")
+        try:  # the features appear only beside their own file list (a crash in between leaves no .npy)
+            atomic_write_together([(listing, lambda fh: fh.write(text), "file list"),
+                                   (out, lambda fh: np.save(fh, feats), "features")])  # fmt: skip
         except OSError as e:  # its message names the file; printed without the "[Errno N]" prefix
             raise OSError(e.strerror or str(e)) from None
     except (ckpt.CheckpointError, CorruptImageError, FileNotFoundError, ValueError, OSError) as e:

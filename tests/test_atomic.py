@@ -53,3 +53,31 @@ def test_a_failed_rename_keeps_the_old_file(tmp_path):
     with pytest.raises(OSError, match=rf"could not write file {path}: .*; the previous one is intact"):
         atomic_write(path, lambda fh: fh.write(b"x"))
     assert path.is_dir() and os.listdir(tmp_path) == ["target"]
+
+
+def test_files_written_together_are_never_seen_from_two_writes(tmp_path, monkeypatch):
+    from dino_recog import atomic
+    from dino_recog.atomic import atomic_write_together
+
+    names, feats = tmp_path / "f.txt", tmp_path / "f.npy"
+
+    def content(data):
+        return lambda fh: fh.write(data)
+
+    atomic_write_together([(names, content(b"old names"), "list"), (feats, content(b"old"), "x")])
+
+    def bug(fh):
+        fh.write(b"half")
+        raise WriterBug("serialisation failed")
+
+    with pytest.raises(WriterBug):  # the second writer fails: nothing was renamed
+        atomic_write_together([(names, content(b"new names"), "list"), (feats, bug, "x")])
+    assert (names.read_bytes(), feats.read_bytes()) == (b"old names", b"old")
+    assert sorted(os.listdir(tmp_path)) == ["f.npy", "f.txt"]
+
+    real = os.replace
+    monkeypatch.setattr(atomic.os, "replace", lambda src, dst: real(src, dst) if dst == names else 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # a crash between the renames: the last file is absent, not old
+        atomic_write_together([(names, content(b"new names"), "list"), (feats, content(b"new"), "x")])
+    assert names.read_bytes() == b"new names" and not feats.exists()
+    assert sorted(os.listdir(tmp_path)) == ["f.txt"]

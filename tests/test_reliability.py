@@ -454,6 +454,25 @@ def test_training_skips_and_counts_broken_images_and_reads_odd_ones(small_demo, 
         assert img.mode == "RGB" and min(img.size) >= 1
 
 
+def test_training_on_file_names_that_are_not_utf8_logs_them_escaped(small_demo, tmp_path, capfd):
+    """Names with bytes that are not UTF-8 (an image that reads, one that does not): each logged line holding one used
+    to be a logging traceback (UnicodeEncodeError) in place of the line, the run going on; now the line is written,
+    the name escaped (\\udcff), and the image that reads is trained on."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for src in sorted((small_demo / "lup" / "images").rglob("*.jpg"))[:15]:  # 15 + 1 readable = 2 batches of 8
+        shutil.copy(src, folder / src.name)
+    shutil.copy(src, os.fsencode(folder) + b"/\xff\xfe.jpg")
+    (Path(os.fsdecode(os.fsencode(folder) + b"/\xfe_broken.jpg"))).write_bytes(b"not a JPEG")
+    train_dino.main(dino_cfg(folder, tmp_path / "run", "train.epochs=1"))
+    (epoch,) = read_jsonl(tmp_path / "run" / "log.jsonl", "epoch")
+    assert epoch["skipped_images"] == 1  # the broken one only
+    err = capfd.readouterr().err
+    assert "Logging error" not in err and "UnicodeEncodeError" not in err, err[-3000:]
+    log = (tmp_path / "run" / "log.txt").read_text(encoding="utf-8")  # still UTF-8
+    assert f"skipping a training image: cannot read image {folder}/\\udcfe_broken.jpg" in log
+
+
 def test_evaluation_refuses_a_broken_image_naming_it(small_demo, tmp_path):
     market = tmp_path / "market"
     shutil.copytree(small_demo / "market", market)
