@@ -4,6 +4,7 @@ set of files that belong together (features and their file list) so that they ar
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,6 +19,24 @@ def _temp_name(path: Path) -> Path:
     # In the same directory (a rename is atomic only within one file system); the pid keeps concurrent processes
     # apart and lets a cleaner tell a dead writer's leftovers.
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """`e` if it is an OSError, else a no-space OSError it was raised from or while handling: on a really full disk
+    torch.save's zip writer turns the file's `OSError: No space left on device` into a RuntimeError ("unexpected pos
+    64 vs 0") raised while handling it. Other chained errors stay what they are (a writer's bug keeps its traceback)."""
+    if isinstance(e, OSError):
+        return e
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _failed(e: OSError, what: str, path: Path, previous: str) -> OSError:
@@ -68,8 +87,9 @@ def atomic_write(path: str | os.PathLike, write: Writer, what: str = "file") -> 
         `path` as a Path.
 
     Raises:
-        OSError: `could not write {what} {path}: {reason}; the previous one is intact`, with the original errno.
-            Any other exception from `write` is re-raised unchanged (after the clean-up).
+        OSError: `could not write {what} {path}: {reason}; the previous one is intact`, with the original errno, for
+            an OSError from `write` or another exception raised from or while handling one (torch.save on a full
+            disk). Any other exception from `write` is re-raised unchanged (after the clean-up).
     """
     path = Path(path)
     tmp = None
@@ -80,8 +100,9 @@ def atomic_write(path: str | os.PathLike, write: Writer, what: str = "file") -> 
         if tmp is not None:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise _failed(e, what, path, "the previous one is intact") from e
+        os_error = _os_error(e)
+        if os_error is not None and isinstance(e, Exception):
+            raise _failed(os_error, what, path, "the previous one is intact") from e
         raise
     _fsync_dir(path.parent)
     return path
@@ -110,8 +131,10 @@ def atomic_write_together(files: Sequence[tuple[str | os.PathLike, Writer, str]]
         for path, (_, write, what) in zip(paths, files):
             try:
                 temps.append(_write_temp(path, write))
-            except OSError as e:
-                raise _failed(e, what, path, "the previous files are intact") from e
+            except Exception as e:
+                if (os_error := _os_error(e)) is None:
+                    raise
+                raise _failed(os_error, what, path, "the previous files are intact") from e
         last, last_what = paths[-1], files[-1][2]
         try:
             last.unlink(missing_ok=True)  # from here until the last rename there is no result rather than a mixed one

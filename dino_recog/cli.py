@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -100,13 +101,23 @@ def start_run(cfg: object, output_dir: Path) -> None:
     dist.seed_everything(cfg.run.seed)  # config.yaml is written by TrainingRun.resume, once the run is known to start
 
 
+# Written (and deleted) by the check below: room for the logs, config.yaml and tensorboard's first events. On a full
+# disk the run stops here in one line, before its logging and tensorboard would fail with tracebacks of their own.
+_ROOM_PROBE = 256 * 1024
+
+
 def _check_writable(output_dir: Path) -> None:
     """Fail now, with the directory named, rather than at the first checkpoint hours later."""
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):
-            pass
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-") as fh:
+            fh.write(bytes(_ROOM_PROBE))
+            fh.flush()
+            os.fsync(fh.fileno())
     except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise OSError(e.errno, f"run.output_dir {output_dir}: no space left on its file system; free some and "
+                          "rerun (run.resume=auto continues from the last checkpoint)") from None  # fmt: skip
         raise OSError(
             e.errno, f"run.output_dir {output_dir}: cannot write there ({e.strerror or e}); set run.output_dir to a "
             "writable directory"

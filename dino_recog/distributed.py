@@ -376,6 +376,23 @@ class _PrintableFormatter(logging.Formatter):
         return text
 
 
+class _LogFile(logging.FileHandler):
+    """OUTPUT/log.txt. A line that cannot be written (the disk is full) is one warning on stderr, once, instead of
+    logging's traceback for every record; the run itself stops at its next checkpoint, in one line."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            super().handleError(record)
+            return
+        if not self.failed:
+            self.failed = True
+            print(f"warning: {self.baseFilename}: {error.strerror or error}; lines are missing from it from here on",
+                  file=sys.stderr)  # fmt: skip
+
+
 def setup_logging(output_dir: str | None = None, level: int = logging.INFO) -> None:
     """Log to stderr (rank 0, plus warnings from every rank) and to OUTPUT/log.txt on rank 0.
 
@@ -395,7 +412,7 @@ def setup_logging(output_dir: str | None = None, level: int = logging.INFO) -> N
     root.addHandler(stream)
     if output_dir and rank == 0:
         os.makedirs(output_dir, exist_ok=True)
-        fh = logging.FileHandler(os.path.join(output_dir, "log.txt"), encoding="utf-8")
+        fh = _LogFile(os.path.join(output_dir, "log.txt"), encoding="utf-8")
         fh.setFormatter(fmt)
         root.addHandler(fh)
 

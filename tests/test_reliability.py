@@ -39,6 +39,7 @@ from dino_recog.models import DINOHead, MultiCropNet, build_backbone
 from dino_recog.optim import build_optimizer, param_groups
 from dino_recog.runlog import RunLog, read_jsonl
 from dino_recog.tasks import DinoStep, DinoTask, ReIDStep, build_reid_task
+from dino_recog.user_errors import user_errors
 
 
 def mismatches(a: dict, b: dict) -> list[str]:
@@ -393,6 +394,76 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(images, dino_singl
     # space freed: the run resumes and ends as if nothing had happened
     monkeypatch.setattr(torch, "save", real_save)
     train_dino.main(cfg)
+    assert same_dino_weights(dino_single / "checkpoint_0002.pth", out / "checkpoint_0002.pth") == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """`small_disk(kib)`: a tmpfs of that size mounted at tmp_path/disk (unmounted after the test): a real file system
+    that fills, which a mock of torch.save raising OSError is not. Skipped where this process cannot mount one."""
+    mounted = []
+
+    def mount(kib: int) -> Path:
+        where = tmp_path / "disk"
+        where.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(where)], capture_output=True,
+                           text=True)  # fmt: skip
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here (needs root or CAP_SYS_ADMIN): {r.stderr.strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    """Write a ballast file until the file system is full; returns it."""
+    ballast = folder / "ballast"
+    with open(ballast, "wb", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+    return ballast
+
+
+@pytest.mark.slow  # three tiny runs
+def test_disk_full_on_a_real_file_system_is_one_line_and_leaves_nothing_behind(images, dino_single, small_disk,
+                                                                               capsys):  # fmt: skip
+    """Room for one checkpoint of the tiny run and not two: torch.save on a full disk raises a RuntimeError ("unexpected
+    pos"), not an OSError; the run stops with one line naming the last good checkpoint and leaves no temporary file;
+    a retry on the full disk stops in one line before it writes anything (config.yaml stays whole); with space, it
+    resumes."""
+    size = (dino_single / "checkpoint_0000_000005.pth").stat().st_size
+    disk = small_disk(size * 3 // 2 // 1024 + 128)  # + logs, config, tensorboard events
+    out = disk / "run"
+    cfg = dino_cfg(images, out, "run.save_every_steps=5", "run.keep_last=20")
+
+    def run() -> str:
+        with pytest.raises(SystemExit) as stop, user_errors():
+            train_dino.main(cfg)
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "Logging error" not in err, err[-3000:]
+        last = err.splitlines()[-1]
+        return last[last.index("error: "):]  # after the progress bar the error cut short
+
+    assert run() == (f"error: could not write checkpoint {out}/checkpoint_0000_000010.pth: No space left on device; "
+                     f"the previous one is intact; the run stopped; last good checkpoint: "
+                     f"{out}/checkpoint_0000_000005.pth")  # fmt: skip
+    assert sorted(os.listdir(out)) == [".lock", "checkpoint_0000_000005.pth", "config.yaml", "log.jsonl", "log.txt",
+                                       "tb"]  # fmt: skip
+    config = (out / "config.yaml").read_bytes()
+    ballast = fill(disk)
+    assert run() == f"error: run.output_dir {out}: no space left on its file system; free some and rerun " \
+                    "(run.resume=auto continues from the last checkpoint)"  # fmt: skip
+    assert (out / "config.yaml").read_bytes() == config and not list(out.glob(".*tmp*"))
+    ballast.unlink()
+    subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)  # a limit: tmpfs takes what it holds
+    train_dino.main(cfg)  # space freed: it resumes and ends as if nothing had happened
     assert same_dino_weights(dino_single / "checkpoint_0002.pth", out / "checkpoint_0002.pth") == []
 
 
