@@ -40,6 +40,7 @@ def main(
     temperature: float,
     json_path: str | None = None,
     cache_dir: str | None = None,
+    allow_missing: bool = False,
 ) -> dict:
     if cfg.data.eval_set is None:
         raise SystemExit("data.eval_set is not set; name a labeled set, e.g. data.eval_set.name=market1501 "
@@ -47,7 +48,8 @@ def main(
     with dist.session(cfg.run.device) as device:
         dist.setup_logging()
         # A file with a BackboneSpec brings its architecture, input size and normalisation; others take the config's.
-        model, spec = open_feature_model(checkpoint, BackboneSpec.from_dino_config(cfg))
+        # Weights that lack some of the model's tensors are refused unless --allow-missing (they would stay random).
+        model, spec = open_feature_model(checkpoint, BackboneSpec.from_dino_config(cfg), allow_missing=allow_missing)
         model = model.to(device)
         _, query, gallery = query_gallery(cfg.data.eval_set, spec.img_size, spec.mean, spec.std)
         kw = dict(arch=spec.to_dict(), num_workers=cfg.data.num_workers)
@@ -79,6 +81,8 @@ def _flags(parser) -> None:
     )
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--cache-dir", help="keep query/gallery features here and reuse them while nothing changed")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="evaluate backbone weights that lack some of the model's tensors (left random)")
 
 
 if __name__ == "__main__":
@@ -87,4 +91,4 @@ if __name__ == "__main__":
     )
     with user_errors():
         check_output_paths({"--json": args.json}, {"--cache-dir": args.cache_dir})
-        main(cfg, args.checkpoint, args.k, args.temperature, args.json, args.cache_dir)
+        main(cfg, args.checkpoint, args.k, args.temperature, args.json, args.cache_dir, args.allow_missing)

@@ -39,10 +39,11 @@ def main(
     json_path: str | None = None,
     save_ranks: str | None = None,
     cache_dir: str | None = None,
+    allow_missing: bool = False,
 ) -> dict[str, float]:
     with dist.session(cfg.run.device) as device:
         dist.setup_logging()
-        model, backbone, data, query, gallery = recog_eval_model(cfg, checkpoint, device)
+        model, backbone, data, query, gallery = recog_eval_model(cfg, checkpoint, device, allow_missing)
         kw = dict(arch=backbone, flip=cfg.eval.flip, batch_size=cfg.data.test_batch_size,
                   num_workers=cfg.data.num_workers)  # fmt: skip
         qf, q_pids, q_cams = cached_features(model, query, device, cache_dir, **kw)
@@ -76,6 +77,8 @@ def _flags(parser) -> None:
         "--save-ranks", metavar="DIR", help="also draw the worst queries' ranked lists (ranks.png, .json)"
     )
     parser.add_argument("--cache-dir", help="keep query/gallery features here and reuse them while nothing changed")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="evaluate backbone weights that lack some of the model's tensors (left random)")
 
 
 # Flags for config keys, applied as overrides so that the config is validated once with them (`--rerank eval.topk=5`
@@ -92,4 +95,5 @@ if __name__ == "__main__":
     cfg, args = parse_args()
     with user_errors():
         check_output_paths({"--json": args.json}, {"--save-ranks": args.save_ranks, "--cache-dir": args.cache_dir})
-        main(cfg, args.checkpoint, args.json, save_ranks=args.save_ranks, cache_dir=args.cache_dir)
+        main(cfg, args.checkpoint, args.json, save_ranks=args.save_ranks, cache_dir=args.cache_dir,
+             allow_missing=args.allow_missing)

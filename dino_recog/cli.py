@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -100,13 +101,23 @@ def start_run(cfg: object, output_dir: Path) -> None:
     dist.seed_everything(cfg.run.seed)  # config.yaml is written by TrainingRun.resume, once the run is known to start
 
 
+# Written (and deleted) by the check below: room for the logs, config.yaml and tensorboard's first events. On a full
+# disk the run stops here in one line, before its logging and tensorboard would fail with tracebacks of their own.
+_ROOM_PROBE = 256 * 1024
+
+
 def _check_writable(output_dir: Path) -> None:
     """Fail now, with the directory named, rather than at the first checkpoint hours later."""
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):
-            pass
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-") as fh:
+            fh.write(bytes(_ROOM_PROBE))
+            fh.flush()
+            os.fsync(fh.fileno())
     except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise OSError(e.errno, f"run.output_dir {output_dir}: no space left on its file system; free some and "
+                          "rerun (run.resume=auto continues from the last checkpoint)") from None  # fmt: skip
         raise OSError(
             e.errno, f"run.output_dir {output_dir}: cannot write there ({e.strerror or e}); set run.output_dir to a "
             "writable directory"
@@ -130,11 +141,12 @@ def eval_options(e: C.RecogEvalConfig) -> dict:
     }
 
 
-def recog_eval_model(cfg: C.RecogConfig, checkpoint: str, device: torch.device):
+def recog_eval_model(cfg: C.RecogConfig, checkpoint: str, device: torch.device, allow_missing: bool = False):
     """The model of any checkpoint as stage-2 evaluation sees it, and the configured query/gallery preprocessed as
     that model expects. A file with a BackboneSpec (stage-2 model, backbone export, stage-1 checkpoint) brings its
     architecture, input size and normalisation; other backbone weights (official DINO, timm, older exports) are
-    described by `model.*` and `aug.*`.
+    described by `model.*` and `aug.*`. Backbone weights that lack some of the model's tensors are refused unless
+    `allow_missing` (the tools' `--allow-missing`).
 
     Returns:
         (model on `device`, its BackboneSpec as a dict, ReIDData, query set, gallery set).
@@ -143,6 +155,7 @@ def recog_eval_model(cfg: C.RecogConfig, checkpoint: str, device: torch.device):
     from .models.spec import BackboneSpec
     from .weights import open_feature_model
 
-    model, spec = open_feature_model(checkpoint, BackboneSpec.from_recog_config(cfg), cfg.model.pretrained_key)
+    model, spec = open_feature_model(checkpoint, BackboneSpec.from_recog_config(cfg), cfg.model.pretrained_key,
+                                     allow_missing=allow_missing)
     data, query, gallery = query_gallery(cfg.data.test, spec.img_size, spec.mean, spec.std)
     return model.to(device), spec.to_dict(), data, query, gallery

@@ -362,6 +362,37 @@ class _RankFilter(logging.Filter):
         return self.rank == 0 or record.levelno >= logging.WARNING
 
 
+class _PrintableFormatter(logging.Formatter):
+    """A file name that is not UTF-8 reaches Python surrogate-escaped (os.fsdecode); a line holding one cannot be
+    encoded as UTF-8, and logging would print a traceback instead of it. Such characters are written escaped
+    (`\\udcff`), so the line names the file and the log stays UTF-8."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+        return text
+
+
+class _LogFile(logging.FileHandler):
+    """OUTPUT/log.txt. A line that cannot be written (the disk is full) is one warning on stderr, once, instead of
+    logging's traceback for every record; the run itself stops at its next checkpoint, in one line."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            super().handleError(record)
+            return
+        if not self.failed:
+            self.failed = True
+            print(f"warning: {self.baseFilename}: {error.strerror or error}; lines are missing from it from here on",
+                  file=sys.stderr)  # fmt: skip
+
+
 def setup_logging(output_dir: str | None = None, level: int = logging.INFO) -> None:
     """Log to stderr (rank 0, plus warnings from every rank) and to OUTPUT/log.txt on rank 0.
 
@@ -374,14 +405,14 @@ def setup_logging(output_dir: str | None = None, level: int = logging.INFO) -> N
         root.removeHandler(h)
     rank = get_rank()
     prefix = f"[rank {rank}] " if get_world_size() > 1 else ""
-    fmt = logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    fmt = _PrintableFormatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(fmt)
     stream.addFilter(_RankFilter(rank))
     root.addHandler(stream)
     if output_dir and rank == 0:
         os.makedirs(output_dir, exist_ok=True)
-        fh = logging.FileHandler(os.path.join(output_dir, "log.txt"))
+        fh = _LogFile(os.path.join(output_dir, "log.txt"), encoding="utf-8")
         fh.setFormatter(fmt)
         root.addHandler(fh)
 

@@ -9,9 +9,10 @@ Every file dino_recog writes carries its `BackboneSpec` (architecture, input siz
 only needed for weights without one (official DINO, timm, exports written before the spec existed).
 
 The command writes `feats.npy` ((N, D) float32, L2-normalised rows) and `feats.txt` (the image paths relative to
-`--images`, one per line, in the same order), both atomically. Every input goes through the evaluation transform
-(`reid_test_transform`: bicubic resize of the RGB image, normalisation), so the features equal those of
-`evaluation.extract_features` for the same images.
+`--images`, one per line, in the same order; names that are not UTF-8 keep their bytes: read the list with
+`errors="surrogateescape"`), atomically and together: a `feats.npy` is always that of the `feats.txt` beside it.
+Every input goes through the evaluation transform (`reid_test_transform`: bicubic resize of the RGB image,
+normalisation), so the features equal those of `evaluation.extract_features` for the same images.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import weights
-from .atomic import atomic_write
+from .atomic import atomic_write_together
 from .config import IMAGENET_MEAN, IMAGENET_STD
 from .data.datasets import IMAGE_EXTENSIONS, CorruptImageError
 from .data.transforms import reid_test_transform
@@ -60,6 +61,7 @@ def load_model(
     model_path: str | os.PathLike | nn.Module,
     backbone: BackboneSpec | Mapping[str, Any] | None = None,
     key: str = "teacher",
+    allow_missing: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The feature model of any checkpoint and the preprocessing it was trained with.
 
@@ -69,13 +71,15 @@ def load_model(
             input 256x128 and ImageNet normalisation unless given); it replaces the file's own description. Ignored,
             with a warning, for a stage-2 model.
         key: which network of a student/teacher checkpoint.
+        allow_missing: accept backbone weights that lack some of the model's tensors (left as initialised).
 
     Returns:
         (model, {"img_size": (H, W), "mean": ..., "std": ...}): the BackboneSpec's of a stage-2 model, a backbone
         export or a stage-1 training checkpoint (its config), else those of `backbone`.
 
     Raises:
-        CheckpointError: an unreadable file, or backbone weights without a spec and without `backbone`.
+        CheckpointError: an unreadable file, backbone weights without a spec and without `backbone`, or backbone
+            weights that lack some of the model's tensors (unless `allow_missing`).
         ValueError: `backbone` with an unknown key or no name.
     """
     if isinstance(model_path, nn.Module):
@@ -89,7 +93,7 @@ def load_model(
         log.warning("%s is a stage-2 model and carries its architecture; backbone=%s is ignored", model_path,
                     backbone.to_dict())  # fmt: skip
         backbone = None
-    model, spec = weights.open_feature_model(model_path, key=key, override=backbone)
+    model, spec = weights.open_feature_model(model_path, key=key, override=backbone, allow_missing=allow_missing)
     return model, {"img_size": spec.img_size, "mean": spec.mean, "std": spec.std}
 
 
@@ -122,9 +126,12 @@ class FeatureExtractor:
             to ImageNet's. It replaces the file's own description.
         key: which network of a student/teacher checkpoint to take.
         num_workers: threads that decode and resize the next batch while the model runs (0: in the caller's thread).
+        allow_missing: accept backbone weights that lack some of the model's tensors (they stay as initialised,
+            random); without it such weights are refused, listing the missing tensors.
 
     Raises:
-        CheckpointError: an unreadable checkpoint, or backbone weights without a spec and without `backbone`.
+        CheckpointError: an unreadable checkpoint, backbone weights without a spec and without `backbone`, or
+            weights that lack some of the model's tensors.
     """
 
     def __init__(
@@ -140,11 +147,12 @@ class FeatureExtractor:
         backbone: BackboneSpec | Mapping[str, Any] | None = None,
         key: str = "teacher",
         num_workers: int = 0,
+        allow_missing: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
-        model, prep = load_model(model_path, backbone, key)
+        model, prep = load_model(model_path, backbone, key, allow_missing)
         self.model = model.to(self.device).eval()
         self.image_size = tuple(int(s) for s in (image_size if image_size is not None else prep["img_size"]))
         self.mean = tuple(float(v) for v in (mean if mean is not None else prep["mean"]))
@@ -282,6 +290,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=positive_int, nargs=2, metavar=("H", "W"), help="override the input size")
     p.add_argument("--mean", type=finite_float, nargs=3, help="override the normalisation mean (RGB)")
     p.add_argument("--std", type=positive_float, nargs=3, help="override the normalisation std (RGB)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="use backbone weights that lack some of the model's tensors (left random)")
     return p
 
 
@@ -306,13 +316,16 @@ def main(argv: list[str] | None = None) -> int:
         extractor = FeatureExtractor(
             args.checkpoint, None if args.device == "auto" else args.device, batch_size=args.batch_size,
             flip=args.flip, image_size=args.image_size, mean=args.mean, std=args.std,
-            backbone=_parse_backbone(args.backbone), num_workers=args.num_workers,
+            backbone=_parse_backbone(args.backbone), num_workers=args.num_workers, allow_missing=args.allow_missing,
         )  # fmt: skip
         feats = extractor([os.path.join(args.images, n) for n in names], progress=True).numpy()  # (N, D)
         listing = out.with_suffix(".txt")
-        try:
-            atomic_write(out, lambda fh: np.save(fh, feats), "features")
-            atomic_write(listing, lambda fh: fh.write("".join(n + "\n" for n in names).encode("utf-8")), "file list")
+        # A name that is not UTF-8 on disk reaches Python surrogate-escaped (os.fsdecode); surrogateescape writes its
+        # original bytes back, and reading the list with errors="surrogateescape" gives the same str, hence the file.
+        text = "".join(n + "\n" for n in names).encode("utf-8", "surrogateescape")
+        try:  # the features appear only beside their own file list (a crash in between leaves no .npy)
+            atomic_write_together([(listing, lambda fh: fh.write(text), "file list"),
+                                   (out, lambda fh: np.save(fh, feats), "features")])  # fmt: skip
         except OSError as e:  # its message names the file; printed without the "[Errno N]" prefix
             raise OSError(e.strerror or str(e)) from None
     except (ckpt.CheckpointError, CorruptImageError, FileNotFoundError, ValueError, OSError) as e:

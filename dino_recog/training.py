@@ -169,9 +169,13 @@ class TrainingRun:
             ckpt.save_checkpoint(state, path)
             ckpt.prune_checkpoints(self.out, self.cfg.run.keep_last, self.keep_every)
 
-        if self.shards:
-            self._save_shards(path)
-        dist.run_on_main(write)  # a failed write (disk full) stops every rank, not only rank 0
+        try:
+            if self.shards:
+                self._save_shards(path)
+            dist.run_on_main(write)  # a failed write (disk full) stops every rank, not only rank 0
+        except OSError as e:  # one line that says what to resume from once there is space
+            last = self.last_saved or "none (none written yet)"
+            raise OSError(e.errno, f"{e.strerror or e}; the run stopped; last good checkpoint: {last}") from e
         self.last_saved = path
         return path
 

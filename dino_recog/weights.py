@@ -197,16 +197,44 @@ def _match_layerscale(state: dict[str, torch.Tensor], own: dict[str, torch.Tenso
         log.info("set %d LayerScale gammas to 1 (the weights have no LayerScale)", len(ones))
 
 
-def load_backbone_weights(model: nn.Module, path: str | os.PathLike, key: str = "teacher") -> dict[str, list[str]]:
+def _key_groups(keys: list[str], limit: int = 12) -> str:
+    """`blocks.1.norm1.weight, blocks.1.attn.qkv.weight, ..., norm.weight` -> `blocks.1.* (12 tensors), norm.weight`:
+    the keys of one block or stage (`blocks.N`, `layerK.N`) together, in model order."""
+    groups: dict[str, int] = {}
+    for k in keys:
+        parts = k.split(".")
+        group = ".".join(parts[:2]) + ".*" if len(parts) > 2 and parts[1].isdigit() else k
+        groups[group] = groups.get(group, 0) + 1
+    shown = [g if n == 1 and not g.endswith("*") else f"{g} ({n} tensors)" for g, n in groups.items()]
+    return ", ".join(shown[:limit]) + (f", ... ({len(shown) - limit} more)" if len(shown) > limit else "")
+
+
+def load_backbone_weights(
+    model: nn.Module,
+    path: str | os.PathLike,
+    key: str = "teacher",
+    allow_missing: bool = False,
+    switch: str | None = "allow_missing=True (the tools' --allow-missing)",
+) -> dict[str, list[str]]:
     """Load backbone weights into `model` from any supported file (see `extract_backbone_state`).
 
     Position embeddings are interpolated to the model's input size. LayerScale (DINOv2) in the weights but not in
-    the model is folded into the layers before it, exactly. Missing and unexpected keys are logged and returned; a
-    tensor whose shape differs (another architecture) is an error listing every mismatched key with both shapes, and
-    so are a file that shares no key with the model and another number of register tokens.
+    the model is folded into the layers before it, exactly. A model key the file lacks (a 1-block teacher loaded into
+    a 2-block model) is an error listing the missing keys, before anything is loaded: the network would keep random
+    values there and every feature and score from it would be meaningless. Unexpected keys are logged and returned;
+    a tensor whose shape differs (another architecture) is an error listing every mismatched key with both shapes,
+    and so are a file that shares no key with the model and another number of register tokens.
+
+    Args:
+        allow_missing: load anyway, leaving the missing tensors as initialised (logged as a warning).
+        switch: how the caller's user sets `allow_missing`, named in the error; None when the caller offers no
+            such switch (stage-2 training).
 
     Returns:
         {"missing": [...], "unexpected": [...]}
+
+    Raises:
+        CheckpointError: missing keys (unless allowed), mismatched shapes, no shared key, other register tokens.
     """
     state = extract_backbone_state(load_checkpoint(path), key)
     own = model.state_dict()
@@ -234,11 +262,20 @@ def load_backbone_weights(model: nn.Module, path: str | os.PathLike, key: str = 
             f"{path}: no key matches the model ({len(state)} tensors in the file, e.g. "
             f"{', '.join(list(state)[:3]) or 'none'}); is this a backbone checkpoint?"
         )
+    missing = [k for k in own if k not in state]
+    if missing and not allow_missing:
+        override = f"; {switch} keeps them random" if switch else ""
+        raise CheckpointError(
+            f"{path}: {len(missing)} of the model's {len(own)} tensors are missing from the weights: "
+            f"{_key_groups(missing)}; expected weights of the same architecture (fewer blocks or another model in "
+            f"the file?){override}"
+        )
     result = model.load_state_dict(state, strict=False)
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     log.info("loaded %d backbone tensors from %s (key %r)", len(shared), path, key)
     if missing:
-        log.warning("%d model keys missing from %s: %s", len(missing), path, ", ".join(missing[:20]))
+        log.warning("%d model keys missing from %s, left as initialised (allowed): %s", len(missing), path,
+                    _key_groups(missing))  # fmt: skip
     if unexpected:
         log.warning("%d keys of %s not used: %s", len(unexpected), path, ", ".join(unexpected[:20]))
     return {"missing": missing, "unexpected": unexpected}
@@ -286,6 +323,7 @@ def open_feature_model(
     fallback: BackboneSpec | None = None,
     key: str = "teacher",
     override: BackboneSpec | None = None,
+    allow_missing: bool = False,
 ) -> tuple[nn.Module, BackboneSpec]:
     """A model mapping images to features, from any checkpoint, and the BackboneSpec that says how to feed it.
 
@@ -293,8 +331,12 @@ def open_feature_model(
     official DINO, timm) give the backbone's global feature (ViT CLS token, ResNet average pool); the backbone is
     built from `override` if given, else from the file's own spec, else from `fallback`.
 
+    Backbone weights that lack some of the model's tensors are refused unless `allow_missing` (see
+    `load_backbone_weights`).
+
     Raises:
-        CheckpointError: unreadable file; backbone weights with neither a spec of their own nor one passed.
+        CheckpointError: unreadable file; backbone weights with neither a spec of their own nor one passed, or
+            without some of the model's tensors.
     """
     state = peek_checkpoint(path)
     if _is_reid_model(state):
@@ -313,7 +355,7 @@ def open_feature_model(
                     spec.architecture())  # fmt: skip
     spec = dataclasses.replace(spec, feature="")  # backbone weights: the backbone's own global feature
     model, _ = spec.build()
-    load_backbone_weights(model, path, key)
+    load_backbone_weights(model, path, key, allow_missing)
     return model, spec
 
 

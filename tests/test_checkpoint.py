@@ -86,13 +86,33 @@ def test_other_architecture_is_refused_with_the_mismatched_keys(tmp_path):
         ckpt.load_backbone_weights(tiny_vit(), tmp_path / "foreign.pth")
 
 
-def test_missing_keys_are_reported(tmp_path, trained, caplog):
+def test_unexpected_keys_are_reported(tmp_path, trained):
     state = trained.backbone.state_dict()
-    del state["norm.weight"]
     state["extra.weight"] = torch.zeros(1)
-    torch.save(state, tmp_path / "partial.pth")
-    report = ckpt.load_backbone_weights(tiny_vit(), tmp_path / "partial.pth")
-    assert report == {"missing": ["norm.weight"], "unexpected": ["extra.weight"]}
+    torch.save(state, tmp_path / "extra.pth")
+    report = ckpt.load_backbone_weights(tiny_vit(), tmp_path / "extra.pth")
+    assert report == {"missing": [], "unexpected": ["extra.weight"]}
+
+
+def test_weights_with_missing_blocks_are_refused_listing_them(tmp_path, trained):
+    """A 1-block teacher into a 2-block model: was a warning, then features from a network with a random block."""
+    one_block = {k: v for k, v in trained.state_dict().items() if not k.startswith("backbone.blocks.1.")}
+    del one_block["backbone.norm.weight"]
+    path = ckpt.save_checkpoint({"teacher": one_block, "student": one_block}, tmp_path / "one_block.pth")
+    model = tiny_vit()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.load_backbone_weights(model, path)
+    n_block = sum(k.startswith("blocks.1.") for k in before)
+    assert str(e.value) == (
+        f"{path}: {n_block + 1} of the model's {len(before)} tensors are missing from the weights: "
+        f"blocks.1.* ({n_block} tensors), norm.weight; expected weights of the same architecture (fewer blocks or "
+        "another model in the file?); allow_missing=True (the tools' --allow-missing) keeps them random"
+    )
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # refused before loading anything
+    report = ckpt.load_backbone_weights(model, path, allow_missing=True)
+    assert report["missing"] == [k for k in before if k.startswith("blocks.1.")] + ["norm.weight"]
+    assert torch.equal(model.blocks[0].attn.qkv.weight, trained.backbone.blocks[0].attn.qkv.weight)
 
 
 def test_atomic_save_and_safe_load(tmp_path):

@@ -344,6 +344,18 @@ def test_a_key_repeated_on_the_command_line_or_merged_in_a_file_is_not(tmp_path)
         (C.DinoConfig, "dino.teacher_temp=.nan", "dino.teacher_temp: nan; expected a finite value > 0"),
         (C.DinoConfig, "train.clip_grad=.inf", "train.clip_grad: inf; expected a finite value >= 0"),
         (C.RecogConfig, "loss.cosface_s=-.inf", "loss.cosface_s: -inf; expected a finite value > 0"),
+        # sizes that allocate: a typo used to allocate for minutes and hang
+        (C.DinoConfig, "model.out_dim=6553600", "model.out_dim: 6553600; expected at most 262144"),
+        (C.DinoConfig, "model.hidden_dim=204800", "model.hidden_dim: 204800; expected at most 16384"),
+        (C.DinoConfig, "model.depth=1200", "model.depth: 1200; expected at most 64"),
+        (C.DinoConfig, "crops.local_crops_number=800", "crops.local_crops_number: 800; expected at most 64"),
+        (C.DinoConfig, "data.batch_size_per_gpu=64000", "data.batch_size_per_gpu: 64000; expected at most 4096"),
+        (C.DinoConfig, "eval.knn_k=200000", "eval.knn_k: 200000; expected at most 2048"),
+        (C.RecogConfig, "data.test_batch_size=25600", "data.test_batch_size: 25600; expected at most 4096"),
+        (C.RecogConfig, "data.num_workers=8000", "data.num_workers: 8000; expected at most 256"),
+        (C.RecogConfig, "model.embedding_dim=1000000", "model.embedding_dim: 1000000; expected at most 16384"),
+        (C.RecogConfig, "data.num_identities=1600",
+         "data.num_identities: 1600 x num_instances 4 = 6400 images per process; expected at most 4096"),
     ],
 )  # fmt: skip
 def test_hostile_values_are_refused_naming_key_value_and_limit(cls, override, message):
@@ -355,6 +367,12 @@ def test_hostile_values_are_refused_naming_key_value_and_limit(cls, override, me
 def test_the_limits_themselves_are_accepted():
     cfg = C.load(None, ["run.seed=4294967295", "crops.global_crops_size=[4096,4096]"], cls=C.DinoConfig)
     assert (cfg.run.seed, cfg.crops.global_crops_size) == (2**32 - 1, (4096, 4096))
+    sizes = ["model.out_dim=262144", "model.depth=64", "data.batch_size_per_gpu=4096", "crops.local_crops_number=64",
+             "eval.knn_k=2048"]  # fmt: skip
+    cfg = C.load(None, sizes, cls=C.DinoConfig)
+    assert (cfg.model.out_dim, cfg.model.depth, cfg.data.batch_size_per_gpu) == (262144, 64, 4096)
+    cfg = C.load(None, ["data.num_identities=1024", "data.num_instances=4"], cls=C.RecogConfig)
+    assert cfg.data.num_identities * cfg.data.num_instances == 4096
 
 
 def test_an_int_too_large_for_a_float_is_a_type_error_not_a_traceback():

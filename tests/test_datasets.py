@@ -124,6 +124,29 @@ def test_market_errors(tmp_path: Path) -> None:
         load_market1501(root)
 
 
+def test_file_names_that_are_not_utf8_are_read_as_the_file_system_gives_them(tmp_path: Path) -> None:
+    """A name with the bytes \\xff \\xfe reaches Python surrogate-escaped (os.fsdecode); each parser keeps that str,
+    which opens the file, and an MSMT17 list file with such bytes reads the same name (it was a UnicodeDecodeError)."""
+    market = make_market(tmp_path / "m")
+    odd = os.fsdecode(os.fsencode(market / "query") + b"/0009_c3s1_\xff\xfe.jpg")
+    write_jpg(Path(odd))
+    (query_record,) = [r for r in load_market1501(market).query if r.pid == 9]
+    assert (query_record.path, query_record.camid) == (odd, 2) and ds.read_image(query_record.path).size == (8, 4)
+
+    people = tmp_path / "people"
+    write_jpg(people / "ann" / "a_c1.jpg")
+    write_jpg(Path(os.fsdecode(os.fsencode(people) + b"/\xe9va/\xe9_c2.jpg")))  # Latin-1 folder and file names
+    assert [(r.pid, r.camid) for r in load_labeled_folder(people)] == [(0, 0), (1, 1)]
+    assert all(ds.read_image(r.path) for r in load_labeled_folder(people))
+
+    root = make_msmt(tmp_path / "msmt", "V1")
+    with open(root / "list_query.txt", "ab") as fh:
+        fh.write(b"0003/0003_000_05_\xff\xfe.jpg 3\n")
+    last = load_msmt17(root).query[-1]
+    assert last.path == os.fsdecode(os.fsencode(root / "test") + b"/0003/0003_000_05_\xff\xfe.jpg")
+    assert (last.pid, last.camid) == (3, 4)
+
+
 # ----------------------------------------------------------------------------------------------------------- MSMT17
 
 MSMT_LISTS = {

@@ -124,3 +124,33 @@ def test_loader_workers_are_capped_at_the_process_share_of_the_cpus(monkeypatch,
     assert D.loader_workers(1) == 1 and D.loader_workers(0) == 0
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert D.loader_workers(4) == 1  # more processes than CPUs: one worker each, not none
+
+
+def test_log_lines_with_odd_file_names_or_on_a_full_disk_are_not_tracebacks(tmp_path, capsys, monkeypatch):
+    """A name that is not UTF-8 (surrogate-escaped) was a logging traceback in place of the line; a full disk was one
+    traceback per line. Now: the line, the name escaped; one warning for the full disk."""
+    import errno
+    import logging
+
+    D.setup_logging(str(tmp_path))
+    log = logging.getLogger("dino_recog.test")
+    try:
+        log.warning("cannot read image %s", os.fsdecode(b"/data/\xff\xfe.jpg"))
+        (file_handler,) = [h for h in logging.getLogger("dino_recog").handlers if isinstance(h, logging.FileHandler)]
+        file_handler.flush()
+        assert "cannot read image /data/\\udcff\\udcfe.jpg" in (tmp_path / "log.txt").read_text(encoding="utf-8")
+
+        def full(*args):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(file_handler.stream, "write", full)
+        for i in range(3):
+            log.warning("line %d", i)
+        err = capsys.readouterr().err
+        assert "Logging error" not in err and "Traceback" not in err
+        assert err.count(f"warning: {tmp_path / 'log.txt'}: No space left on device; lines are missing from it") == 1
+        assert "line 2" in err  # stderr still gets every line
+    finally:
+        for h in list(logging.getLogger("dino_recog").handlers):
+            logging.getLogger("dino_recog").removeHandler(h)
+            h.close()

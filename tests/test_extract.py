@@ -1,5 +1,6 @@
 """FeatureExtractor on every kind of input, the extract command, and the feature cache."""
 
+import errno
 import json
 import os
 import re
@@ -375,3 +376,60 @@ def test_cache_under_torchrun_two_cpu_processes(images, tmp_path):
         assert len(rank["files"]) == 1 and rank["files"][0].startswith("features-")  # one file, no temp left
     assert ranks[0]["digests"] == ranks[1]["digests"]
     assert not (tmp_path / "elsewhere").exists()  # only rank 0 writes
+
+
+def test_cli_with_file_names_that_are_not_utf8_writes_a_list_that_reads_back(model_path, tmp_path, capsys):
+    """A name with the bytes \\xff \\xfe: `extract` used to write f.npy and fail on f.txt (UnicodeEncodeError)."""
+    root = image_folder(tmp_path / "imgs")
+    odd = os.fsdecode(os.fsencode(root) + b"/\xff\xfe.jpg")
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (24, 12, 3), dtype=np.uint8)).save(odd, format="JPEG")
+    out = tmp_path / "out" / "f.npy"
+    assert main(["--checkpoint", str(model_path), "--images", str(root), "--out", str(out), "--device", "cpu"]) == 0
+    assert (tmp_path / "out" / "f.txt").read_bytes() == b"a.jpg\nb.png\n\xff\xfe.jpg\n"  # the bytes on disk
+    names = (tmp_path / "out" / "f.txt").read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+    paths = [os.path.join(root, n) for n in names]
+    assert paths[-1] == odd and all(os.path.isfile(p) for p in paths)
+    np.testing.assert_allclose(np.load(out), FeatureExtractor(model_path, "cpu")(paths).numpy(), rtol=0, atol=1e-6)
+
+
+def test_cli_never_leaves_new_features_beside_an_old_file_list(model_path, tmp_path, capsys, monkeypatch):
+    """f.npy and f.txt are one result: a failure while writing either, or between the renames, never leaves a
+    f.npy beside the f.txt of another run (which would give every feature the wrong name)."""
+    from dino_recog import atomic
+
+    root = image_folder(tmp_path / "imgs")
+    out = tmp_path / "out" / "f.npy"
+    argv = ["--checkpoint", str(model_path), "--images", str(root), "--out", str(out), "--device", "cpu"]
+    (tmp_path / "out").mkdir()
+    np.save(out, np.zeros((5, 64), np.float32))  # an older result of 5 images
+    (tmp_path / "out" / "f.txt").write_text("old1\nold2\nold3\nold4\nold5\n")
+
+    def old_result_intact():
+        return np.load(out).shape == (5, 64) and (tmp_path / "out" / "f.txt").read_text().startswith("old1")
+
+    def disk_full(fh, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as m:  # the features cannot be written: the old pair stays as it was
+        m.setattr(np, "save", disk_full)
+        assert main(argv) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: could not write features {out}: No space left on device; the previous files are intact")
+    assert old_result_intact() and sorted(os.listdir(tmp_path / "out")) == ["f.npy", "f.txt"]
+
+    real_replace, renamed = os.replace, []
+
+    def crash_before_the_features(src, dst):  # the new f.txt is in place, then the process fails
+        if str(dst).endswith(".npy"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        renamed.append(dst)
+        real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(atomic.os, "replace", crash_before_the_features)
+        assert main(argv) == 2
+    assert renamed == [tmp_path / "out" / "f.txt"]
+    assert not out.exists()  # no result rather than new names beside old features (or the other way round)
+    assert (tmp_path / "out" / "f.txt").read_text() == "a.jpg\nb.png\n"
+    assert sorted(os.listdir(tmp_path / "out")) == ["f.txt"]  # no temporary file left
+    assert main(argv) == 0 and np.load(out).shape == (2, 64)  # a rerun writes both

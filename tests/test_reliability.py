@@ -39,6 +39,7 @@ from dino_recog.models import DINOHead, MultiCropNet, build_backbone
 from dino_recog.optim import build_optimizer, param_groups
 from dino_recog.runlog import RunLog, read_jsonl
 from dino_recog.tasks import DinoStep, DinoTask, ReIDStep, build_reid_task
+from dino_recog.user_errors import user_errors
 
 
 def mismatches(a: dict, b: dict) -> list[str]:
@@ -396,6 +397,76 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(images, dino_singl
     assert same_dino_weights(dino_single / "checkpoint_0002.pth", out / "checkpoint_0002.pth") == []
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """`small_disk(kib)`: a tmpfs of that size mounted at tmp_path/disk (unmounted after the test): a real file system
+    that fills, which a mock of torch.save raising OSError is not. Skipped where this process cannot mount one."""
+    mounted = []
+
+    def mount(kib: int) -> Path:
+        where = tmp_path / "disk"
+        where.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(where)], capture_output=True,
+                           text=True)  # fmt: skip
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here (needs root or CAP_SYS_ADMIN): {r.stderr.strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    """Write a ballast file until the file system is full; returns it."""
+    ballast = folder / "ballast"
+    with open(ballast, "wb", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+    return ballast
+
+
+@pytest.mark.slow  # three tiny runs
+def test_disk_full_on_a_real_file_system_is_one_line_and_leaves_nothing_behind(images, dino_single, small_disk,
+                                                                               capsys):  # fmt: skip
+    """Room for one checkpoint of the tiny run and not two: torch.save on a full disk raises a RuntimeError ("unexpected
+    pos"), not an OSError; the run stops with one line naming the last good checkpoint and leaves no temporary file;
+    a retry on the full disk stops in one line before it writes anything (config.yaml stays whole); with space, it
+    resumes."""
+    size = (dino_single / "checkpoint_0000_000005.pth").stat().st_size
+    disk = small_disk(size * 3 // 2 // 1024 + 128)  # + logs, config, tensorboard events
+    out = disk / "run"
+    cfg = dino_cfg(images, out, "run.save_every_steps=5", "run.keep_last=20")
+
+    def run() -> str:
+        with pytest.raises(SystemExit) as stop, user_errors():
+            train_dino.main(cfg)
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "Logging error" not in err, err[-3000:]
+        last = err.splitlines()[-1]
+        return last[last.index("error: "):]  # after the progress bar the error cut short
+
+    assert run() == (f"error: could not write checkpoint {out}/checkpoint_0000_000010.pth: No space left on device; "
+                     f"the previous one is intact; the run stopped; last good checkpoint: "
+                     f"{out}/checkpoint_0000_000005.pth")  # fmt: skip
+    assert sorted(os.listdir(out)) == [".lock", "checkpoint_0000_000005.pth", "config.yaml", "log.jsonl", "log.txt",
+                                       "tb"]  # fmt: skip
+    config = (out / "config.yaml").read_bytes()
+    ballast = fill(disk)
+    assert run() == f"error: run.output_dir {out}: no space left on its file system; free some and rerun " \
+                    "(run.resume=auto continues from the last checkpoint)"  # fmt: skip
+    assert (out / "config.yaml").read_bytes() == config and not list(out.glob(".*tmp*"))
+    ballast.unlink()
+    subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)  # a limit: tmpfs takes what it holds
+    train_dino.main(cfg)  # space freed: it resumes and ends as if nothing had happened
+    assert same_dino_weights(dino_single / "checkpoint_0002.pth", out / "checkpoint_0002.pth") == []
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Hostile input: data
 
@@ -452,6 +523,25 @@ def test_training_skips_and_counts_broken_images_and_reads_odd_ones(small_demo, 
     for path in odd:
         img = ds.read_image(path)
         assert img.mode == "RGB" and min(img.size) >= 1
+
+
+def test_training_on_file_names_that_are_not_utf8_logs_them_escaped(small_demo, tmp_path, capfd):
+    """Names with bytes that are not UTF-8 (an image that reads, one that does not): each logged line holding one used
+    to be a logging traceback (UnicodeEncodeError) in place of the line, the run going on; now the line is written,
+    the name escaped (\\udcff), and the image that reads is trained on."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for src in sorted((small_demo / "lup" / "images").rglob("*.jpg"))[:15]:  # 15 + 1 readable = 2 batches of 8
+        shutil.copy(src, folder / src.name)
+    shutil.copy(src, os.fsencode(folder) + b"/\xff\xfe.jpg")
+    (Path(os.fsdecode(os.fsencode(folder) + b"/\xfe_broken.jpg"))).write_bytes(b"not a JPEG")
+    train_dino.main(dino_cfg(folder, tmp_path / "run", "train.epochs=1"))
+    (epoch,) = read_jsonl(tmp_path / "run" / "log.jsonl", "epoch")
+    assert epoch["skipped_images"] == 1  # the broken one only
+    err = capfd.readouterr().err
+    assert "Logging error" not in err and "UnicodeEncodeError" not in err, err[-3000:]
+    log = (tmp_path / "run" / "log.txt").read_text(encoding="utf-8")  # still UTF-8
+    assert f"skipping a training image: cannot read image {folder}/\\udcfe_broken.jpg" in log
 
 
 def test_evaluation_refuses_a_broken_image_naming_it(small_demo, tmp_path):

@@ -69,6 +69,20 @@ def test_starts_from_a_stage1_export_with_every_key(small_demo, tmp_path, caplog
         train_recog.build_model(cfg(small_demo, tmp_path, "model.pretrained=nope.pth"), 30)
 
 
+def test_a_pretrained_backbone_with_missing_blocks_is_refused(small_demo, tmp_path):
+    """The neck and classifier are new in stage 2 (not backbone keys); a backbone block the file lacks would start
+    fine-tuning from random values: refused, with no switch (the fix is model.depth, or the right file)."""
+    one = build_backbone("vit_small", img_size=(32, 16), patch_size=8, depth=1, embed_dim=32, num_heads=2)[0]
+    torch.save(one.state_dict(), tmp_path / "one_block.pth")
+    c = cfg(small_demo, tmp_path / "run", f"model.pretrained={tmp_path / 'one_block.pth'}")
+    with pytest.raises(ckpt.CheckpointError) as e:
+        train_recog.build_model(c, num_classes=30)
+    assert str(e.value) == (
+        f"{tmp_path / 'one_block.pth'}: 12 of the model's 30 tensors are missing from the weights: blocks.1.* "
+        "(12 tensors); expected weights of the same architecture (fewer blocks or another model in the file?)"
+    )
+
+
 def test_resume_gives_the_same_weights(small_demo, tmp_path):
     train_recog.main(cfg(small_demo, tmp_path / "a"))
     (tmp_path / "b").mkdir()  # as if the run had died during epoch 2

@@ -119,3 +119,64 @@ def test_feature_extractor_at_a_size_the_model_cannot_take_names_the_size_it_was
     with pytest.raises(ValueError, match=r"^image_size \[30, 17\]: the model cannot take it \(.*\); it was trained at "
                                          r"\[32, 16\]: use that, or sides that are multiples of its patch size$"):
         FeatureExtractor(tmp_path / "w.pth", "cpu", image_size=(30, 17), **kw)
+
+
+
+def _one_block_weights(path):
+    """A bare state dict of a 1-block ViT (no spec of its own: the tools build the 2-block ViT they are told)."""
+    import torch
+
+    from dino_recog.models import build_backbone
+
+    torch.manual_seed(0)
+    torch.save(build_backbone("vit_small", img_size=(32, 16), patch_size=8, depth=1, embed_dim=32, num_heads=2)[0]
+               .state_dict(), path)  # fmt: skip
+    return path
+
+
+TWO_BLOCKS = ["model.arch=vit_small", "model.depth=2", "model.embed_dim=32", "model.num_heads=2", "model.patch_size=8"]
+
+
+@pytest.mark.parametrize("script, args", [
+    ("eval_knn.py", ["data.eval_set.name=market1501", "data.eval_set.root={tmp}/market",
+                     "crops.global_crops_size=[32,16]", "crops.local_crops_size=[16,8]", *TWO_BLOCKS]),
+    ("eval_reid.py", ["data.test.root={tmp}/market", "aug.size=[32,16]", *TWO_BLOCKS]),
+])  # fmt: skip
+def test_evaluation_of_weights_with_missing_blocks_is_refused_unless_allowed(run_script, tmp_path, capsys, script,
+                                                                            args):  # fmt: skip
+    """A 1-block teacher into a 2-block model: was a warning "12 model keys missing", then a score from a random
+    block, exit 0. The refusal comes before the data are read; with --allow-missing the tool goes on to them."""
+    path = _one_block_weights(tmp_path / "one_block.pth")
+    args = [a.format(tmp=tmp_path) for a in args]
+    with pytest.raises(SystemExit) as stop:
+        run_script(script, "--checkpoint", path, *args)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: {path}: 12 of the model's 30 tensors are missing from the weights: blocks.1.* (12 tensors); "
+        "expected weights of the same architecture (fewer blocks or another model in the file?); "
+        "allow_missing=True (the tools' --allow-missing) keeps them random"
+    )
+    with pytest.raises(SystemExit) as stop:  # allowed: the weights load, and the missing data set is the next stop
+        run_script(script, "--checkpoint", path, "--allow-missing", *args)
+    assert stop.value.code == 2
+    assert f"{tmp_path}/market" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_extract_of_weights_with_missing_blocks_is_refused_unless_allowed(tmp_path, capsys):
+    from PIL import Image
+
+    from dino_recog.extract import main as extract_main
+
+    path = _one_block_weights(tmp_path / "one_block.pth")
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (16, 32)).save(tmp_path / "imgs" / "a.png")
+    out = tmp_path / "out" / "f.npy"
+    argv = ["--checkpoint", str(path), "--images", str(tmp_path / "imgs"), "--out", str(out), "--device", "cpu",
+            "--backbone", "name=vit_small", "img_size=[32,16]", "patch_size=8", "depth=2", "embed_dim=32",
+            "num_heads=2"]  # fmt: skip
+    assert extract_main(argv) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(
+        f"error: {path}: 12 of the model's 30 tensors are missing from the weights: blocks.1.* (12 tensors); "
+    )
+    assert not out.exists()
+    assert extract_main([*argv, "--allow-missing"]) == 0 and out.exists()

@@ -25,8 +25,16 @@ __all__ = [
     "DATASETS_UNLABELED",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "MAX_BATCH",
+    "MAX_CROPS",
+    "MAX_DEPTH",
+    "MAX_HEADS",
+    "MAX_NEIGHBOURS",
+    "MAX_PROTOTYPES",
     "MAX_SEED",
     "MAX_SIDE",
+    "MAX_WIDTH",
+    "MAX_WORKERS",
     "VIT_ARCHS",
     "DatasetSpec",
     "RunConfig",
@@ -70,6 +78,17 @@ def pixels(default: int) -> int:
     """A number of pixels in [0, MAX_SIDE] (a padding)."""
     return declare(default, NON_NEGATIVE, _PADDING)
 
+
+# Sizes that allocate (a head, a network, a batch, processes, neighbours): a typo (an extra 0 or two) would not fail but
+# allocate for minutes and then hang or be killed, so each has a bound far above any published recipe.
+MAX_PROTOTYPES = 262144  # DINO head out_dim: official 65536, DINOv2 ViT-g 131072
+MAX_WIDTH = 16384  # head MLP / bottleneck / embedding widths and ViT embed_dim: DINO head 2048, ViT-g 1536
+MAX_DEPTH = 64  # ViT blocks: ViT-L 24, ViT-g 40, ViT-G 48
+MAX_HEADS = 128  # ViT attention heads: ViT-g 24, ViT-22B 48
+MAX_BATCH = 4096  # images per process (batch_size_per_gpu, P x K, test_batch_size): official DINO 64
+MAX_CROPS = 64  # local crops per image: official DINO 8, DINOv2 8 to 10
+MAX_WORKERS = 256  # DataLoader worker processes per training process
+MAX_NEIGHBOURS = 2048  # kNN k, re-ranking k1 / k2, query-expansion k (faiss on a GPU searches at most 2048)
 
 # Seeds: NumPy takes 32 bits (the derived seeds seed + 1000 x epoch + rank reach it modulo 2**32), torch 64 (the
 # derived seeds stay far below 2**64 from any seed up to 2**32 - 1); a seed past 2**64 was a traceback deep in torch.

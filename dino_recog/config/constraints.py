@@ -19,6 +19,7 @@ __all__ = [
     "POSITIVE",
     "ConfigError",
     "Constraint",
+    "at_most",
     "check",
     "choice",
     "declare",
@@ -105,14 +106,21 @@ def _per_item(default: Any, *constraints: Constraint) -> list[Constraint]:
     return [each(c) for c in constraints] if isinstance(default, tuple) else list(constraints)
 
 
-def positive(default: Any) -> Any:
-    """A finite value > 0; for a tuple (a size), each of its items."""
-    return declare(default, *_per_item(default, finite("> 0"), POSITIVE))
+def at_most(limit: float) -> Constraint:
+    """An upper bound on a size: a typo (`out_dim: 6553600`) would otherwise allocate for minutes and then hang."""
+    return Constraint(lambda v: v <= limit, f"{{value}}; expected at most {limit}")
 
 
-def non_negative(default: Any) -> Any:
-    """A finite value >= 0; for a tuple, each of its items."""
-    return declare(default, *_per_item(default, finite(">= 0"), NON_NEGATIVE))
+def positive(default: Any, limit: float | None = None) -> Any:
+    """A finite value > 0 (and <= `limit` when given); for a tuple (a size), each of its items."""
+    bound = [] if limit is None else [at_most(limit)]
+    return declare(default, *_per_item(default, finite("> 0"), POSITIVE, *bound))
+
+
+def non_negative(default: Any, limit: float | None = None) -> Any:
+    """A finite value >= 0 (and <= `limit` when given); for a tuple, each of its items."""
+    bound = [] if limit is None else [at_most(limit)]
+    return declare(default, *_per_item(default, finite(">= 0"), NON_NEGATIVE, *bound))
 
 
 def unit_interval(default: float, open_right: bool = False) -> Any:

@@ -8,6 +8,14 @@ from .common import (
     ARCHS,
     DATASETS_LABELED,
     DATASETS_UNLABELED,
+    MAX_BATCH,
+    MAX_CROPS,
+    MAX_DEPTH,
+    MAX_HEADS,
+    MAX_NEIGHBOURS,
+    MAX_PROTOTYPES,
+    MAX_WIDTH,
+    MAX_WORKERS,
     PATCH_SIZES,
     VIT_ARCHS,
     DatasetSpec,
@@ -46,8 +54,8 @@ __all__ = [
 class DinoDataConfig:
     train: DatasetSpec = field(default_factory=lambda: DatasetSpec(name="luperson", root="data/LUPerson/images"))
     keys_file: str = ""  # LMDB only: plain-text key list (never keys.pkl); empty = list the LMDB once and cache
-    batch_size_per_gpu: int = positive(64)  # images per process; official DINO 64, TransReID-SSL 8 GPUs x 64
-    num_workers: int = non_negative(10)  # DataLoader workers per process (official DINO 10)
+    batch_size_per_gpu: int = positive(64, MAX_BATCH)  # images per process; official DINO 64, TransReID-SSL 8 GPUs x 64
+    num_workers: int = non_negative(10, MAX_WORKERS)  # DataLoader workers per process (official DINO 10)
     eval_set: DatasetSpec | None = None  # labeled set whose query/gallery monitor kNN / rank-1 (null = none)
 
     def validate(self, path: str) -> None:
@@ -61,12 +69,13 @@ class DinoModelConfig:
     arch: str = choice(*ARCHS, default="vit_small")  # vit_tiny | vit_small | vit_base | resnet18 | resnet50 | resnet101
     patch_size: int = choice(*PATCH_SIZES, default=16)  # ViT patch size (16 or 8)
     drop_path_rate: float = unit_interval(0.1, open_right=True)  # stochastic depth, student only (official 0.1)
-    depth: int = non_negative(0)  # ViT blocks; 0 = the architecture's (12)
-    embed_dim: int = non_negative(0)  # ViT width; 0 = the architecture's (tiny 192, small 384, base 768)
-    num_heads: int = non_negative(0)  # ViT attention heads; 0 = the architecture's (tiny 3, small 6, base 12)
-    out_dim: int = positive(65536)  # K, prototypes of the DINO head (official 65536)
-    hidden_dim: int = positive(2048)  # DINO head MLP width
-    bottleneck_dim: int = positive(256)  # DINO head bottleneck before the weight-normalised last layer
+    depth: int = non_negative(0, MAX_DEPTH)  # ViT blocks; 0 = the architecture's (12)
+    embed_dim: int = non_negative(0, MAX_WIDTH)  # ViT width; 0 = the architecture's (tiny 192, small 384, base 768)
+    # ViT attention heads; 0 = the architecture's (tiny 3, small 6, base 12)
+    num_heads: int = non_negative(0, MAX_HEADS)
+    out_dim: int = positive(65536, MAX_PROTOTYPES)  # K, prototypes of the DINO head (official 65536)
+    hidden_dim: int = positive(2048, MAX_WIDTH)  # DINO head MLP width
+    bottleneck_dim: int = positive(256, MAX_WIDTH)  # DINO head bottleneck before the weight-normalised last layer
     norm_last_layer: bool = True  # freeze the weight-norm magnitude of the last layer (official True)
     use_bn_in_head: bool = False  # BatchNorm in the head MLP (official False)
     # ViT LayerScale: residual branches x a learned gamma started here (DINOv2 1e-5); 0 = off
@@ -106,7 +115,7 @@ class DinoLossConfig:
 class MultiCropConfig:
     global_crops_size: tuple[int, int] = image_size((256, 128))  # (height, width) of the 2 global crops (TransReID-SSL)
     global_crops_scale: tuple[float, float] = range_pair((0.4, 1.0))  # area range of a global crop (official (0.4, 1))
-    local_crops_number: int = non_negative(8)  # local crops per image (official 8)
+    local_crops_number: int = non_negative(8, MAX_CROPS)  # local crops per image (official 8)
     local_crops_size: tuple[int, int] = image_size((128, 64))  # (height, width) of a local crop (TransReID-SSL)
     # area range of a local crop (official (0.05, 0.4))
     local_crops_scale: tuple[float, float] = range_pair((0.05, 0.4))
@@ -158,7 +167,7 @@ class DinoTrainConfig:
 @dataclass
 class DinoEvalConfig:
     eval_every: int = non_negative(10)  # epochs between kNN / rank-1 evaluations of the teacher (0 = never)
-    knn_k: int = positive(20)  # neighbours of the weighted kNN (DINO: 20)
+    knn_k: int = positive(20, MAX_NEIGHBOURS)  # neighbours of the weighted kNN (DINO: 20)
     knn_temperature: float = positive(0.07)  # vote weight exp(sim / T) (DINO: 0.07)
     saveckp_freq: int = non_negative(20)  # epochs between kept numbered checkpoints (official 20)
     export_every: int = non_negative(10)  # epochs between teacher_backbone.pth exports (also at the end)

@@ -11,6 +11,14 @@ from .common import (
     ARCHS,
     DATASETS_LABELED,
     DATASETS_LMDB_LABELED,
+    MAX_BATCH,
+    MAX_CROPS,
+    MAX_DEPTH,
+    MAX_HEADS,
+    MAX_NEIGHBOURS,
+    MAX_PROTOTYPES,
+    MAX_WIDTH,
+    MAX_WORKERS,
     PATCH_SIZES,
     VIT_ARCHS,
     DatasetSpec,
@@ -51,10 +59,10 @@ _NOT_EMPTY = Constraint(bool, "empty list; expected at least one data set")
 class RecogDataConfig:
     train: list[DatasetSpec] = declare([DatasetSpec()], _NOT_EMPTY)  # combined when several
     test: DatasetSpec = field(default_factory=DatasetSpec)  # query/gallery set; may differ (cross-domain)
-    num_identities: int = positive(16)  # P: identities per batch (BoT 16)
-    num_instances: int = positive(4)  # K: images per identity per batch (BoT 4); batch = P x K per process
-    num_workers: int = non_negative(8)  # DataLoader workers per process
-    test_batch_size: int = positive(256)  # images per process at feature extraction
+    num_identities: int = positive(16, MAX_BATCH)  # P: identities per batch (BoT 16)
+    num_instances: int = positive(4, MAX_BATCH)  # K: images per identity per batch (BoT 4); batch = P x K per process
+    num_workers: int = non_negative(8, MAX_WORKERS)  # DataLoader workers per process
+    test_batch_size: int = positive(256, MAX_BATCH)  # images per process at feature extraction
     min_images_per_id: int = non_negative(0)  # drop training identities with fewer images (0 = keep all)
     # pk_epoch: every image once per epoch, in chunks of K (torchreid's RandomIdentitySampler); pk_random: each
     # step draws its P identities (image-weighted) and K images anew, O(P K) per step (millions of images)
@@ -62,6 +70,10 @@ class RecogDataConfig:
     iters_per_epoch: int = non_negative(0)  # steps per epoch; 0 = images / (P x K x processes)
 
     def validate(self, path: str) -> None:
+        if self.num_identities * self.num_instances > MAX_BATCH:
+            raise ConfigError(f"{path}.num_identities: {self.num_identities} x num_instances {self.num_instances} = "
+                              f"{self.num_identities * self.num_instances} images per process; expected at most "
+                              f"{MAX_BATCH}")  # fmt: skip
         seen: dict[str, int] = {}
         for i, spec in enumerate(self.train):
             check(f"{path}.train[{i}].name", spec.name, one_of(*DATASETS_LABELED, *DATASETS_LMDB_LABELED))
@@ -94,15 +106,16 @@ class RecogModelConfig:
     arch: str = choice(*ARCHS, default="vit_small")  # vit_tiny | vit_small | vit_base | resnet18 | resnet50 | resnet101
     patch_size: int = choice(*PATCH_SIZES, default=16)  # ViT patch size
     drop_path_rate: float = unit_interval(0.1, open_right=True)  # stochastic depth (TransReID 0.1)
-    depth: int = non_negative(0)  # ViT blocks; 0 = the architecture's (12)
-    embed_dim: int = non_negative(0)  # ViT width; 0 = the architecture's (tiny 192, small 384, base 768)
-    num_heads: int = non_negative(0)  # ViT attention heads; 0 = the architecture's (tiny 3, small 6, base 12)
+    depth: int = non_negative(0, MAX_DEPTH)  # ViT blocks; 0 = the architecture's (12)
+    embed_dim: int = non_negative(0, MAX_WIDTH)  # ViT width; 0 = the architecture's (tiny 192, small 384, base 768)
+    # ViT attention heads; 0 = the architecture's (tiny 3, small 6, base 12)
+    num_heads: int = non_negative(0, MAX_HEADS)
     pretrained: str = "output/dino/teacher_backbone.pth"  # stage-1 export/checkpoint, DINO or timm weights; "" = none
     # which network of a stage-1 / official DINO checkpoint: teacher | student
     pretrained_key: str = choice("teacher", "student")
     feature: str = "cls"  # ViT: cls | cls_mean (CLS + mean patch token); ResNet: avg | gem
     last_stride: int = choice(1, 2)  # ResNet last-stage stride (BoT 1)
-    embedding_dim: int = non_negative(0)  # optional linear embedding before the BN neck; 0 = none
+    embedding_dim: int = non_negative(0, MAX_WIDTH)  # optional linear embedding before the BN neck; 0 = none
     neck: str = choice("bnneck", "none")  # bnneck (BN before the classifier, bias frozen; Luo et al. 2019) | none
 
     def validate(self, path: str) -> None:
@@ -153,9 +166,9 @@ class RecogLossConfig:
     distill_temperature: float = positive(4.0)  # T of the softened distributions
     distill_teacher: str = ""  # stage-2 checkpoint of the frozen teacher (any architecture)
     dino_aux_weight: float = non_negative(0.0)  # DINO on the backbone as an auxiliary loss (DINOWrapper); 0 = off
-    dino_aux_out_dim: int = positive(4096)  # prototypes of the auxiliary DINO head
+    dino_aux_out_dim: int = positive(4096, MAX_PROTOTYPES)  # prototypes of the auxiliary DINO head
     # local crops per image of the auxiliary DINO loss (half the input size)
-    dino_aux_local_crops: int = non_negative(2)
+    dino_aux_local_crops: int = non_negative(2, MAX_CROPS)
 
     def validate(self, path: str) -> None:
         if self.distill_weight > 0 and not self.distill_teacher:
@@ -214,11 +227,13 @@ class RecogEvalConfig:
     metric: str = choice("cosine", "euclidean")
     flip: bool = False  # average the features of the image and its mirror
     rerank: bool = False  # k-reciprocal re-ranking (Zhong et al. 2017) of the query-gallery distances
-    rerank_k1: int = positive(20)  # k1 of re-ranking (fast-reid / torchreid 20; TransReID reports with 50)
-    rerank_k2: int = positive(6)  # k2, local query expansion (fast-reid / torchreid 6; TransReID 15)
+    # k1 of re-ranking (fast-reid / torchreid 20; TransReID reports with 50)
+    rerank_k1: int = positive(20, MAX_NEIGHBOURS)
+    rerank_k2: int = positive(6, MAX_NEIGHBOURS)  # k2, local query expansion (fast-reid / torchreid 6; TransReID 15)
     rerank_lambda: float = unit_interval(0.3)  # weight of the original distance in the re-ranked one (all 0.3)
     aqe: bool = False  # alpha-weighted average query expansion (fast-reid TEST.AQE)
-    aqe_k: int = positive(5)  # neighbours averaged by query expansion, the item itself included (fast-reid 5)
+    # neighbours averaged by query expansion, the item itself included (fast-reid 5)
+    aqe_k: int = positive(5, MAX_NEIGHBOURS)
     aqe_alpha: float = non_negative(3.0)  # similarity exponent of query expansion (fast-reid 3.0)
     # >0: rank with a faiss top-k search (huge galleries; mAP@k, mINP@k); 0: the full ranking
     topk: int = non_negative(0)

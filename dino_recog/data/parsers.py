@@ -163,7 +163,8 @@ def _msmt_list(list_file: Path, image_dir: Path) -> list[Record]:
     if not list_file.is_file():
         raise DatasetLayoutError(f"missing list file {list_file}; {_MSMT_LAYOUT}")
     records = []
-    with open(list_file, encoding="utf-8") as f:
+    # surrogateescape: a name that is not UTF-8 becomes the str os.fsdecode gives for it on disk, so it opens
+    with open(list_file, encoding="utf-8", errors="surrogateescape") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -254,7 +254,10 @@ def build_model(cfg: C.RecogConfig, num_classes: int) -> ReIDModel:
                 f"model.pretrained: {cfg.model.pretrained} not found; run stage 1 first (train_dino.py exports "
                 f"teacher_backbone.pth), point it at other weights, or set model.pretrained='' to start from scratch"
             )
-        ckpt.load_backbone_weights(model.backbone, cfg.model.pretrained, key=cfg.model.pretrained_key)
+        # A backbone tensor the file lacks would start fine-tuning from random values for it (a bare state dict
+        # with fewer blocks than model.depth): refused, with no switch; the neck and classifier are not backbone
+        # keys and always start fresh.
+        ckpt.load_backbone_weights(model.backbone, cfg.model.pretrained, key=cfg.model.pretrained_key, switch=None)
     else:
         log.info("model.pretrained is empty: the backbone starts from random initialisation")
     return model
