@@ -116,6 +116,14 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: (not item.get_closest_marker("slow"), "demo_set" not in item.fixturenames))
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_logreport(report):
+    """Captured output and log lines naming a file whose name is not UTF-8 (surrogate-escaped, as the tests of such
+    names log them) escaped, before pytest-xdist sends the report to the controller: it cannot send such strings."""
+    report.sections = [(title, text.encode("utf-8", "backslashreplace").decode("utf-8"))
+                       for title, text in report.sections]  # fmt: skip
+
+
 def built_once(tmp_path_factory, name: str, build) -> Path:
     """The folder `name` filled by `build(folder)` once per test session, also when pytest-xdist splits the session
     over several worker processes: the first worker that asks builds it under a lock in the folder the workers share,
