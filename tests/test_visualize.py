@@ -311,6 +311,13 @@ def test_tile_labels_name_identity_camera_rank_and_distance():
     assert tile_labels(lst, [("q.jpg", 9, 1)], gallery) == [["id 9 c2", "no match"], ["id 7 c2", "1: 0.12"]]
 
 
+def test_rank_lists_refuse_features_that_do_not_match_the_images(tmp_path):
+    query, gallery = [("q.jpg", 1, 0)] * 3, [("g.jpg", 1, 1)] * 6
+    with pytest.raises(ValueError, match="^3 query and 5 gallery features for 3 query and 6 gallery images; expected"):
+        write_rank_lists(np.zeros((3, 4)), np.zeros((5, 4)), query, gallery, tmp_path / "r")
+    assert not (tmp_path / "r").exists()  # nothing written
+
+
 def demo_model(tmp_path):
     torch.manual_seed(0)
     spec = dict(arch="vit_small", img_size=[32, 16], patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=30,
