@@ -169,15 +169,15 @@ def test_pictures_are_byte_identical_for_the_same_inputs(tmp_path):
     gallery = [(images[3 + j], (1, 2, 0, 1, 2, -1)[j], j % 3) for j in range(6)]
     rng = np.random.default_rng(0)
     qf, gf = rng.integers(0, 3, (3, 4)).astype(np.float32), rng.integers(0, 3, (6, 4)).astype(np.float32)  # ties
-    write_log(tmp_path / "run", [{"kind": "epoch", "step": 4, "epoch": 1, "loss": 2.0},
-                                 {"kind": "eval", "step": 4, "epoch": 1, "rank1": 0.5, "mAP": 0.4}])  # fmt: skip
-    for out in (tmp_path / "a", tmp_path / "b"):
+    for out, t in ((tmp_path / "a", 1.0), (tmp_path / "b", 2.0)):  # two runs that differ only in their wall clock
+        write_log(out / "logs" / "run", [{"kind": "epoch", "step": 4, "epoch": 1, "loss": 2.0, "time": t, "img_s": t},
+                                         {"kind": "eval", "step": 4, "epoch": 1, "rank1": 0.5, "mAP": 0.4, "time": t}])
         main(["attention", "--checkpoint", str(tmp_path / "c.pth"), "--images", *images[:2], "--scale", "2",
               "--threshold", "0.6", "--out", str(out / "attention")])  # fmt: skip
         write_rank_lists(qf, gf, query, gallery, out / "ranks", "euclidean", num_queries=2, order="even", topk=3,
                          size=(32, 16), distractor_pid=0)  # fmt: skip
-        plot_curves([tmp_path / "run"], out / "curves.png", "a title")
-    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+        plot_curves([out / "logs" / "run"], out / "curves.png", "a title")
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.*") if p.suffix != ".jsonl")
     assert len(files) == 6  # 2 + 1 attention, ranks png + json, curves
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
