@@ -47,6 +47,10 @@ demo: $(VENV)/.installed
 
 # The README's pictures, from the demo runs: attention of the DINO teacher on four query images (at their stored
 # 128x64, a 16x8 patch grid), ranked lists of the fine-tuned model (8 queries from worst to best), curves of both stages.
+# The same demo data and checkpoints give the same bytes. The ranked lists extract their features on one thread: the
+# distances otherwise move in their last bits with the machine's core count (5e-7 measured, 1 vs 2 threads), which can
+# swap two near-tied gallery images. Retraining (make demo) gives the same checkpoints only on the same kind of machine:
+# train.sh runs nproc threads, and the training's floats depend on that number (see README, What the demo shows).
 DEMO_QUERIES = $(sort $(wildcard data/demo/market/query/*.jpg))
 ATTENTION_IMAGES = $(foreach i,1 40 80 120,$(word $(i),$(DEMO_QUERIES)))
 
@@ -58,8 +62,8 @@ pictures: $(VENV)/.installed
 	$(PY) -m dino_recog.visualize attention --checkpoint output/demo/dino/teacher_backbone.pth \
 		--images $(ATTENTION_IMAGES) --size 128 64 --scale 2 --threshold 0.6 --out output/pictures/attention
 	cp output/pictures/attention/attention.png pic/attention.png
-	$(PY) -m dino_recog.visualize ranks --config configs/demo/recog.yaml --checkpoint output/demo/recog/model.pth \
-		--num-queries 8 --order even --out output/pictures/ranks
+	OMP_NUM_THREADS=1 $(PY) -m dino_recog.visualize ranks --config configs/demo/recog.yaml \
+		--checkpoint output/demo/recog/model.pth --num-queries 8 --order even --out output/pictures/ranks
 	cp output/pictures/ranks/ranks.png pic/ranks.png
 	$(PY) -m dino_recog.visualize curves output/demo/dino --title "stage 1: DINO on the demo pool" \
 		--out pic/curves_dino.png

@@ -62,11 +62,11 @@ def main(
                 print(f"   ({results['num_skipped']} queries without a true match were skipped)")
             if json_path:
                 Path(json_path).write_text(json.dumps(results, indent=2))
-        if save_ranks:  # every rank takes part: features are extracted in shards
-            from dino_recog.visualize import save_rank_lists
+        if save_ranks and dist.is_main_process():  # from the features above: every rank already has all of them
+            from dino_recog.visualize import write_rank_lists
 
-            save_rank_lists(model, query, gallery, device, save_ranks, cfg.eval.metric, cfg.eval.flip,
-                            cfg.data.test_batch_size, cfg.data.num_workers)  # fmt: skip
+            write_rank_lists(qf, gf, query, gallery, save_ranks, cfg.eval.metric, cfg.eval.flip,
+                             distractor_pid=data.distractor_pid)  # fmt: skip
         return results
 
 

@@ -97,7 +97,12 @@ def test_market_counts_labels(tmp_path: Path) -> None:
     assert data.num_train_pids == 3 and data.num_train_cams == 6
     table = format_table(data)
     assert "market1501" in table and "# ids" in table
-    assert "  train    |     3 |        4 |         4" in table
+    assert "  train    |     3 |        4 |         4" in table  # train pid 0 is a person (relabelled), counted
+    # the gallery's ids without the distractors (pid 0), its images with them, the junk apart
+    assert "  gallery  |     2 |        4 |         3" in table
+    note = "  gallery: 2 distractor images (pid 0) in # images, not in # ids; 2 junk images (pid -1) not loaded"
+    assert note in table
+    assert "query:" not in table  # nothing to say about the query
 
 
 def test_market_errors(tmp_path: Path) -> None:

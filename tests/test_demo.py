@@ -98,12 +98,35 @@ def test_counts_agree_with_stats(small_set: tuple[Path, dict]) -> None:
     splits = stats["splits"]
     for split, folder in zip(("train", "query", "gallery"), MARKET_DIRS, strict=True):
         entries = _parse(root / "market" / folder)
-        assert splits[split]["images"] == len(entries)
-        assert splits[split]["ids"] == len({pid for pid, _, _ in entries} - {0, -1})
-        assert splits[split]["cameras"] == len({cam for _, cam, _ in entries})
+        loaded = [(pid, cam) for pid, cam, _ in entries if pid != -1]  # junk is on disk but never loaded
+        assert splits[split]["images"] == len(loaded)
+        assert splits[split]["ids"] == len({pid for pid, _ in loaded} - {0})
+        assert splits[split]["cameras"] == len({cam for _, cam in loaded})
     assert splits["train"]["ids"] == SMALL["train_ids"] and splits["query"]["ids"] == SMALL["test_ids"]
     assert (splits["gallery"]["distractors"], splits["gallery"]["junk"]) == (SMALL["distractors"], SMALL["junk"])
     assert splits["unlabeled"]["ids"] == SMALL["unlabeled_ids"]
+
+
+def test_reported_counts_are_the_loaders(small_set: tuple[Path, dict]) -> None:
+    # The generator used to count junk in the gallery images (and distractors nowhere) while the loader counted the
+    # distractors' pid 0 as one more identity and left the junk out: 100 ids / 973 images against 101 / 923.
+    from dino_recog.data.parsers import format_table, load_market1501, split_counts
+
+    root, stats = small_set
+    data = load_market1501(root / "market")
+    loaded = split_counts(data)
+    for split in ("train", "query", "gallery"):
+        reported = {k: v for k, v in stats["splits"][split].items() if v or k not in ("distractors", "junk")}
+        assert loaded[split] == reported
+    assert loaded["gallery"]["ids"] == SMALL["test_ids"]
+    assert (loaded["gallery"]["distractors"], loaded["gallery"]["junk"]) == (SMALL["distractors"], SMALL["junk"])
+    table = format_table(data)
+    g = loaded["gallery"]
+    assert f"  gallery  | {g['ids']:>5} | {g['images']:>8} | {g['cameras']:>9}" in table
+    assert f"gallery: {SMALL['distractors']} distractor images (pid 0) in # images, not in # ids; " \
+           f"{SMALL['junk']} junk images (pid -1) not loaded" in table  # fmt: skip
+    printed = demo._table(stats).splitlines()
+    assert printed[3].split()[:4] == ["gallery", str(g["ids"]), str(g["images"]), str(g["cameras"])]
 
 
 def test_unlabeled_pool(small_set: tuple[Path, dict]) -> None:

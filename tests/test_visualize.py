@@ -17,7 +17,7 @@ from dino_recog.data.transforms import reid_test_transform
 from dino_recog.evaluation import evaluate_query_gallery, evaluate_rank
 from dino_recog.models import build_backbone, build_reid_model
 from dino_recog.visualize import main
-from dino_recog.visualize._draw import GAP, LABEL_H
+from dino_recog.visualize._draw import GAP, LABEL_H, legend
 from dino_recog.visualize.attention import (
     block_forward_explicit,
     cls_attention_maps,
@@ -25,8 +25,21 @@ from dino_recog.visualize.attention import (
     load_vit,
     threshold_mass,
 )
-from dino_recog.visualize.curves import DPI, PANEL_INCHES, run_series
-from dino_recog.visualize.ranks import BLUE, BORDER, GREEN, RED, draw_ranks, rank_lists, select, worst_first
+from dino_recog.visualize.curves import DPI, PANEL_INCHES, plot_curves, run_series
+from dino_recog.visualize.ranks import (
+    BLUE,
+    BORDER,
+    GREEN,
+    LEGEND,
+    QUERY,
+    RED,
+    draw_ranks,
+    rank_lists,
+    select,
+    tile_labels,
+    worst_first,
+    write_rank_lists,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(img_size=(32, 16), patch_size=8, depth=2, embed_dim=32, num_heads=2)
@@ -134,6 +147,47 @@ def test_attention_command_on_a_stage1_checkpoint(tmp_path):
     torch.testing.assert_close(cls_attention_maps(loaded, x), cls_attention_maps(model, x))
 
 
+def png_chunks(path):
+    """(type, data) of each chunk of a PNG file."""
+    data, chunks, at = Path(path).read_bytes(), [], 8
+    while at < len(data):
+        n = int.from_bytes(data[at : at + 4], "big")
+        chunks.append((data[at + 4 : at + 8].decode("ascii"), data[at + 8 : at + 8 + n]))
+        at += 12 + n
+    return chunks
+
+
+def test_pictures_are_byte_identical_for_the_same_inputs(tmp_path):
+    # make pictures must rewrite pic/ with the same bytes when the demo data and checkpoints are the same: the three
+    # commands twice on the same inputs, and no time stamp (tIME) or other varying metadata in the files
+    model = tiny_vit()
+    backbone = {f"backbone.{k}": v for k, v in model.state_dict().items()}
+    config = {"model": {"arch": "vit_small", "embed_dim": 32, "num_heads": 2}, "crops": {"global_crops_size": [32, 16]}}
+    save_checkpoint({"teacher": backbone, "student": {}, "config": config, "epoch": 1}, tmp_path / "c.pth")
+    images = [str(p) for p in write_images(tmp_path / "img", n=9, size=(32, 16))]
+    query = [(images[i], 1 + i % 2, i % 2) for i in range(3)]
+    gallery = [(images[3 + j], (1, 2, 0, 1, 2, -1)[j], j % 3) for j in range(6)]
+    rng = np.random.default_rng(0)
+    qf, gf = rng.integers(0, 3, (3, 4)).astype(np.float32), rng.integers(0, 3, (6, 4)).astype(np.float32)  # ties
+    for out, t in ((tmp_path / "a", 1.0), (tmp_path / "b", 2.0)):  # two runs that differ only in their wall clock
+        write_log(out / "logs" / "run", [{"kind": "epoch", "step": 4, "epoch": 1, "loss": 2.0, "time": t, "img_s": t},
+                                         {"kind": "eval", "step": 4, "epoch": 1, "rank1": 0.5, "mAP": 0.4, "time": t}])
+        main(["attention", "--checkpoint", str(tmp_path / "c.pth"), "--images", *images[:2], "--scale", "2",
+              "--threshold", "0.6", "--out", str(out / "attention")])  # fmt: skip
+        write_rank_lists(qf, gf, query, gallery, out / "ranks", "euclidean", num_queries=2, order="even", topk=3,
+                         size=(32, 16), distractor_pid=0)  # fmt: skip
+        plot_curves([out / "logs" / "run"], out / "curves.png", "a title")
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.*") if p.suffix != ".jsonl")
+    assert len(files) == 6  # 2 + 1 attention, ranks png + json, curves
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+        if f.suffix == ".png":
+            kinds = [k for k, _ in png_chunks(tmp_path / "a" / f)]
+            assert "tIME" not in kinds and kinds[0] == "IHDR" and kinds[-1] == "IEND"
+            texts = [d for k, d in png_chunks(tmp_path / "a" / f) if k in ("tEXt", "iTXt", "zTXt")]
+            assert all(t.startswith(b"Software") for t in texts), texts  # matplotlib's name and version at most
+
+
 def test_attention_command_on_an_export_and_an_official_dino_checkpoint(tmp_path):
     model = tiny_vit()
     images = write_images(tmp_path / "img", n=1)
@@ -219,16 +273,49 @@ def test_ranked_list_marks_true_matches_green(tmp_path):
     assert [(e["gallery"], e["status"], e["rank"]) for e in lst["entries"]] == [
         (2, "same_camera", None), (1, "wrong", 1), (0, "match", 2), (4, "wrong", 3)]  # fmt: skip
     assert lst["ap"] == 0.5 and lst["first_match"] == 2
-    picture, boxes = draw_ranks([lst], paths[:1], paths[1:], size=(32, 16))
-    panel_w, panel_h = 16 + 2 * BORDER, 32 + 2 * BORDER + LABEL_H
-    assert picture.size == (5 * panel_w + 5 * GAP, panel_h)  # query, separator, 4 entries
+    query = [(paths[0], 1, 0)]
+    gallery = [(p, int(pid), int(cam)) for p, pid, cam in zip(paths[1:], g_pids, g_cams)]
+    picture, boxes = draw_ranks([lst], query, gallery, size=(32, 16), distractor_pid=0)
+    panel_w, panel_h = 16 + 2 * BORDER, 32 + 2 * BORDER + 2 * LABEL_H  # two lines of text above each image
+    assert boxes[0][-1][2] == 5 * panel_w + 5 * GAP  # query, separator (one more gap), 4 entries
+    # the legend on top, wrapped at the rows' width: here narrower than any item, so one item a line
+    assert picture.height == len(LEGEND) * LABEL_H + GAP + panel_h
     colors = []
-    for box in boxes[0][2:]:
+    for box in boxes[0][0:1] + boxes[0][2:]:
         x0, y0, x1, y1 = box
-        ring = [(x0 + 1, y0 + LABEL_H + 1), (x1 - 2, y1 - 2), (x0 + 1, y1 - 2)]  # corners inside the border
+        assert y1 == picture.height
+        ring = [(x0 + 1, y0 + 2 * LABEL_H + 1), (x1 - 2, y1 - 2), (x0 + 1, y1 - 2)]  # corners inside the border
         assert len({picture.getpixel(p) for p in ring}) == 1
         colors.append(picture.getpixel(ring[0]))
-    assert colors == [BLUE, RED, GREEN, RED]
+    assert colors == [QUERY, BLUE, RED, GREEN, RED]
+
+
+def test_tile_labels_name_identity_camera_rank_and_distance():
+    # query: identity 7 in camera 2 (camid 1). Gallery: identity 7 in camera 2 (excluded), a distractor in camera 1,
+    # identity 7 in camera 3 (the match), identity 4 in camera 6, junk (never ranked).
+    q_pids, q_cams = np.array([7]), np.array([1])
+    g_pids, g_cams = np.array([7, 0, 7, 4, -1]), np.array([1, 0, 2, 5, 3])
+    distmat = np.array([[0.125, 0.25, 0.5, 0.75, 0.0]])
+    (lst,) = rank_lists(distmat, q_pids, g_pids, q_cams, g_cams, topk=3)
+    query = [("q.jpg", 7, 1)]
+    gallery = [(f"g{j}.jpg", int(p), int(c)) for j, (p, c) in enumerate(zip(g_pids, g_cams))]
+    assert tile_labels(lst, query, gallery, distractor_pid=0) == [
+        ["id 7 c2", "AP 0.50"],
+        ["id 7 c2", "excl 0.12"],
+        ["distractor c1", "1: 0.25"],
+        ["id 7 c3", "2: 0.50"],
+        ["id 4 c6", "3: 0.75"],
+    ]
+    # a set without distractors (MSMT17: pid 0 is a person) names pid 0 as an identity; no true match left: no AP
+    lst = rank_lists(distmat, np.array([9]), g_pids, q_cams, g_cams, topk=1)[0]
+    assert tile_labels(lst, [("q.jpg", 9, 1)], gallery) == [["id 9 c2", "no match"], ["id 7 c2", "1: 0.12"]]
+
+
+def test_rank_lists_refuse_features_that_do_not_match_the_images(tmp_path):
+    query, gallery = [("q.jpg", 1, 0)] * 3, [("g.jpg", 1, 1)] * 6
+    with pytest.raises(ValueError, match="^3 query and 5 gallery features for 3 query and 6 gallery images; expected"):
+        write_rank_lists(np.zeros((3, 4)), np.zeros((5, 4)), query, gallery, tmp_path / "r")
+    assert not (tmp_path / "r").exists()  # nothing written
 
 
 def demo_model(tmp_path):
@@ -240,18 +327,28 @@ def demo_model(tmp_path):
     return model.eval()
 
 
-def test_ranks_command_and_eval_reid_save_ranks(small_demo, tmp_path, run_script):
+def test_ranks_command_and_eval_reid_save_ranks(small_demo, tmp_path, run_script, monkeypatch):
+    import dino_recog.evaluation
+
+    embedded, embed = [], dino_recog.evaluation.embed
+
+    def counted(model, images, flip=False):  # every extraction (evaluation, ranks, eval_reid) goes through it
+        embedded.append(len(images))
+        return embed(model, images, flip)
+
+    monkeypatch.setattr(dino_recog.evaluation, "embed", counted)
     model = demo_model(tmp_path)
     market = small_demo / "market"
+    data = ds.load_market1501(market)
     overrides = [f"data.test={{name: market1501, root: {market}}}", "data.num_workers=0", "run.device=cpu"]
     main(["ranks", "--checkpoint", str(tmp_path / "model.pth"), "--num-queries", "3", "--out", str(tmp_path / "r"),
           *overrides])  # fmt: skip
-    thumb_w, thumb_h = 64 + 2 * BORDER, 128 + 2 * BORDER + LABEL_H
+    assert sum(embedded) == len(data.query) + len(data.gallery)  # each image once
+    thumb_w, thumb_h = 64 + 2 * BORDER, 128 + 2 * BORDER + 2 * LABEL_H
     picture = Image.open(tmp_path / "r" / "ranks.png")
-    assert picture.height == 3 * thumb_h + 2 * GAP
+    assert picture.height == legend(LEGEND, picture.width).height + 3 * thumb_h + 3 * GAP  # legend, 3 queries
     assert picture.width >= 12 * thumb_w + 11 * GAP  # query, separator, 10 ranked (+ excluded ones)
     report = json.loads((tmp_path / "r" / "ranks.json").read_text())
-    data = ds.load_market1501(market)
     tf = reid_test_transform((32, 16), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     expected = evaluate_query_gallery(model, ds.ImageDataset(data.query, tf, train=False),
                                       ds.ImageDataset(data.gallery, tf, train=False), torch.device("cpu"))  # fmt: skip
@@ -263,10 +360,14 @@ def test_ranks_command_and_eval_reid_save_ranks(small_demo, tmp_path, run_script
     assert first["query"] in {r.path for r in data.query}
     assert all(Path(e["path"]).is_file() for e in first["ranked"])
 
-    # eval_reid.py in this interpreter (tests/test_eval_scripts.py runs it in a fresh one)
+    # eval_reid.py in this interpreter (tests/test_eval_scripts.py runs it in a fresh one): its ranked lists come from
+    # the features it evaluated, not from a second extraction
+    embedded.clear()
     run_script("eval_reid.py", "--checkpoint", tmp_path / "model.pth", "--save-ranks", tmp_path / "e", *overrides)
+    assert sum(embedded) == len(data.query) + len(data.gallery)
     assert json.loads((tmp_path / "e" / "ranks.json").read_text())["mAP"] == pytest.approx(report["mAP"])
-    assert Image.open(tmp_path / "e" / "ranks.png").height == 20 * thumb_h + 19 * GAP  # the 20 worst by default
+    picture = Image.open(tmp_path / "e" / "ranks.png")
+    assert picture.height == legend(LEGEND, picture.width).height + 20 * thumb_h + 20 * GAP  # the 20 worst by default
 
 
 # ---------------------------------------------------------------------------------------------------------------------

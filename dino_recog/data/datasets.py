@@ -38,6 +38,7 @@ from .parsers import (
     load_labeled_folder_splits,
     load_market1501,
     load_msmt17,
+    split_counts,
 )
 
 __all__ = [  # with the parsers' names, so every name keeps its old import path
@@ -59,6 +60,7 @@ __all__ = [  # with the parsers' names, so every name keeps its old import path
     "load_market1501",
     "load_msmt17",
     "read_image",
+    "split_counts",
 ]
 
 logger = logging.getLogger(__name__)

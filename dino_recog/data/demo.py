@@ -26,8 +26,9 @@ from PIL import Image
 
 from .demo_draw import MARKET_SIZE, Camera, make_camera, make_person, render
 
-DEMO_VERSION = 1
-"""Bump whenever the generator's output changes, so :func:`ensure_demo` rebuilds stale sets."""
+DEMO_VERSION = 2
+"""Bump whenever the generator's output changes, so :func:`ensure_demo` rebuilds stale sets (2: the gallery counts
+of ``demo_stats.json`` leave junk out, as the loader does)."""
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +45,18 @@ def _save(img: Image.Image, path: Path) -> None:
 
 
 class _Market:
-    """Writes Market-1501 crops, keeping file names unique and per-split statistics."""
+    """Writes Market-1501 crops, keeping file names unique and per-split statistics.
+
+    The statistics count what the Market-1501 loader (`parsers.split_counts`) counts: identities without the
+    distractors (pid 0), images and cameras with the distractors but without the junk (pid -1, which the loader
+    leaves out), and distractor and junk images apart.
+    """
 
     def __init__(self, root: Path, cams: list[Camera]) -> None:
         self.root, self.cams, self.used = root, cams, set()
         self.stats: dict[str, dict] = {
-            s: {"ids": set(), "images": 0, "cameras": set()} for s in ("train", "query", "gallery")
+            s: {"ids": set(), "images": 0, "cameras": set(), "distractors": 0, "junk": 0}
+            for s in ("train", "query", "gallery")
         }
         for folder in ("bounding_box_train", "query", "bounding_box_test"):
             (root / folder).mkdir(parents=True)
@@ -73,9 +80,14 @@ class _Market:
         folder = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}[split]
         _save(img, self.root / folder / name)
         st = self.stats[split]
+        if pid == -1:
+            st["junk"] += 1
+            return
         st["images"] += 1
         st["cameras"].add(cam)
-        if pid > 0:
+        if pid == 0:
+            st["distractors"] += 1
+        else:
             st["ids"].add(pid)
 
 
@@ -152,7 +164,9 @@ def generate(
         junk: Gallery images of bad detections (fragments, background), labelled pid -1.
 
     Returns:
-        The statistics also written to ``out/demo_stats.json``.
+        The statistics also written to ``out/demo_stats.json``: per split the identities (``ids``, distractors not
+        counted), ``images`` and ``cameras`` as the Market-1501 loader counts them (distractors included, junk left
+        out), and for the gallery the ``distractors`` and ``junk`` images apart.
 
     Raises:
         ValueError: On invalid counts or when ``out`` is a non-empty directory.
@@ -198,7 +212,7 @@ def generate(
     splits: dict[str, dict] = {
         k: {"ids": len(v["ids"]), "images": v["images"], "cameras": len(v["cameras"])} for k, v in market.stats.items()
     }
-    splits["gallery"].update(distractors=distractors, junk=junk)
+    splits["gallery"].update(distractors=market.stats["gallery"]["distractors"], junk=market.stats["gallery"]["junk"])
     splits["unlabeled"] = {"ids": unlabeled_ids, "images": unlabeled_images}
     stats = {"seed": seed, "version": DEMO_VERSION, "splits": splits}
     (out / _STATS).write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
@@ -300,8 +314,9 @@ def _table(stats: dict) -> str:
         st = stats["splits"][split]
         row = f"{split:<10}{st['ids']:>6}{st['images']:>8}{st.get('cameras', '-'):>9}"
         if split == "gallery":
-            row += f"  (incl. {st['distractors']} distractors pid 0000, {st['junk']} junk pid -1)"
+            row += f"  (images incl. {st['distractors']} distractors pid 0000; + {st['junk']} junk pid -1, not loaded)"
         rows.append(row)
+    rows.append("ids: identities, distractors not counted; images: those the Market-1501 loader reads, junk left out")
     return "\n".join(rows)
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "load_dukemtmc",
     "load_market1501",
     "load_msmt17",
+    "split_counts",
 ]
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _MARKET_LAYOUT = (
     "expected ROOT/bounding_box_train, ROOT/query, ROOT/bounding_box_test with files like 0002_c1s1_000451_03.jpg"
 )
+_MARKET_FOLDERS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
 _MARKET_NAME = re.compile(r"(-1|\d+)_c(\d)")  # junk is -1; "12-34_c1" is not a name of this layout
 _MSMT_DIRS = {"V1": ("train", "test"), "V2": ("mask_train_v2", "mask_test_v2")}
 _MSMT_LAYOUT = (
@@ -60,13 +62,20 @@ class Record(NamedTuple):
 
 @dataclass
 class ReIDData:
-    """A labeled re-identification data set; query and gallery share one identity numbering."""
+    """A labeled re-identification data set; query and gallery share one identity numbering.
+
+    ``distractor_pid`` is the label of the query/gallery images of nobody in particular (0 in the Market-1501 layout,
+    None where a set has none): they stay in the gallery as negatives but are no identity. ``junk`` counts, per split,
+    the images the protocol ignores (Market-1501's pid -1), left out of the records at load time.
+    """
 
     name: str
     train: list[Record]
     query: list[Record]
     gallery: list[Record]
     info: dict[str, str] = field(default_factory=dict)
+    distractor_pid: int | None = None
+    junk: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_train_pids(self) -> int:
@@ -90,9 +99,10 @@ def _relabel(records: list[Record]) -> list[Record]:
     return [r._replace(pid=mapping[r.pid]) for r in records]
 
 
-def _market_split(folder: Path, max_pid: int = 1501, max_cam: int = 6) -> list[Record]:
+def _market_split(folder: Path, max_pid: int = 1501, max_cam: int = 6) -> tuple[list[Record], int]:
+    """The records of one Market-1501-style folder and the number of junk images (pid -1) left out."""
     _require_dir(folder, _MARKET_LAYOUT)
-    records = []
+    records, junk = [], 0
     for name in sorted(os.listdir(folder)):
         if name.startswith(".") or not name.lower().endswith(".jpg"):
             continue
@@ -101,13 +111,23 @@ def _market_split(folder: Path, max_pid: int = 1501, max_cam: int = 6) -> list[R
             raise DatasetLayoutError(f"cannot parse identity and camera from {folder / name}; {_MARKET_LAYOUT}")
         pid, cam = int(match.group(1)), int(match.group(2))
         if pid == -1:  # junk boxes: the protocol ignores them entirely
+            junk += 1
             continue
         if not (0 <= pid <= max_pid and 1 <= cam <= max_cam):
             raise DatasetLayoutError(f"{folder / name}: pid {pid} / camera {cam} outside 0..{max_pid} / 1..{max_cam}")
         records.append(Record(str(folder / name), pid, cam - 1))
     if not records:
         raise DatasetLayoutError(f"no usable .jpg images in {folder}; {_MARKET_LAYOUT}")
-    return records
+    return records, junk
+
+
+def _market_layout(name: str, root: Path, max_pid: int, max_cam: int) -> ReIDData:
+    """Market-1501's folders and naming: junk (pid -1) counted and dropped, distractors (pid 0) kept, train pids
+    relabelled."""
+    _require_dir(root, _MARKET_LAYOUT)
+    splits = {s: _market_split(root / f, max_pid, max_cam) for s, f in _MARKET_FOLDERS.items()}
+    return ReIDData(name, _relabel(splits["train"][0]), splits["query"][0], splits["gallery"][0], distractor_pid=0,
+                    junk={s: n for s, (_, n) in splits.items() if n})  # fmt: skip
 
 
 def load_market1501(root: str | os.PathLike) -> ReIDData:
@@ -122,23 +142,13 @@ def load_market1501(root: str | os.PathLike) -> ReIDData:
     Raises:
         DatasetLayoutError: missing root or split, unparsable file name, pid/camera out of range, empty split.
     """
-    root = Path(root)
-    _require_dir(root, _MARKET_LAYOUT)
-    return ReIDData(
-        name="market1501",
-        train=_relabel(_market_split(root / "bounding_box_train")),
-        query=_market_split(root / "query"),
-        gallery=_market_split(root / "bounding_box_test"),
-    )
+    return _market_layout("market1501", Path(root), 1501, 6)
 
 
 def load_dukemtmc(root: str | os.PathLike) -> ReIDData:
     """Load DukeMTMC-reID, which has Market-1501's folders and file names (``0001_c2_f0046182.jpg``) with 8 cameras
     (702 ids / 16,522 train, 702 ids / 2,228 query, 17,661 gallery images on the real data)."""
-    root = Path(root)
-    _require_dir(root, _MARKET_LAYOUT)
-    split = lambda name: _market_split(root / name, max_pid=9999, max_cam=8)  # noqa: E731
-    return ReIDData("dukemtmcreid", _relabel(split("bounding_box_train")), split("query"), split("bounding_box_test"))
+    return _market_layout("dukemtmcreid", Path(root), 9999, 8)
 
 
 def _msmt_version(root: Path, version: str) -> str:
@@ -303,14 +313,41 @@ def combine_train_sets(sets: Sequence[list[Record]]) -> list[Record]:
     return combined
 
 
+def split_counts(data: ReIDData) -> dict[str, dict[str, int]]:
+    """Per split (train, query, gallery): ``ids`` identities (distractors not counted: they are nobody in
+    particular), ``images`` loaded images (distractors included, junk not: it is not loaded), ``cameras`` among the
+    loaded images, and, where there are any, ``distractors`` (images) and ``junk`` (images left out)."""
+    counts = {}
+    for split, records in (("train", data.train), ("query", data.query), ("gallery", data.gallery)):
+        # Train pids are relabelled 0..N-1, so a train pid 0 is a person, never a distractor.
+        distractor = data.distractor_pid if split != "train" else None
+        c = {"ids": len({r.pid for r in records} - {distractor}), "images": len(records),
+             "cameras": len({r.camid for r in records})}  # fmt: skip
+        if n := sum(r.pid == distractor for r in records):
+            c["distractors"] = n
+        if data.junk.get(split):
+            c["junk"] = data.junk[split]
+        counts[split] = c
+    return counts
+
+
 def format_table(data: ReIDData) -> str:
-    """Summary table in fast-reid style: subset | # ids | # images | # cameras, then one line per ``info`` entry."""
+    """Summary table in fast-reid style: subset | # ids | # images | # cameras (as `split_counts` counts them), a line
+    per split with distractors or junk, then one line per ``info`` entry."""
     rule = "  " + "-" * 43
     lines = [f"=> Loaded {data.name}", rule, "  subset   | # ids | # images | # cameras", rule]
-    for subset, records in (("train", data.train), ("query", data.query), ("gallery", data.gallery)):
-        ids, cams = len({r.pid for r in records}), len({r.camid for r in records})
-        lines.append(f"  {subset:<8} | {ids:>5} | {len(records):>8} | {cams:>9}")
+    counts = split_counts(data)
+    for subset, c in counts.items():
+        lines.append(f"  {subset:<8} | {c['ids']:>5} | {c['images']:>8} | {c['cameras']:>9}")
     lines.append(rule)
+    for subset, c in counts.items():
+        notes = []
+        if "distractors" in c:
+            notes.append(f"{c['distractors']} distractor images (pid {data.distractor_pid}) in # images, not in # ids")
+        if "junk" in c:
+            notes.append(f"{c['junk']} junk images (pid -1) not loaded")
+        if notes:
+            lines.append(f"  {subset}: {'; '.join(notes)}")
     lines += [f"  {key}: {value}" for key, value in data.info.items()]
     return "\n".join(lines)
 

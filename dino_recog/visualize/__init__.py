@@ -17,7 +17,7 @@ from .. import config as C
 from .. import distributed as dist
 from .attention import AttentionError, cls_attention_maps, last_self_attention, save_attention_maps, threshold_mass
 from .curves import plot_curves
-from .ranks import ORDERS, rank_lists, save_rank_lists, worst_first
+from .ranks import ORDERS, rank_lists, save_rank_lists, worst_first, write_rank_lists
 
 __all__ = [
     "AttentionError",
@@ -28,6 +28,7 @@ __all__ = [
     "rank_lists",
     "worst_first",
     "save_rank_lists",
+    "write_rank_lists",
     "ranks_from_config",
     "plot_curves",
     "main",
@@ -67,7 +68,7 @@ def ranks_from_config(
 
     with dist.session(cfg.run.device) as device:
         dist.setup_logging()
-        model, _, _, query, gallery = recog_eval_model(cfg, checkpoint, device)
+        model, _, data, query, gallery = recog_eval_model(cfg, checkpoint, device)
         files = save_rank_lists(
             model,
             query,
@@ -81,6 +82,7 @@ def ranks_from_config(
             num_queries,
             order,
             topk,
+            distractor_pid=data.distractor_pid,
         )
         if files:
             print(f"wrote {files['png']} and {files['json']}")

@@ -12,12 +12,13 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["BACKGROUND", "GAP", "LABEL_H", "font", "grid", "labelled", "save_png"]
+__all__ = ["BACKGROUND", "GAP", "LABEL_H", "SWATCH", "font", "grid", "labelled", "legend", "save_png"]
 
 BACKGROUND = (255, 255, 255)
 TEXT = (20, 20, 20)
 GAP = 4  # pixels between panels
-LABEL_H = 14  # pixels of the text strip above each panel
+LABEL_H = 14  # pixels of each line of the text strip above a panel
+SWATCH = 10  # pixels of a legend's colour square
 
 
 @lru_cache(maxsize=1)
@@ -29,14 +30,37 @@ def font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def labelled(panel: Image.Image, text: str, color: tuple[int, int, int] = TEXT) -> Image.Image:
-    """`panel` with a LABEL_H strip above it holding `text`, cut to the panel's width."""
-    out = Image.new("RGB", (panel.width, panel.height + LABEL_H), BACKGROUND)
-    out.paste(panel, (0, LABEL_H))
+def labelled(panel: Image.Image, text: str | Sequence[str], color: tuple[int, int, int] = TEXT) -> Image.Image:
+    """`panel` under a strip of LABEL_H pixels per line of `text` (a string is one line), each cut to the panel's
+    width."""
+    lines = [text] if isinstance(text, str) else list(text)
+    out = Image.new("RGB", (panel.width, panel.height + LABEL_H * len(lines)), BACKGROUND)
+    out.paste(panel, (0, LABEL_H * len(lines)))
     draw = ImageDraw.Draw(out)
-    while text and draw.textlength(text, font=font()) > panel.width:
-        text = text[:-1]
-    draw.text((1, 1), text, fill=color, font=font())
+    for i, line in enumerate(lines):
+        while line and draw.textlength(line, font=font()) > panel.width:
+            line = line[:-1]
+        draw.text((1, 1 + LABEL_H * i), line, fill=color, font=font())
+    return out
+
+
+def legend(items: Sequence[tuple[tuple[int, int, int], str]], width: int) -> Image.Image:
+    """A key of colours: a SWATCH-pixel square and its text per item, left to right, wrapped to lines of LABEL_H
+    pixels at `width` (an item wider than `width` gets a line of its own)."""
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    sizes = [SWATCH + 4 + round(draw.textlength(text, font=font())) for _, text in items]  # swatch, 4 px, text
+    places, x, y = [], 0, 0
+    for w in sizes:
+        if x and x + w > width:
+            x, y = 0, y + LABEL_H
+        places.append((x, y))
+        x += w + 3 * GAP
+    out = Image.new("RGB", (max([width, *sizes]), y + LABEL_H), BACKGROUND)
+    draw = ImageDraw.Draw(out)
+    top = (LABEL_H - SWATCH) // 2
+    for (color, text), (x, y) in zip(items, places):
+        draw.rectangle((x, y + top, x + SWATCH - 1, y + top + SWATCH - 1), fill=color)
+        draw.text((x + SWATCH + 4, y + 1), text, fill=TEXT, font=font())
     return out
 
 
