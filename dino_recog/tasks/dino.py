@@ -155,7 +155,8 @@ class DinoTask(nn.Module):
     def log_stats(self, step: DinoStep, terms: dict[str, float], loss: float, epoch: int) -> dict[str, float]:
         """At log intervals: the collapse monitors of the last batch (and a warning when they say collapse)."""
         student_out, teacher_out, temp = self._last
-        stats = collapse_stats(student_out, teacher_out, self.dino_loss.center, self.dino_loss.student_temp, temp)
+        loss_fn = self.dino_loss
+        stats = collapse_stats(student_out, teacher_out, loss_fn.center, loss_fn.student_temp, temp, loss_fn.centering)
         self._monitor.append({"epoch": epoch, "loss": terms.get("dino", loss), **stats})
         message = collapse_warning(self._monitor, teacher_out.shape[-1])
         if message is not None and not self._collapsed:  # once per onset, not at every interval it lasts
