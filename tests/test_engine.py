@@ -73,25 +73,6 @@ def test_unfrozen_last_layer_trains_and_teacher_follows_student(tmp_path):
         assert key in records[0]
 
 
-def test_collapse_is_warned_with_the_iteration(caplog):
-    import logging
-    import math
-
-    from dino_recog.tasks.dino import _warn_collapse
-
-    caplog.set_level(logging.WARNING, logger="dino_recog.tasks.dino")
-    ok = {"kl": 0.5, "teacher_batch_entropy": 3.0}
-    _warn_collapse(2.0, ok, it=120, epoch=3, out_dim=1024)
-    assert not caplog.records
-    _warn_collapse(math.log(1024) - 0.01, {"kl": 1e-5, "teacher_batch_entropy": 6.9}, it=130, epoch=3, out_dim=1024)
-    assert "iteration 130" in caplog.text and "uniform collapse" in caplog.text
-    _warn_collapse(0.01, {"kl": 0.01, "teacher_batch_entropy": 0.001}, it=140, epoch=3, out_dim=1024)
-    assert "iteration 140" in caplog.text and "one-dimension collapse" in caplog.text
-    caplog.clear()
-    _warn_collapse(math.log(1024), {"kl": 0.0, "teacher_batch_entropy": 0.0}, it=5, epoch=0, out_dim=1024)
-    assert not caplog.records  # the first epoch starts near ln K by construction
-
-
 def test_gradient_clipping_uses_the_global_norm(tmp_path):
     """One SGD step through the engine equals p - lr * g * min(1, c / ||g||), ||g|| over all parameters at once
     (DINOv2's rule; the official DINO clips each parameter's norm separately)."""

@@ -74,6 +74,20 @@ def test_collapse_stats_detect_both_modes():
     assert stats["teacher_batch_entropy"] < 1e-3 and stats["teacher_entropy"] < 1e-3
 
 
+def test_collapse_stats_read_the_sinkhorn_knopp_targets_when_the_loss_uses_them():
+    """With Sinkhorn-Knopp the centre stays 0: the monitors must describe SK's targets, not softmax(g_t / tau)."""
+    from dino_recog.losses.dinov2 import sinkhorn_knopp
+
+    one_dim = torch.zeros(6, 8)
+    one_dim[:, 3] = 1.0  # every image on prototype 3 before the equipartition
+    one_dim += 0.01 * torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    stats = collapse_stats(one_dim, one_dim, torch.zeros(1, 8), 0.1, 0.04, centering="sinkhorn_knopp")
+    q = sinkhorn_knopp(one_dim, 0.04)
+    assert stats["teacher_entropy"] == pytest.approx(-(q * q.clamp_min(1e-30).log()).sum(-1).mean().item(), rel=1e-5)
+    assert stats["teacher_batch_entropy"] > 1.0  # SK spreads the batch; the plain softmax would put it on one prototype
+    assert collapse_stats(one_dim, one_dim, torch.zeros(1, 8), 0.1, 0.04)["teacher_batch_entropy"] < 0.01
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Stage-2 losses
 

@@ -1,6 +1,8 @@
 """The stage modules (dino_recog/tasks): what each loss term reads, where the trainable weights live, what a
 checkpoint holds."""
 
+import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,17 @@ import torch.nn as nn
 from dino_recog import config as C
 from dino_recog import distributed as dist
 from dino_recog.losses import CenterLoss, TripletLoss
-from dino_recog.tasks import INPUTS, LossTerm, ReIDStep, ReIDTask, build_dino_task, build_model, build_reid_task
+from dino_recog.tasks import (
+    INPUTS,
+    DinoStep,
+    LossTerm,
+    ReIDStep,
+    ReIDTask,
+    build_dino_task,
+    build_model,
+    build_reid_task,
+)
+from dino_recog.tasks.dino import collapse_warning
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.arch=vit_small", "model.depth=2", "model.embed_dim=32", "model.num_heads=2", "model.patch_size=8",
@@ -125,3 +137,73 @@ def test_dino_task_parts_and_the_replicated_state():
                                                          "model.out_dim=32", "model.hidden_dim=16",
                                                          "model.bottleneck_dim=8"], cls=C.DinoConfig))  # fmt: skip
     assert set(v2.parts()) == {"student", "teacher", "dino_loss", "ibot_loss"}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The collapse warning
+
+# (iteration, epoch, loss, teacher entropy / ln K, KL, batch entropy) every 10 iterations of the old demo recipe
+# (configs/demo/dino.yaml before the fix, K = 1024, ln K = 6.93), run.seed 0: `bash train.sh cpu 1 train_dino.py
+# --config configs/demo/dino.yaml`. The loss climbs to ln K with a KL of ~0.1, above the old 1e-3 threshold.
+OLD_DEMO = [
+    (0, 0, 5.435, 0.522, 1.088, 4.53), (10, 0, 6.037, 0.731, 0.839, 5.90), (20, 0, 6.280, 0.762, 0.655, 6.08),
+    (30, 1, 5.753, 0.729, 0.581, 5.82), (40, 1, 5.670, 0.758, 0.443, 5.85), (50, 1, 5.657, 0.764, 0.352, 5.82),
+    (60, 2, 5.833, 0.807, 0.231, 6.06), (70, 2, 6.346, 0.885, 0.185, 6.46), (80, 2, 6.579, 0.924, 0.127, 6.65),
+    (90, 3, 6.655, 0.939, 0.118, 6.74), (100, 3, 6.714, 0.946, 0.101, 6.78), (110, 4, 6.740, 0.954, 0.075, 6.80),
+    (120, 4, 6.762, 0.953, 0.077, 6.82), (130, 4, 6.806, 0.962, 0.074, 6.86),
+]  # fmt: skip
+
+
+def records(rows):
+    keys = ("iteration", "epoch", "loss", "entropy_ratio", "kl", "teacher_batch_entropy")
+    return [dict(zip(keys, row)) for row in rows]
+
+
+def first_warning(rows, out_dim=1024):
+    """The iteration at which the warning first fires over the records seen so far, or None."""
+    history = records(rows)
+    for i in range(len(history)):
+        if collapse_warning(history[: i + 1], out_dim) is not None:
+            return history[i]["iteration"]
+    return None
+
+
+def test_collapse_warning_fires_on_the_old_demo_state():
+    assert first_warning(OLD_DEMO) == 120  # 80 .. 120: five intervals at >= 0.9 ln K in entropy and loss
+    message = collapse_warning(records(OLD_DEMO), 1024)
+    assert message.startswith("uniform collapse: for the last 5 log intervals") and "ln K = 6.931" in message
+    assert first_warning(OLD_DEMO[:-2]) is None  # 4 intervals are not yet a state
+
+
+def test_collapse_warning_stays_quiet_on_a_healthy_run_and_a_single_spike():
+    # a loss falling from ln K (start-up, epoch 0 excluded) to half of it, the teacher sharpening
+    healthy = [(10 * i, i // 3, 6.9 - 0.25 * i, max(0.95 - 0.04 * i, 0.3), 0.4, 5.5) for i in range(16)]
+    assert first_warning(healthy) is None
+    spike = list(healthy)
+    spike[8] = (80, 2, 6.9, 0.99, 0.01, 6.9)  # one interval at ln K with a flat teacher
+    assert first_warning(spike) is None
+    start_up = [(10 * i, 0, 6.92, 0.99, 0.001, 6.9) for i in range(20)]  # the first epoch starts at ln K by design
+    assert first_warning(start_up) is None
+    interrupted = OLD_DEMO[:12] + [(125, 4, 6.0, 0.85, 0.3, 6.5)] + OLD_DEMO[12:]  # a break resets the count
+    assert first_warning(interrupted) is None
+
+
+def test_collapse_warning_fires_on_a_sustained_one_dimension_collapse_only():
+    onto_one = [(10 * i, 1 + i // 3, 0.3, 0.05, 0.2, 0.01) for i in range(6)]
+    assert first_warning(onto_one) == 40
+    assert "one-dimension collapse" in collapse_warning(records(onto_one), 1024)
+    dip = [(10 * i, 1 + i // 3, 3.0, 0.5, 0.3, 0.01 if i == 3 else 4.0) for i in range(10)]
+    assert first_warning(dip) is None
+
+
+def test_the_task_warns_once_per_collapse_with_the_iteration(caplog):
+    tiny = ["model.arch=vit_tiny", "model.depth=1", "model.out_dim=32", "model.hidden_dim=16", "model.bottleneck_dim=8"]
+    cfg = C.load(ROOT / "cfg_dino.yaml", tiny, cls=C.DinoConfig)
+    task = build_dino_task(cfg)
+    flat = torch.zeros(8, 32)  # teacher and student both uniform: entropy ln K, KL 0
+    caplog.set_level(logging.WARNING, logger="dino_recog.tasks.dino")
+    for it in range(100, 180, 10):
+        task._last = (flat, flat[:4], 0.04)
+        stats = task.log_stats(DinoStep(1e-3, 0.04, 0.996, 0.04, False, it), {}, math.log(32), epoch=2)
+        assert stats["entropy_ratio"] == pytest.approx(1.0)
+    assert [r.getMessage()[:32] for r in caplog.records] == ["iteration 140: uniform collapse:"]

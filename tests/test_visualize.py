@@ -25,7 +25,7 @@ from dino_recog.visualize.attention import (
     load_vit,
     threshold_mass,
 )
-from dino_recog.visualize.curves import DPI, PANEL_INCHES, plot_curves, run_series
+from dino_recog.visualize.curves import DPI, PANEL_INCHES, curves_figure, plot_curves, run_series
 from dino_recog.visualize.ranks import (
     BLUE,
     BORDER,
@@ -405,6 +405,38 @@ def test_curves_of_two_runs(tmp_path):
     assert Image.open(tmp_path / "one.png").size == (round(w * DPI), round(h * DPI))
     main(["curves", str(tmp_path / "recog"), "--out", str(out)])  # loss, rank-1, mAP: one row
     assert Image.open(out).size == (round(3 * w * DPI), round(h * DPI))
+
+
+def test_curves_of_a_stage1_run_show_ln_k_and_the_collapse_monitors(tmp_path):
+    """ln K (from config.yaml's model.out_dim) is a line on the loss panel, and the monitors logged every log interval
+    get a panel each; with DINOv2 the ln K line goes with the DINO term, not the loss (which adds iBOT and KoLeo)."""
+    monitors = {"entropy_ratio": 0.95, "kl": 0.05, "teacher_batch_entropy": 6.5, "teacher_entropy": 6.6}
+    v1 = [{"kind": "train", "step": s, "epoch": s // 10, "loss": 6.8, "lr": 1e-4, **monitors} for s in range(0, 30, 10)]
+    v1 += [{"kind": "epoch", "step": 10 * e, "epoch": e, "loss": 6.8} for e in (1, 2, 3)]
+    write_log(tmp_path / "v1", v1)
+    (tmp_path / "v1" / "config.yaml").write_text("model: {out_dim: 1024}\ndino: {teacher_temp: 0.04}\n")
+    fig = curves_figure([tmp_path / "v1"])
+    axes = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+    assert set(axes) == {"loss (epoch mean)", "learning rate", "teacher entropy / ln K", "KL(teacher || student)",
+                         "teacher batch entropy"}  # fmt: skip
+    lines = {line.get_label(): line for line in axes["loss (epoch mean)"].get_lines()}
+    assert set(lines) == {"v1", "ln K (v1)"}
+    assert np.allclose(lines["ln K (v1)"].get_ydata(), np.log(1024))
+    ratio = axes["teacher entropy / ln K"].get_lines()[0]
+    assert list(ratio.get_xdata()) == [0.0, 1.0, 2.0] and list(ratio.get_ydata()) == [0.95] * 3  # per log interval
+    assert list(axes["KL(teacher || student)"].get_lines()[0].get_ydata()) == [0.05] * 3
+    # DINOv2, without config.yaml: ln K from the monitors (entropy / ratio), on the DINO-term panel
+    v2 = [dict(r, dino=6.0) if r["kind"] == "epoch" else r for r in v1]
+    write_log(tmp_path / "v2", v2)
+    axes = {ax.get_title(): ax for ax in curves_figure([tmp_path / "v2"]).axes}
+    assert [line.get_label() for line in axes["loss (epoch mean)"].get_lines()] == ["v2"]
+    ln_k = [line for line in axes["DINO term (epoch mean)"].get_lines() if line.get_label() == "ln K (v2)"]
+    assert ln_k and np.allclose(ln_k[0].get_ydata(), 6.6 / 0.95)
+    # a stage-2 run has neither the line nor the monitor panels
+    write_log(tmp_path / "recog", [{"kind": "epoch", "step": 4, "epoch": 1, "loss": 2.0}])
+    (tmp_path / "recog" / "config.yaml").write_text("model: {arch: vit_small}\n")
+    (ax,) = [ax for ax in curves_figure([tmp_path / "recog"]).axes if ax.get_visible()]
+    assert [line.get_label() for line in ax.get_lines()] == ["recog"]
 
 
 def test_attention_help_says_the_mask_row_is_drawn_only_when_asked(capsys):

@@ -88,9 +88,18 @@ class DINOLoss(nn.Module):
 
 @torch.no_grad()
 def collapse_stats(
-    student_out: torch.Tensor, teacher_out: torch.Tensor, center: torch.Tensor, student_temp: float, teacher_temp: float
+    student_out: torch.Tensor,
+    teacher_out: torch.Tensor,
+    center: torch.Tensor,
+    student_temp: float,
+    teacher_temp: float,
+    centering: str = "center",
 ) -> dict[str, float]:
     """Monitors of the two collapse modes (paper section 5.3): H(P_t, P_s) = h(P_t) + KL(P_t || P_s).
+
+    P_t is the target the loss uses: softmax((g_t - c) / tau_t), or with `centering="sinkhorn_knopp"` the
+    Sinkhorn-Knopp targets (the centre is then unused; with more than one process this takes the loss's collectives,
+    so every rank must call it).
 
     Returns:
         teacher_entropy: mean entropy h(P_t) of the teacher's per-image distributions;
@@ -101,7 +110,10 @@ def collapse_stats(
         entropy_ratio: teacher_entropy / log K; center_norm: the norm of the centre.
     """
     k = teacher_out.shape[-1]
-    q = F.softmax((teacher_out.float() - center) / teacher_temp, dim=-1)  # (n_global * B, K)
+    if centering == "sinkhorn_knopp":
+        q = sinkhorn_knopp(teacher_out, teacher_temp)  # (n_global * B, K)
+    else:
+        q = F.softmax((teacher_out.float() - center) / teacher_temp, dim=-1)  # (n_global * B, K)
     log_q = torch.log(q.clamp_min(1e-30))
     log_p = F.log_softmax(student_out[: teacher_out.shape[0]].float() / student_temp, dim=-1)
     entropy = -(q * log_q).sum(-1).mean().item()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +27,7 @@ from ..models import BackboneSpec, DINOHead, MaskedMultiCropNet, MultiCropNet, u
 from ..optim import param_groups
 from ..schedules import cosine_schedule, linear_warmup, scaled_lr
 
-__all__ = ["DinoStep", "DinoTask", "DinoV2Terms", "build_dino_task", "dino_schedule"]
+__all__ = ["DinoStep", "DinoTask", "DinoV2Terms", "build_dino_task", "collapse_warning", "dino_schedule"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,8 @@ class DinoTask(nn.Module):
         self.koleo_loss = KoLeoLoss()
         self.v2, self.augment = v2, augment
         self._last: tuple[torch.Tensor, torch.Tensor, float] | None = None
+        self._monitor: deque[dict[str, float]] = deque(maxlen=COLLAPSE_WINDOW)  # the last log intervals' monitors
+        self._collapsed = False
 
     @property
     def trainable(self) -> nn.Module:
@@ -151,29 +155,64 @@ class DinoTask(nn.Module):
     def log_stats(self, step: DinoStep, terms: dict[str, float], loss: float, epoch: int) -> dict[str, float]:
         """At log intervals: the collapse monitors of the last batch (and a warning when they say collapse)."""
         student_out, teacher_out, temp = self._last
-        stats = collapse_stats(student_out, teacher_out, self.dino_loss.center, self.dino_loss.student_temp, temp)
-        _warn_collapse(terms.get("dino", loss), stats, step.iteration, epoch, teacher_out.shape[-1])
+        loss_fn = self.dino_loss
+        stats = collapse_stats(student_out, teacher_out, loss_fn.center, loss_fn.student_temp, temp, loss_fn.centering)
+        self._monitor.append({"epoch": epoch, "loss": terms.get("dino", loss), **stats})
+        message = collapse_warning(self._monitor, teacher_out.shape[-1])
+        if message is not None and not self._collapsed:  # once per onset, not at every interval it lasts
+            log.warning("iteration %d: %s", step.iteration, message)
+        self._collapsed = message is not None
         return {"weight_decay": step.weight_decay, "momentum": step.momentum, "teacher_temp": temp, **stats}
-
 
     def epoch_stats(self) -> dict[str, float]:
         return {}
 
 
-def _warn_collapse(loss: float, stats: dict[str, float], it: int, epoch: int, out_dim: int) -> None:
-    """Warn about the two collapse modes of the paper's section 5.3 (after the first epoch, when start-up is over)."""
-    if epoch < 1:
-        return
-    if loss > 0.98 * math.log(out_dim) and stats["kl"] < 1e-3:
-        log.warning(
-            "iteration %d: loss %.4f is stuck near ln K = %.4f with KL(teacher||student) %.2e: uniform collapse "
-            "(try a lower teacher temperature or a larger momentum)", it, loss, math.log(out_dim), stats["kl"],
-        )  # fmt: skip
-    if stats["teacher_batch_entropy"] < 0.05:
-        log.warning(
-            "iteration %d: the teacher puts the whole batch on one prototype (batch entropy %.3f): one-dimension "
-            "collapse (check the centring)", it, stats["teacher_batch_entropy"],
-        )  # fmt: skip
+# A collapse is a state, not a value: one log interval near ln K can be noise (the first epochs of a healthy run pass
+# through it), so the warning reads the last COLLAPSE_WINDOW log intervals and fires when all of them agree.
+COLLAPSE_WINDOW = 5
+UNIFORM_ENTROPY_RATIO = 0.9  # teacher entropy / ln K at or above which the target is (nearly) flat
+UNIFORM_LOSS_RATIO = 0.9  # loss / ln K at or above which the student learns nothing but that flat target
+ONE_DIM_BATCH_ENTROPY = 0.05  # batch entropy (nats) below which the whole batch goes to one prototype
+
+
+def collapse_warning(history: Sequence[Mapping[str, float]], out_dim: int, window: int = COLLAPSE_WINDOW) -> str | None:
+    """The collapse the recent monitor values show, as a message, or None.
+
+    A pure function of the log records: the two collapse modes of the DINO paper (section 5.3), each required to hold
+    at every one of the last `window` log intervals after the first epoch (whose start near ln K is by construction):
+
+    - uniform: teacher entropy >= 0.9 ln K (a flat target) and loss >= 0.9 ln K (the student matches it). The loss
+      alone is not enough (it is h(P_t) + KL, large early on), nor is a single KL threshold: the old demo recipe sat
+      at entropy 0.95 ln K and loss 0.98 ln K with a KL of 0.07-0.09 from epoch 4 to 16.
+    - one-dimension: the batch-averaged teacher distribution has entropy < 0.05 (every image on one prototype).
+
+    Args:
+        history: the log records, oldest first, each with `epoch`, `loss`, `entropy_ratio` and
+            `teacher_batch_entropy` (as `collapse_stats` and the training loop write them).
+        out_dim: K, the number of prototypes.
+        window: the number of consecutive log intervals the state must last.
+
+    Returns:
+        A one-line description of the collapse, or None when the last `window` records do not all show one.
+    """
+    recent = list(history)[-window:]
+    if window < 1 or len(recent) < window or any(r["epoch"] < 1 for r in recent):
+        return None
+    ln_k = math.log(out_dim)
+    if all(r["entropy_ratio"] >= UNIFORM_ENTROPY_RATIO and r["loss"] >= UNIFORM_LOSS_RATIO * ln_k for r in recent):
+        return (
+            f"uniform collapse: for the last {window} log intervals the teacher entropy was "
+            f"{min(r['entropy_ratio'] for r in recent):.0%}-{max(r['entropy_ratio'] for r in recent):.0%} of ln K and "
+            f"the loss {min(r['loss'] for r in recent):.3f}-{max(r['loss'] for r in recent):.3f} against "
+            f"ln K = {ln_k:.3f}: the teacher's targets are nearly flat, with little per-image signal (docs/stages.md)"
+        )
+    if all(r["teacher_batch_entropy"] < ONE_DIM_BATCH_ENTROPY for r in recent):
+        return (
+            f"one-dimension collapse: for the last {window} log intervals the teacher put the whole batch on one "
+            f"prototype (batch entropy <= {max(r['teacher_batch_entropy'] for r in recent):.3f}; check the centring)"
+        )
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
