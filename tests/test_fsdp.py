@@ -103,3 +103,23 @@ def test_fsdp_config_refuses_what_it_cannot_do(small_demo, tmp_path):
 
     with pytest.raises(C.ConfigError, match=r"run.parallel: fsdp is implemented for stage 1 \(train_dino.py\) only"):
         recog_cfg(small_demo, tmp_path, *FSDP)
+
+
+@pytest.mark.slow
+def test_fsdp_trains_dinov2_like_ddp(small_demo, tmp_path):
+    """DINOv2 (masked student with its mask token at the sharded root, a separate iBOT head, a register token): the
+    loss terms of every step and the final weights, centres (DINO and iBOT) and moments agree with DDP's."""
+    v2 = ["dino.version=v2", "model.layerscale=1e-5", "train.layer_decay=0.9", "train.patch_embed_lr_mult=0.2",
+          "dino.separate_ibot_head=true", "model.num_register_tokens=1"]  # fmt: skip
+    two_processes(small_demo, tmp_path / "ddp", *v2)
+    two_processes(small_demo, tmp_path / "fsdp", *v2, *FSDP)
+    ddp, fsdp = (read_jsonl(tmp_path / run / "log.jsonl", "train") for run in ("ddp", "fsdp"))
+    assert len(fsdp) == len(ddp) == 12
+    for term in ("loss", "dino", "ibot", "koleo"):
+        torch.testing.assert_close(torch.tensor([r[term] for r in fsdp]), torch.tensor([r[term] for r in ddp]),
+                                   rtol=0, atol=1e-5, msg=term)  # fmt: skip
+    a, b = (ckpt.load_checkpoint(tmp_path / run / "checkpoint_0002.pth") for run in ("ddp", "fsdp"))
+    assert_same_training_state(a, b)
+    assert "mask_token" in b["teacher"] and any(k.startswith("ibot_head.") for k in b["student"])
+    for k, v in a["ibot_loss"].items():
+        torch.testing.assert_close(b["ibot_loss"][k], v, rtol=0, atol=1e-6, msg=f"ibot_loss.{k}")
