@@ -79,7 +79,8 @@ def main(cfg: C.DinoConfig) -> dict[str, float]:
         loader, batches = build_data(cfg)
         task = build_dino_task(cfg).to(device)
         apply_speed_options(cfg.run, task.student.backbone, task.teacher.backbone)
-        dist.wrap_ddp(task, device)  # DDP around the student; the teacher starts as rank 0's student everywhere
+        # DDP around the student (the teacher starts as rank 0's student everywhere), or FSDP: both sharded alike
+        dist.wrap(task, device, cfg.run.parallel, cfg.run.amp, cfg.run.fsdp_cpu_offload)
         t = cfg.train
         optimizer = build_optimizer(t.optimizer, task.param_groups(t.layer_decay, t.patch_embed_lr_mult), 0.0,
                                     t.weight_decay, t.momentum, cfg.run.fused_optimizer)  # fmt: skip
@@ -105,8 +106,9 @@ def main(cfg: C.DinoConfig) -> dict[str, float]:
             done = epoch + 1
             run.save(done)
             if done == t.epochs or (cfg.eval.export_every and done % cfg.eval.export_every == 0):
-                dist.run_on_main(lambda: ckpt.save_backbone(task.teacher.backbone, BackboneSpec.from_dino_config(cfg),
-                                                            out / "teacher_backbone.pth"))  # fmt: skip
+                weights = dist.full_state_dict(task.teacher.backbone)  # every rank: gathers the shards of FSDP
+                dist.run_on_main(lambda w=weights: ckpt.save_backbone(
+                    task.teacher.backbone, BackboneSpec.from_dino_config(cfg), out / "teacher_backbone.pth", w))
             if eval_sets is not None and (done % cfg.eval.eval_every == 0 or done == t.epochs):
                 metrics = evaluate(done)
             dist.barrier()

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from . import distributed as dist
+
 __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
@@ -235,7 +237,7 @@ def check_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor], path:
             f"{path}: the {what} weights do not fit the configured model (another architecture or config?); "
             f"{len(problems)} mismatched keys:\n  " + "\n  ".join(shown)
         )
-    module.load_state_dict(state)
+    dist.load_full_state_dict(module, state)  # a module sharded by FSDP keeps this rank's slice
 
 
 def rng_state() -> dict:

@@ -92,7 +92,7 @@ class TrainingRun:
             )
         for name, opt in self.optimizers.items():
             if state.get(name) and name not in self.sharded:
-                opt.load_state_dict(state[name])
+                dist.load_full_optimizer_state(self.task.trainable, opt, state[name])
         self._load_shards(path, state)
         self.scaler.load_state_dict(state["scaler"])
         self.start_epoch, self.start_step, self.rng = ckpt.resume_point(state, path, dist.get_rank(),
@@ -155,10 +155,14 @@ class TrainingRun:
         rngs = dist.all_gather_object(ckpt.rng_state())  # each rank's streams, for an exact mid-epoch resume
         path = self.out / ckpt.checkpoint_name(epochs_done, step_in_epoch)
 
+        # gathered on every rank (FSDP's shards are collectives); plain state dicts otherwise
+        parts = {name: ({k: dist.full_state_dict(m) for k, m in module.items()} if isinstance(module, nn.ModuleDict)
+                        else dist.full_state_dict(module)) for name, module in self.task.parts().items()}  # fmt: skip
+        optims = {name: dist.full_optimizer_state(self.task.trainable, opt) for name, opt in self.optimizers.items()
+                  if name not in self.sharded}  # fmt: skip
+
         def write() -> None:
-            state = {name: ({k: m.state_dict() for k, m in module.items()} if isinstance(module, nn.ModuleDict)
-                            else module.state_dict()) for name, module in self.task.parts().items()}  # fmt: skip
-            state.update({name: opt.state_dict() for name, opt in self.optimizers.items() if name not in self.sharded})
+            state = {**parts, **optims}
             if self.shards:
                 state.update(shard_world_size=dist.get_world_size(), shard_names=list(self.shards))
             state.update(scaler=self.scaler.state_dict(), epoch=epochs_done, step_in_epoch=step_in_epoch,

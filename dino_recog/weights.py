@@ -106,14 +106,20 @@ def read_backbone_spec(
     return None
 
 
-def save_backbone(backbone: nn.Module, spec: BackboneSpec, path: str | os.PathLike) -> Path:
+def save_backbone(backbone: nn.Module, spec: BackboneSpec, path: str | os.PathLike,
+                  state_dict: Mapping[str, torch.Tensor] | None = None) -> Path:  # fmt: skip
     """Write a backbone export (atomically): `{"format_version", "kind": "backbone", "spec", "state_dict"}`.
 
     `load_backbone_weights` reads its `state_dict`; every tool rebuilds the network from its `spec`.
+
+    Args:
+        state_dict: the backbone's weights when not its own `state_dict()` (an FSDP-sharded backbone's, gathered by
+            `distributed.full_state_dict`).
     """
     if not isinstance(spec, BackboneSpec):
         raise TypeError(f"save_backbone: spec must be a BackboneSpec, got {type(spec).__name__}")
-    return save_checkpoint({"kind": "backbone", "spec": spec.to_dict(), "state_dict": backbone.state_dict()}, path)
+    state = backbone.state_dict() if state_dict is None else dict(state_dict)
+    return save_checkpoint({"kind": "backbone", "spec": spec.to_dict(), "state_dict": state}, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -155,6 +155,9 @@ class RunConfig:
     compile: bool = False  # torch.compile the backbone (one graph per crop size; first steps are slow)
     channels_last: bool = False  # ResNets: channels-last memory format (faster convolutions with autocast on GPU)
     grad_checkpointing: bool = False  # recompute ViT blocks in backward: less memory, about 30% more compute
+    # several processes: ddp (each holds the whole model) or fsdp (student and teacher sharded per ViT block, FSDP2)
+    parallel: str = choice("ddp", "fsdp")
+    fsdp_cpu_offload: bool = False  # fsdp: sharded weights, gradients and optimiser state live in CPU memory
 
 
 def check_heads(path: str, model: Any) -> None:

@@ -195,6 +195,10 @@ class DinoConfig:
                 f"dino.warmup_teacher_temp_epochs: {self.dino.warmup_teacher_temp_epochs} is more than "
                 f"train.epochs {self.train.epochs}"
             )
+        if self.run.parallel == "fsdp" and self.eval.eval_every:
+            raise ConfigError(f"eval.eval_every: {self.eval.eval_every} with run.parallel fsdp; the monitoring "
+                              "evaluation of a sharded teacher is not supported yet: set eval.eval_every=0 (and "
+                              "evaluate teacher_backbone.pth with eval_knn.py / eval_reid.py)")
         if self.dino.version == "v2" and self.model.arch not in VIT_ARCHS:
             raise ConfigError(f"dino.version: v2 masks patch tokens and needs a ViT, not model.arch {self.model.arch}")
         if self.dino.version == "v2" and self.model.use_bn_in_head:

@@ -258,6 +258,9 @@ class RecogConfig:
     eval: RecogEvalConfig = field(default_factory=RecogEvalConfig)  # query/gallery evaluation
 
     def validate(self, path: str = "") -> None:
+        if self.run.parallel == "fsdp":
+            raise ConfigError("run.parallel: fsdp is implemented for stage 1 (train_dino.py) only so far; stage 2 "
+                              "trains with run.parallel=ddp")
         if self.model.arch in VIT_ARCHS:
             check_patches("aug.size", self.aug.size, self.model.patch_size)
         if self.loss.triplet_weight > 0 or self.loss.center_weight > 0:

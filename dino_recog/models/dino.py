@@ -112,15 +112,29 @@ class MaskedMultiCropNet(MultiCropNet):
         return {"cls": cls_out, "cls_features": tokens[:, 0], "patch": patch_out}
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of an FSDP-sharded parameter (a DTensor; in place updates reach the parameter), else `t`."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 @torch.no_grad()
 def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
     """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter.
 
     Buffers (BatchNorm statistics) are not averaged; the teacher keeps its own, as in the official code.
+    Sharded by FSDP (`distributed.wrap_fsdp`, both the same way), each rank updates its own slice of the teacher
+    from the same slice of the student: no communication.
     """
-    s_params = [p.detach() for p in student.parameters()]
-    t_params = list(teacher.parameters())
+    for net in (student, teacher):
+        if hasattr(net, "reshard"):  # FSDP keeps a root's weights gathered after forward: back to this rank's slice
+            net.reshard()
+    s_params = [_local(p.detach()) for p in student.parameters()]
+    t_params = [_local(p) for p in teacher.parameters()]
     if len(s_params) != len(t_params):
         raise ValueError(f"student has {len(s_params)} parameters, teacher {len(t_params)}; not the same architecture")
+    for (name, s), t in zip(student.named_parameters(), t_params):
+        if getattr(s, "placements", None) is not None and _local(s).shape != t.shape:
+            raise ValueError(f"student and teacher are not sharded alike ({name}: this rank holds "
+                             f"{tuple(_local(s).shape)} of the student, {tuple(t.shape)} of the teacher)")
     torch._foreach_mul_(t_params, momentum)
     torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)

@@ -84,6 +84,10 @@ class DinoTask(nn.Module):
     def trainable(self) -> nn.Module:
         return self.student  # what DDP wraps (`distributed.wrap_ddp`); the teacher stays outside
 
+    def fsdp_roots(self) -> tuple[nn.Module, nn.Module]:
+        """What `distributed.wrap_fsdp` shards: the student, and the teacher the same way (a shard-local EMA)."""
+        return self.student, self.teacher
+
     # --- what the loop calls -----------------------------------------------------------------------------------------
     def parts(self) -> dict[str, nn.Module]:
         """The state a checkpoint holds (its keys), resume restores and the cross-rank check compares."""
