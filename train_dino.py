@@ -30,8 +30,10 @@ from dino_recog.evaluation import evaluate_query_gallery
 from dino_recog.models import BackboneSpec
 from dino_recog.optim import build_optimizer
 from dino_recog.runlog import fmt_metrics
+from dino_recog.schedules import scaled_lr
 from dino_recog.tasks import build_dino_task, dino_schedule
-from dino_recog.training import TrainingRun
+from dino_recog.tasks.dino import effective_batch
+from dino_recog.training import TrainingRun, optimizer_steps
 from dino_recog.user_errors import user_errors
 
 log = logging.getLogger("dino_recog.train_dino")
@@ -84,8 +86,12 @@ def main(cfg: C.DinoConfig) -> dict[str, float]:
         t = cfg.train
         optimizer = build_optimizer(t.optimizer, task.param_groups(t.layer_decay, t.patch_embed_lr_mult), 0.0,
                                     t.weight_decay, t.momentum, cfg.run.fused_optimizer)  # fmt: skip
-        run = TrainingRun(cfg, task, {"optimizer": optimizer}, len(loader), keep_every=cfg.eval.saveckp_freq)
-        schedule = dino_schedule(cfg, len(loader))
+        steps = optimizer_steps(len(loader), t.accumulate_steps)
+        run = TrainingRun(cfg, task, {"optimizer": optimizer}, steps, keep_every=cfg.eval.saveckp_freq)
+        schedule = dino_schedule(cfg, steps)
+        log.info("effective batch %d (%d per process x %d processes x %d accumulation steps): lr %g x %d / 256 = %g",
+                 effective_batch(cfg), cfg.data.batch_size_per_gpu, dist.get_world_size(), t.accumulate_steps, t.lr,
+                 effective_batch(cfg), scaled_lr(t.lr, effective_batch(cfg)))  # fmt: skip
         eval_sets = build_eval_sets(cfg)
 
         def evaluate(epoch: int) -> dict[str, float]:
@@ -94,7 +100,7 @@ def main(cfg: C.DinoConfig) -> dict[str, float]:
                                              num_workers=cfg.data.num_workers,
                                              knn=(cfg.eval.knn_k, cfg.eval.knn_temperature))  # fmt: skip
             log.info("epoch %d teacher%s: %s", epoch, " (random init)" if epoch == 0 else "", fmt_metrics(metrics))
-            run.log.write("eval", epoch * len(loader), epoch=epoch, **metrics)
+            run.log.write("eval", epoch * steps, epoch=epoch, **metrics)
             return metrics
 
         metrics: dict[str, float] = {}

@@ -33,7 +33,7 @@ from dino_recog.models.backbones import is_vit
 from dino_recog.optim import build_optimizer
 from dino_recog.runlog import fmt_metrics
 from dino_recog.tasks import build_model, build_reid_task, reid_schedule  # noqa: F401  (build_model: tests use it)
-from dino_recog.training import TrainingRun
+from dino_recog.training import TrainingRun, optimizer_steps
 from dino_recog.user_errors import user_errors
 
 log = logging.getLogger("dino_recog.train_recog")
@@ -66,10 +66,12 @@ def main(cfg: C.RecogConfig, export_onnx: bool = False) -> dict[str, float]:
     with dist.session(cfg.run.device) as device:
         start_run(cfg, out)
         loader, batches, num_classes, eval_sets = build_data(cfg)
-        task = build_reid_task(cfg, num_classes, len(loader)).to(device)
+        t = cfg.train
+        steps = optimizer_steps(len(loader), t.accumulate_steps)
+        task = build_reid_task(cfg, num_classes, steps).to(device)
         apply_speed_options(cfg.run, task.model.backbone)
         dist.wrap_ddp(task, device)  # DDP around the model and the loss terms' weights; the teachers stay outside
-        t, net = cfg.train, task.model
+        net = task.model
         groups = task.param_groups(t.bias_lr_factor, t.head_lr_factor, t.layer_decay if is_vit(cfg.model.arch) else 1)
         optimizers = {"optimizer": build_optimizer(t.optimizer, groups, t.lr, t.weight_decay, t.momentum,
                                                    cfg.run.fused_optimizer)}  # fmt: skip
@@ -80,9 +82,14 @@ def main(cfg: C.RecogConfig, export_onnx: bool = False) -> dict[str, float]:
                                                      t.momentum, cfg.run.fused_optimizer)  # fmt: skip
         optimizers.update(zip(["center_optimizer"], task.extra_optimizers()))  # the centres' own SGD (BoT)
         best = {"mAP": -1.0}
-        run = TrainingRun(cfg, task, optimizers, len(loader), sharded=sharded,
+        run = TrainingRun(cfg, task, optimizers, steps, sharded=sharded,
                           extra=lambda: {"kind": "reid_model", "spec": dict(net.spec), "best": best})  # fmt: skip
-        schedule = reid_schedule(cfg, len(loader))
+        schedule = reid_schedule(cfg, steps)
+        d = cfg.data
+        log.info("effective batch %d (P x K %d x %d per process x %d processes x %d accumulation steps); train.lr %g "
+                 "as given (stage 2 does not scale it with the batch)", d.num_identities * d.num_instances
+                 * dist.get_world_size() * t.accumulate_steps, d.num_identities, d.num_instances,
+                 dist.get_world_size(), t.accumulate_steps, t.lr)  # fmt: skip
 
         def evaluate(epoch: int | None) -> dict[str, float]:
             metrics = evaluate_query_gallery(net, *eval_sets, device, cfg.eval.metric, cfg.eval.flip,
@@ -90,7 +97,7 @@ def main(cfg: C.RecogConfig, export_onnx: bool = False) -> dict[str, float]:
                                              **eval_options(cfg.eval))  # fmt: skip
             if epoch is not None:
                 log.info("epoch %d%s: %s", epoch, " (before training)" if epoch == 0 else "", fmt_metrics(metrics))
-                run.log.write("eval", epoch * len(loader), epoch=epoch, **metrics)
+                run.log.write("eval", epoch * steps, epoch=epoch, **metrics)
             return metrics
 
         state = run.resume()

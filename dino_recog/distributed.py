@@ -6,6 +6,7 @@ Every function works in a plain single process (not launched by torchrun, no pro
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -49,6 +50,7 @@ __all__ = [
     "load_full_state_dict",
     "full_optimizer_state",
     "load_full_optimizer_state",
+    "no_sync",
     "check_replicated",
     "seed_everything",
     "setup_logging",
@@ -379,6 +381,14 @@ def ddp_module(task: torch.nn.Module) -> torch.nn.Module:
     """What the task's training forward calls: the DDP wrapper of `task.trainable`, or the module itself (also when
     sharded by `wrap_fsdp`, whose hooks live on the module)."""
     return task.__dict__.get("_ddp") or task.trainable
+
+
+def no_sync(task: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """Around the forward and backward passes of a micro-batch that does not end an optimiser step (gradient
+    accumulation): DDP's `no_sync` on the task's wrapper, so the gradient all-reduce happens once per step; nothing
+    without a wrapper."""
+    ddp = task.__dict__.get("_ddp")
+    return ddp.no_sync() if ddp is not None else contextlib.nullcontext()
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:

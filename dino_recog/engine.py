@@ -46,6 +46,8 @@ class LoopOptions:
             over the run) that does not end the epoch; 0 = never.
         scheduled: how many of the optimisers, from the first, `schedule` sets (the main one, and those of the
             sharded classifiers, which follow it); the others keep their own lr (BoT's centre SGD).
+        accumulate_steps: batches (micro-batches) whose gradients are summed into one optimiser step; the loader
+            yields steps_per_epoch x this of them (more are not trained on). Iterations count optimiser steps.
     """
 
     steps_per_epoch: int
@@ -55,6 +57,7 @@ class LoopOptions:
     nonfinite_budget: int = 0
     save_every_steps: int = 0
     scheduled: int = 1
+    accumulate_steps: int = 1
 
 
 def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
@@ -103,37 +106,65 @@ def train_one_epoch(
     n, skipped, nonfinite, images = 0, 0, 0, 0
     buffers = list(task.buffers())  # what a forward pass changes: BatchNorm statistics, DINO / iBOT centres
     watch = _NonFiniteWatch(task.name, epoch, device)
+    accum = opts.accumulate_steps
+    # the state of the optimiser step being accumulated (set by its first micro-batch)
+    it, step, may_skip, saved, dropped, parts, step_sums = 0, None, False, None, False, 0, {}
     t_start = time.perf_counter()
     bar = tqdm(total=opts.steps_per_epoch, initial=start_step, desc=f"epoch {epoch}",
                disable=not dist.is_main_process(), leave=False)  # fmt: skip
-    for i, (batch, n_bad) in enumerate(loader, start_step):
+    for m, (batch, n_bad) in enumerate(loader, start_step * accum):
+        if m >= opts.steps_per_epoch * accum:  # the last batches of the epoch, too few for a whole step
+            break
+        i, k = divmod(m, accum)  # optimiser step in the epoch, micro-batch in it
+        last = k == accum - 1
         skipped += n_bad
+        if k == 0:  # a new optimiser step: its schedule, and the state to put back if it is skipped
+            it = epoch * opts.steps_per_epoch + i
+            step = schedule(it)
+            for o in optimizers[: opts.scheduled]:
+                set_schedule(o, step.lr, getattr(step, "weight_decay", None))
+            for o in optimizers:
+                o.zero_grad(set_to_none=True)
+            may_skip = opts.nonfinite_budget > nonfinite
+            saved = [b.clone() for b in buffers] if may_skip else None
+            dropped, parts, step_sums = False, 0, {}
+        if dropped:  # the rest of a step skipped for a non-finite loss: the data order stays that of the run
+            continue
         if batch is None:  # every image of the batch was undecodable
             if dist.get_world_size() > 1:  # the other ranks would wait for this one in DDP's gradient all-reduce
                 raise CorruptImageError(
-                    f"epoch {epoch}, batch {i}: none of the {n_bad} images of rank {dist.get_rank()} could be decoded "
+                    f"epoch {epoch}, batch {m}: none of the {n_bad} images of rank {dist.get_rank()} could be decoded "
                     "(each named in a warning above); with several processes a rank cannot skip a step alone: "
                     "remove or replace those files of data.train")  # fmt: skip
-            continue
-        it = epoch * opts.steps_per_epoch + i
-        step = schedule(it)
-        for o in optimizers[: opts.scheduled]:
-            set_schedule(o, step.lr, getattr(step, "weight_decay", None))
-        may_skip = opts.nonfinite_budget > nonfinite
-        saved = [b.clone() for b in buffers] if may_skip else None
-        with autocast_context(device, opts.amp):
-            loss, terms = task(batch, step)
-        if may_skip:  # a step may still be skipped: decide now, on all ranks (one host sync)
-            if _any_nonfinite(loss):
-                _skip_or_raise(task.name, epoch, it, {"loss": loss, **terms}, nonfinite, opts.nonfinite_budget,
-                               buffers, saved)  # fmt: skip
-                nonfinite += 1
+            if not (last and parts):  # a step with no batch at all is no step
                 continue
-        else:  # no sync in the hot loop: checked at log intervals, before checkpoints and at the end of the epoch
-            watch.record(it, {"loss": loss, **terms})
-        for o in optimizers:
-            o.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        else:
+            # DDP all-reduces the gradient in the backward pass of the step's last micro-batch only; its no_sync
+            # must hold over the forward pass too
+            with dist.no_sync(task) if not last else contextlib.nullcontext():
+                with autocast_context(device, opts.amp):
+                    loss, terms = task(batch, step)
+                if may_skip:  # a step may still be skipped: decide now, on all ranks (one host sync)
+                    if _any_nonfinite(loss):
+                        _skip_or_raise(task.name, epoch, it, {"loss": loss, **terms}, nonfinite,
+                                       opts.nonfinite_budget, buffers, saved)  # fmt: skip
+                        for o in optimizers:  # what the step's earlier micro-batches accumulated
+                            o.zero_grad(set_to_none=True)
+                        nonfinite += 1
+                        dropped = True
+                        continue
+                else:  # no sync in the hot loop: checked at log intervals, before checkpoints, at the end of the epoch
+                    watch.record(it, {"loss": loss, **terms})
+                # each micro-batch's mean / accum: their sum is the mean over the step's batches
+                scaler.scale(loss / accum if accum > 1 else loss).backward()
+            for key, v in [("loss", loss), *terms.items()]:
+                v = v.detach().float()
+                step_sums[key] = step_sums.get(key, 0.0) + (v / accum if accum > 1 else v)
+            parts += 1
+            images += _batch_size(batch) * dist.get_world_size()
+            if not last:
+                continue
+        # the optimiser step, on the gradient summed over the step's micro-batches
         if opts.clip_grad > 0:
             scaler.unscale_(main)
             nn.utils.clip_grad_norm_(clipped, opts.clip_grad)
@@ -143,13 +174,13 @@ def train_one_epoch(
         scaler.update()
         task.after_step(step)
 
-        for k, v in [("loss", loss), *terms.items()]:
-            sums[k] = sums.get(k, 0.0) + v.detach().float()
+        for key, v in step_sums.items():
+            sums[key] = sums.get(key, 0.0) + v
         n += 1
-        images += _batch_size(batch) * dist.get_world_size()
         if it % opts.log_every == 0:
             watch.check()
-            value, values = loss.item(), {k: v.item() for k, v in terms.items()}  # one sync per log interval
+            values = {key: v.item() for key, v in step_sums.items()}  # one sync per log interval
+            value = values.pop("loss")
             rate = images / (time.perf_counter() - t_start)
             runlog.write("train", it, epoch=epoch, loss=value, lr=step.lr, images_per_s=rate,
                          **task.log_stats(step, values, value, epoch), **values)  # fmt: skip

@@ -22,7 +22,7 @@ from .config.diff import changed_keys, format_changes, unsafe_changes
 from .engine import LoopOptions, NonFiniteLossError, train_one_epoch
 from .runlog import RunLog, fmt_metrics
 
-__all__ = ["TrainingRun"]
+__all__ = ["TrainingRun", "optimizer_steps"]
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +31,10 @@ class TrainingRun:
     """The checkpoint cycle of one run of a task.
 
     Args:
-        cfg: the stage's config (`run.*`, `train.epochs`, `train.clip_grad` are read).
+        cfg: the stage's config (`run.*`, `train.epochs`, `train.clip_grad`, `train.accumulate_steps` are read).
         task: DinoTask / ReIDTask (possibly with its DDP wrapper).
         optimizers: checkpoint key -> optimiser; the first is the main one (scheduled, clipped).
-        steps_per_epoch: iterations of a whole epoch.
+        steps_per_epoch: iterations (optimiser steps) of a whole epoch: `optimizer_steps(len(loader), ...)`.
         keep_every: also keep every end-of-epoch checkpoint whose epoch is a multiple of this (0: none).
         extra: what the script adds to every checkpoint (called at each save).
         sharded: the optimisers of the task's `shards()` (per rank, like them); they follow the main schedule.
@@ -206,7 +206,7 @@ class TrainingRun:
         sampling) restart from (seed, epoch, rank) every epoch, or continue from a mid-epoch checkpoint's states.
         """
         first = self.start_step if epoch == self.start_epoch else 0
-        batches.set_epoch(epoch, first)
+        batches.set_epoch(epoch, first * self.cfg.train.accumulate_steps)  # the loader's batches are micro-batches
         seed = self.cfg.run.seed + 1000 * epoch
         dist.seed_everything(seed)
         if getattr(loader, "generator", None) is not None:  # the workers' base seed, apart from the global stream
@@ -221,7 +221,8 @@ class TrainingRun:
         r = self.cfg.run
         opts = LoopOptions(self.steps_per_epoch, r.amp, self.cfg.train.clip_grad, r.log_every,
                            r.skip_nonfinite_steps - self.nonfinite, r.save_every_steps,
-                           scheduled=1 + len(self.sharded))  # fmt: skip
+                           scheduled=1 + len(self.sharded),
+                           accumulate_steps=self.cfg.train.accumulate_steps)  # fmt: skip
         self.fingerprints = None
         try:
             stats = train_one_epoch(self.task, loader, list(self.optimizers.values()), self.scaler, schedule, epoch,
@@ -237,6 +238,22 @@ class TrainingRun:
 
     def close(self) -> None:
         self.log.close()
+
+
+def optimizer_steps(batches: int, accumulate_steps: int) -> int:
+    """Optimiser steps of an epoch of `batches` batches per process, `accumulate_steps` of them per step; the last
+    `batches % accumulate_steps` batches of an epoch are not trained on (like a sampler's drop_last).
+
+    Raises:
+        ValueError: an epoch holds fewer batches than one step.
+    """
+    if batches < accumulate_steps:
+        raise ValueError(f"train.accumulate_steps: {accumulate_steps} is more than the {batches} batches of an epoch "
+                         f"on each process; expected at most {batches}")  # fmt: skip
+    if batches % accumulate_steps:
+        log.info("train.accumulate_steps %d: the last %d of the %d batches of each epoch are not trained on",
+                 accumulate_steps, batches % accumulate_steps, batches)  # fmt: skip
+    return batches // accumulate_steps
 
 
 def stopped_message(error: Exception, tolerated: int, last_saved: Path | None) -> str:

@@ -12,7 +12,8 @@ from dino_recog.tasks import DinoStep, DinoTask
 def epoch(student, teacher, loss_fn, loader, opt, step, tmp_path, v2=None, **options):
     """One epoch of the DINO task built from these parts, every iteration with the same scheduled values."""
     task = DinoTask(student, teacher, loss_fn, v2)
-    opts = LoopOptions(len(loader), **{"clip_grad": 3.0, "log_every": 1, **options})
+    opts = LoopOptions(len(loader) // options.get("accumulate_steps", 1), **{"clip_grad": 3.0, "log_every": 1,
+                                                                             **options})  # fmt: skip
     return train_one_epoch(task, loader, opt, torch.amp.GradScaler("cpu", enabled=False), lambda it: step, 0,
                            RunLog(tmp_path, tensorboard=False), opts)  # fmt: skip
 
@@ -236,3 +237,104 @@ def test_a_batch_with_no_decodable_image_is_skipped_alone_but_stops_a_multi_proc
                                                 r"cannot skip a step alone: remove or replace those files of "
                                                 r"data.train$"):  # fmt: skip
         epoch(student, teacher, DINOLoss(64), loader, opt, step, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Gradient accumulation: `accumulate_steps` micro-batches of B per optimiser step equal one step of the whole batch
+
+
+def merged(micro: list) -> list:
+    """One loader item holding the micro-batches of `micro` together, crop by crop (DINO) or tensor by tensor."""
+    first = micro[0][0]
+    if isinstance(first[0], list):  # DINO: a list of crops, each (B, 3, h, w)
+        crops = [torch.cat([m[0][0][j] for m in micro]) for j in range(len(first[0]))]
+        return [((crops, *first[1:]), 0)]
+    return [((torch.cat([m[0][0] for m in micro]), torch.cat([m[0][1] for m in micro])), 0)]
+
+
+def dino_accumulated(loader, accumulate, tmp_path):
+    """The tiny DINO pair after one epoch of `loader` with SGD, strong clipping and a moving teacher and centre."""
+    student, teacher = tiny_pair()
+    loss_fn = DINOLoss(64, center_momentum=0.5)
+    opt = build_optimizer("sgd", param_groups(student), 0.1, 0.0)
+    step = DinoStep(lr=0.1, weight_decay=0.0, momentum=0.5, teacher_temp=0.04, freeze_last_layer=False)
+    stats = epoch(student, teacher, loss_fn, loader, opt, step, tmp_path, clip_grad=0.05,
+                  accumulate_steps=accumulate)  # fmt: skip
+    return stats, {**{"s." + k: v for k, v in student.state_dict().items()},
+                   **{"t." + k: v for k, v in teacher.state_dict().items()}, "center": loss_fn.center}  # fmt: skip
+
+
+def assert_states_close(a: dict, b: dict) -> None:
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_dino_two_accumulated_batches_equal_one_step_of_both(tmp_path):
+    """Student, teacher and centre after 2 micro-batches of 4 = after one step of the 8 images: the loss is a mean
+    per sample, the clipping sees the summed gradient, and the centre takes one EMA step with the mean teacher output
+    of both micro-batches (with the centre updated at every forward pass the second micro-batch would see another
+    centre and this would not hold)."""
+    micro = batches(2, b=4)
+    stats, accumulated = dino_accumulated(micro, 2, tmp_path)
+    big_stats, big = dino_accumulated(merged(micro), 1, tmp_path)
+    assert_states_close(big, accumulated)
+    assert stats["loss"] == pytest.approx(big_stats["loss"], abs=1e-6)  # the logged loss is the step's mean
+    _, half = dino_accumulated(micro[:1], 1, tmp_path)  # the equality is not that of a step that learnt nothing
+    assert max((half[k] - big[k]).abs().max() for k in big if k.startswith("s.")) > 1e-4
+    assert not torch.allclose(half["center"], big["center"], atol=1e-6)
+
+
+def reid_task(*extra: str):
+    from pathlib import Path
+
+    from dino_recog import config as C
+    from dino_recog.tasks import build_reid_task
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = C.load(root / "cfg_recog.yaml", ["model.arch=vit_small", "model.depth=1", "model.embed_dim=32",
+                                           "model.num_heads=2", "model.patch_size=8", "model.pretrained=",
+                                           "aug.size=[32,16]", *extra], cls=C.RecogConfig)  # fmt: skip
+    torch.manual_seed(0)
+    return build_reid_task(cfg, num_classes=4)
+
+
+def reid_accumulated(loader, accumulate, tmp_path, *extra):
+    from dino_recog.tasks import ReIDStep
+
+    task = reid_task(*extra)
+    opt = build_optimizer("sgd", task.param_groups(), 0.1, 0.0, momentum=0.9)
+    opts = LoopOptions(len(loader) // accumulate, clip_grad=0.0, log_every=1, accumulate_steps=accumulate)
+    stats = train_one_epoch(task, loader, opt, torch.amp.GradScaler("cpu", enabled=False), lambda it: ReIDStep(0.1, it),
+                            0, RunLog(tmp_path, tensorboard=False), opts)  # fmt: skip
+    return stats, {k: v.detach().clone() for k, v in task.state_dict().items()}
+
+
+def reid_batches(n, b=8):
+    g = torch.Generator().manual_seed(3)
+    return [((torch.randn(b, 3, 32, 16, generator=g), torch.arange(b) % 4), 0) for _ in range(n)]
+
+
+# per-sample terms only: no triplet (batch-hard within a batch), no BN neck (batch statistics), no stochastic depth
+PER_SAMPLE = ["loss.triplet_weight=0", "loss.cosface_weight=0.5", "model.neck=none", "model.drop_path_rate=0"]
+
+
+def test_reid_two_accumulated_batches_equal_one_step_of_both(tmp_path):
+    """Stage 2 with cross-entropy (label smoothing) and CosFace: model and CosFace classes after 2 micro-batches of 8
+    (two optimiser steps of 2 each, so SGD momentum carries over) = after 2 steps of 16."""
+    micro = reid_batches(4)
+    stats, accumulated = reid_accumulated(micro, 2, tmp_path, *PER_SAMPLE)
+    big_stats, big = reid_accumulated(merged(micro[:2]) + merged(micro[2:]), 1, tmp_path, *PER_SAMPLE)
+    assert_states_close(big, accumulated)
+    for k in ("loss", "ce", "cosface"):
+        assert stats[k] == pytest.approx(big_stats[k], abs=1e-6)
+    _, first = reid_accumulated(micro[::2], 1, tmp_path, *PER_SAMPLE)  # one micro-batch per step instead
+    assert any(not torch.allclose(first[k], big[k], atol=1e-4) for k in big)
+
+
+def test_reid_batch_hard_triplet_sees_the_micro_batch(tmp_path):
+    """The batch-hard triplet mines within a batch: with it the two differ, which docs/stages.md states."""
+    triplet = [k for k in PER_SAMPLE if not k.startswith("loss.triplet")]
+    micro = reid_batches(2)
+    _, accumulated = reid_accumulated(micro, 2, tmp_path, *triplet)
+    _, big = reid_accumulated(merged(micro), 1, tmp_path, *triplet)
+    assert any(not torch.allclose(accumulated[k], big[k], atol=1e-5) for k in big)

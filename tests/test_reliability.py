@@ -315,6 +315,39 @@ def test_a_skipped_step_changes_nothing_and_too_many_stop_the_run(tmp_path):
         run([b0, bad, bad], budget=1)
 
 
+def test_a_nonfinite_micro_batch_skips_its_whole_accumulated_step(tmp_path):
+    """accumulate_steps 2: [b0, b1 | NaN, b2 | b3, b4] with one skip tolerated ends bit-identical to
+    [b0, b1 | b3, b4]: the step's earlier gradient, centre sums and buffers are dropped with it, its other batch is
+    not trained on, and the data after it keeps its place."""
+    g = torch.Generator().manual_seed(1)
+
+    def batch(fill: float | None = None):
+        crops = [torch.randn(4, 3, 32, 16, generator=g) for _ in range(2)] + [torch.randn(4, 3, 16, 8, generator=g)]
+        if fill is not None:
+            crops = [c.fill_(fill) for c in crops]
+        return (crops, None, None, None), 0
+
+    b0, b1, bad, b2, b3, b4 = batch(), batch(), batch(float("nan")), batch(), batch(), batch()
+    step = DinoStep(lr=1e-3, weight_decay=0.04, momentum=0.9, teacher_temp=0.04, freeze_last_layer=False)
+
+    def run(batches, budget):
+        student, teacher = tiny_dino_pair()
+        loss_fn, opt = DINOLoss(64), build_optimizer("adamw", param_groups(student), 1e-3, 0.04)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        stats = train_one_epoch(DinoTask(student, teacher, loss_fn), batches, opt, scaler, lambda it: step, 0,
+                                RunLog(tmp_path, False), LoopOptions(len(batches) // 2, clip_grad=3.0,
+                                                                      nonfinite_budget=budget,
+                                                                      accumulate_steps=2))  # fmt: skip
+        return stats, {**student.state_dict(), **{"t." + k: v for k, v in teacher.state_dict().items()},
+                       "center": loss_fn.center}  # fmt: skip
+
+    stats, skipped = run([b0, b1, bad, b2, b3, b4], budget=1)
+    _, plain = run([b0, b1, b3, b4], budget=0)
+    assert stats["nonfinite_steps"] == 1 and mismatches(plain, skipped) == []
+    _, with_b2 = run([b0, b1, b2, b3], budget=0)
+    assert mismatches(plain, with_b2)  # b2 would have changed the result
+
+
 def test_stage2_skipped_step_restores_batchnorm_statistics(small_demo, tmp_path):
     cfg = recog_cfg(small_demo / "market", tmp_path, "model.drop_path_rate=0", "run.skip_nonfinite_steps=1")
     g = torch.Generator().manual_seed(2)

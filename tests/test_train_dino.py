@@ -73,6 +73,50 @@ def test_gpu_augment_trains_and_resumes_exactly(small_demo, tmp_path):
         torch.testing.assert_close(a["teacher"][k], b["teacher"][k], rtol=0, atol=0, msg=f"teacher.{k}")
 
 
+def test_accumulated_steps_scale_the_lr_and_resume_mid_epoch_bit_identically(small_demo, tmp_path):
+    """accumulate_steps 2 over the 12 batches of 8 of an epoch: 6 optimiser steps an epoch (iterations, schedules,
+    checkpoints count them), the lr of the effective batch 16 (5e-4 x 16 / 256 at the first step after the 1-epoch
+    warmup) and the log line that says so; a mid-epoch checkpoint (after step 2 of epoch 2) resumes to the weights,
+    teacher and centre of the uninterrupted run, bit for bit."""
+    extra = ["train.accumulate_steps=2", "run.save_every_steps=4", "run.keep_last=5"]
+    train_dino.main(tiny_cfg(small_demo, tmp_path / "a", *extra))
+    records = read_jsonl(tmp_path / "a" / "log.jsonl", "train")
+    assert [r["step"] for r in records] == list(range(12))
+    assert records[6]["lr"] == pytest.approx(5e-4 * 8 * 2 / 256, rel=1e-12)
+    assert "effective batch 16 (8 per process x 1 processes x 2 accumulation steps): lr 0.0005 x 16 / 256 = " \
+        "3.125e-05" in (tmp_path / "a" / "log.txt").read_text()
+    (tmp_path / "b").mkdir()
+    shutil.copy(tmp_path / "a" / ckpt.checkpoint_name(1, 2), tmp_path / "b")
+    train_dino.main(tiny_cfg(small_demo, tmp_path / "b", *extra))
+    assert "at epoch 1, step 2" in (tmp_path / "b" / "log.txt").read_text()
+    a = ckpt.load_checkpoint(tmp_path / "a" / "checkpoint_0002.pth")
+    b = ckpt.load_checkpoint(tmp_path / "b" / "checkpoint_0002.pth")
+    assert (a["iteration"], a["step_in_epoch"]) == (12, 0)
+    for net in ("student", "teacher", "dino_loss"):
+        for k in a[net]:
+            torch.testing.assert_close(a[net][k], b[net][k], rtol=0, atol=0, msg=f"{net}.{k}")
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_with_accumulated_steps_keep_teacher_and_centre_identical(small_demo, tmp_path):
+    """accumulate_steps 2 on 2 processes (DDP's no_sync on the first micro-batch of each step): the run finishes with
+    3 optimiser steps an epoch (6 batches of 8 per process) and identical teachers and centres on both ranks."""
+    r = launch_two_processes(small_demo, tmp_path, "train.accumulate_steps=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = ckpt.load_checkpoint(tmp_path / "checkpoint_0002.pth")
+    assert state["iteration"] == 6 and torch.equal(state["fingerprints"][0], state["fingerprints"][1])
+    logged = (tmp_path / "log.txt").read_text()
+    assert "effective batch 32 (8 per process x 2 processes x 2 accumulation steps)" in logged
+
+
+def test_accumulate_steps_below_1_or_above_an_epoch_is_refused(small_demo, tmp_path):
+    with pytest.raises(C.ConfigError, match=r"train.accumulate_steps: 0"):
+        tiny_cfg(small_demo, tmp_path, "train.accumulate_steps=0")
+    with pytest.raises(ValueError, match=r"^train.accumulate_steps: 13 is more than the 12 batches of an epoch on each "
+                       r"process; expected at most 12$"):  # fmt: skip
+        train_dino.main(tiny_cfg(small_demo, tmp_path, "train.accumulate_steps=13"))
+
+
 def test_bad_config_stops_before_any_work(tmp_path):
     r = subprocess.run([sys.executable, "train_dino.py", "train.epoch=3"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0

@@ -152,6 +152,8 @@ class DinoTrainConfig:
     weight_decay: float = non_negative(0.04)  # start of the cosine weight-decay schedule (official 0.04)
     weight_decay_end: float = non_negative(0.4)  # end of the cosine weight-decay schedule (official 0.4)
     clip_grad: float = non_negative(3.0)  # max gradient norm; 0 disables (official 3.0)
+    # batches per process summed into one optimiser step: the lr scales with batch_size_per_gpu x processes x this
+    accumulate_steps: int = positive(1)
     momentum: float = unit_interval(0.9)  # SGD momentum
     # ViT layer-wise lr decay: lr x decay^(L + 1 - depth) (DINOv2 0.9; 1 = off)
     layer_decay: float = declare(1.0, _LAYER_DECAY)

@@ -212,6 +212,8 @@ class RecogTrainConfig:
     milestones: list[int] = declare([40, 70], _MILESTONES)  # step schedule epochs (BoT 40, 70)
     gamma: float = unit_interval(0.1)  # step schedule factor
     clip_grad: float = non_negative(0.0)  # max gradient norm; 0 disables
+    # P x K batches per process summed into one optimiser step (effective batch P x K x processes x this)
+    accumulate_steps: int = positive(1)
 
     def validate(self, path: str) -> None:
         if self.min_lr > self.lr:

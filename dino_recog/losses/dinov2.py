@@ -116,6 +116,8 @@ class IBOTPatchLoss(nn.Module):
         self.center_momentum = center_momentum
         self.centering = centering
         self.register_buffer("center", torch.zeros(1, out_dim))
+        self.defer_center = False  # as DINOLoss's: sum here, one EMA step per optimiser step (`apply_center`)
+        self.register_buffer("pending", torch.zeros(out_dim + 1), persistent=False)
 
     def forward(
         self,
@@ -141,16 +143,33 @@ class IBOTPatchLoss(nn.Module):
         weights = (1.0 / per_image.clamp_min(1).float()).unsqueeze(1).expand_as(masks)[masks]  # (M,): 1 / m_i
         loss = (ce * weights).sum() / masks.shape[0]
         if self.centering == "center":
-            self.update_center(t)
+            if self.defer_center:
+                self.pending += self._stats(t)
+            else:
+                self.update_center(t)
         return loss
+
+    @staticmethod
+    def _stats(teacher_patch_out: torch.Tensor) -> torch.Tensor:
+        return torch.cat(
+            [teacher_patch_out.float().sum(0), teacher_patch_out.new_tensor([teacher_patch_out.shape[0]])]
+        ).float()
 
     @torch.no_grad()
     def update_center(self, teacher_patch_out: torch.Tensor) -> None:
         """EMA of the mean teacher output over the masked patches of all processes; unchanged when there are none."""
-        stats = torch.cat(
-            [teacher_patch_out.float().sum(0), teacher_patch_out.new_tensor([teacher_patch_out.shape[0]])]
-        )
-        stats = dist.all_reduce_sum(stats.float())
+        self._ema(self._stats(teacher_patch_out))
+
+    @torch.no_grad()
+    def apply_center(self) -> None:
+        """With `defer_center`: the EMA step with the mean over the masked patches since the last one."""
+        if self.centering == "center" and self.defer_center:
+            stats = self.pending.clone()
+            self.pending.zero_()
+            self._ema(stats)
+
+    def _ema(self, stats: torch.Tensor) -> None:
+        stats = dist.all_reduce_sum(stats)
         count = stats[-1]
         batch_center = (stats[:-1] / count.clamp_min(1)).unsqueeze(0)  # (1, K)
         updated = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)

@@ -27,7 +27,9 @@ from ..models import BackboneSpec, DINOHead, MaskedMultiCropNet, MultiCropNet, u
 from ..optim import param_groups
 from ..schedules import cosine_schedule, linear_warmup, scaled_lr
 
-__all__ = ["DinoStep", "DinoTask", "DinoV2Terms", "build_dino_task", "collapse_warning", "dino_schedule"]
+__all__ = [
+    "DinoStep", "DinoTask", "DinoV2Terms", "build_dino_task", "collapse_warning", "dino_schedule", "effective_batch",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,11 @@ class DinoTask(nn.Module):
         self.ibot_loss = v2.ibot_loss if v2 is not None else None
         self.koleo_loss = KoLeoLoss()
         self.v2, self.augment = v2, augment
+        # the centres take one EMA step per optimiser step (`after_step`), with the mean of all its micro-batches
+        # (gradient accumulation): each micro-batch's loss then sees the centre the whole batch would
+        for centred in (loss, self.ibot_loss):
+            if centred is not None:
+                centred.defer_center = True
         self._last: tuple[torch.Tensor, torch.Tensor, float] | None = None
         self._monitor: deque[dict[str, float]] = deque(maxlen=COLLAPSE_WINDOW)  # the last log intervals' monitors
         self._collapsed = False
@@ -153,8 +160,11 @@ class DinoTask(nn.Module):
 
     @torch.no_grad()
     def after_step(self, step: DinoStep) -> None:
-        """The teacher takes an EMA step towards the student."""
+        """The teacher takes an EMA step towards the student; the centres one with the step's teacher outputs."""
         update_teacher(self.student, self.teacher, step.momentum)
+        self.dino_loss.apply_center()
+        if self.ibot_loss is not None:
+            self.ibot_loss.apply_center()
 
     def log_stats(self, step: DinoStep, terms: dict[str, float], loss: float, epoch: int) -> dict[str, float]:
         """At log intervals: the collapse monitors of the last batch (and a warning when they say collapse)."""
@@ -257,11 +267,17 @@ def build_dino_task(cfg: C.DinoConfig) -> DinoTask:
     return DinoTask(student, teacher, loss, v2, augment)
 
 
+def effective_batch(cfg: C.DinoConfig) -> int:
+    """Images per optimiser step: batch_size_per_gpu x processes x train.accumulate_steps (what scales the lr)."""
+    return cfg.data.batch_size_per_gpu * dist.get_world_size() * cfg.train.accumulate_steps
+
+
 def dino_schedule(cfg: C.DinoConfig, steps_per_epoch: int):
-    """iteration -> DinoStep, from the pure schedule functions (lr scaled linearly with the total batch)."""
+    """iteration -> DinoStep, from the pure schedule functions (lr scaled linearly with the effective batch);
+    `steps_per_epoch` counts optimiser steps."""
     t, d = cfg.train, cfg.dino
     total = t.epochs * steps_per_epoch
-    lr = scaled_lr(t.lr, cfg.data.batch_size_per_gpu * dist.get_world_size())
+    lr = scaled_lr(t.lr, effective_batch(cfg))
 
     def schedule(it: int) -> DinoStep:
         return DinoStep(

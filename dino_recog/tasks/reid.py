@@ -278,8 +278,8 @@ def _dino_aux(cfg: C.RecogConfig, backbone: nn.Module, steps_per_epoch: int) -> 
 def build_reid_task(cfg: C.RecogConfig, num_classes: int, steps_per_epoch: int = 1) -> ReIDTask:
     """The model and the loss terms `loss.*` switches on: CE / distillation read the logits, triplet and centre the
     feature before the BN neck, CosFace / ArcFace / combined margin the one after it (with their class weights,
-    trained like the head). With `loss.partial_fc` every classifier loss is a `PartialFC` on the BN-neck feature
-    and the model has no classifier of its own."""
+    trained like the head). `steps_per_epoch` counts optimiser steps. With `loss.partial_fc` every classifier loss is a
+    `PartialFC` on the BN-neck feature and the model has no classifier of its own."""
     lc, head_lr = cfg.loss, cfg.train.head_lr_factor
     model = build_model(cfg, num_classes)
     dim = model.head.out_dim
@@ -301,8 +301,9 @@ def build_reid_task(cfg: C.RecogConfig, num_classes: int, steps_per_epoch: int =
         if lc.partial_fc:  # the classifier reads the BN-neck feature, as the model's own classifier would
             correction = None
             if lc.label_correction and not sharded:  # ce when it is on, else the first classifier loss
-                correction = LabelCorrection(lc.label_correction_start_epoch * steps_per_epoch,
-                                             lc.label_correction_alpha, lc.label_correction_threshold,
+                # PartialFC counts its forward passes: accumulate_steps per optimiser step
+                start = lc.label_correction_start_epoch * steps_per_epoch * cfg.train.accumulate_steps
+                correction = LabelCorrection(start, lc.label_correction_alpha, lc.label_correction_threshold,
                                              lc.label_correction_t, lc.label_correction_momentum)  # fmt: skip
             pfc = PartialFC(dim, num_classes, kind, s, margins, lc.partial_fc_sample_rate, eps, cfg.run.seed,
                             correction)  # fmt: skip
