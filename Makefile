@@ -32,7 +32,8 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 
 venv: $(VENV)/.installed
 
-# The whole two-stage pipeline on the demo data, on the CPU (about 10 minutes on 2 cores):
+# The whole two-stage pipeline on the demo data, on the CPU (4 min 20 s on 2 idle cores, longer on shared ones:
+# README, "What the demo shows"):
 # stage 1 (DINO), stage 2 from the DINO teacher and, for comparison, from random initialisation.
 demo: $(VENV)/.installed
 	$(PY) -m dino_recog.data.demo --out data/demo
