@@ -97,7 +97,8 @@ def checkout(small_demo, dino_single, tmp_path_factory) -> Path:
     for name in ("teacher_backbone.pth", "log.jsonl"):
         shutil.copy(dino_single / name, dino / name)
     config = yaml.safe_load((dino_single / "config.yaml").read_text())
-    config["data"]["eval_set"] = {"name": "demo", "root": str(small_demo)}
+    # the demo preset's eval_set is {name: demo}, which would rebuild a full demo set over the shared small one
+    config["data"]["eval_set"] = {"name": "market1501", "root": str(market)}
     (dino / "config.yaml").write_text(yaml.safe_dump(config))
     recog = work / "runs" / "recog"
     train_recog.main(recog_cfg(market, recog, "train.epochs=1"))
