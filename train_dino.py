@@ -21,6 +21,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from dino_recog import checkpoint as ckpt
 from dino_recog import config as C
 from dino_recog import distributed as dist
+from dino_recog import parallel
 from dino_recog.cli import apply_speed_options, load_config, start_run
 from dino_recog.data import datasets as ds
 from dino_recog.data.build import query_gallery, unlabeled_items
@@ -82,7 +83,7 @@ def main(cfg: C.DinoConfig) -> dict[str, float]:
         task = build_dino_task(cfg).to(device)
         apply_speed_options(cfg.run, task.student.backbone, task.teacher.backbone)
         # DDP around the student (the teacher starts as rank 0's student everywhere), or FSDP: both sharded alike
-        dist.wrap(task, device, cfg.run.parallel, cfg.run.amp, cfg.run.fsdp_cpu_offload)
+        parallel.wrap(task, device, cfg.run.parallel, cfg.run.amp, cfg.run.fsdp_cpu_offload)
         t = cfg.train
         optimizer = build_optimizer(t.optimizer, task.param_groups(t.layer_decay, t.patch_embed_lr_mult), 0.0,
                                     t.weight_decay, t.momentum, cfg.run.fused_optimizer)  # fmt: skip
@@ -112,7 +113,7 @@ def main(cfg: C.DinoConfig) -> dict[str, float]:
             done = epoch + 1
             run.save(done)
             if done == t.epochs or (cfg.eval.export_every and done % cfg.eval.export_every == 0):
-                weights = dist.full_state_dict(task.teacher.backbone)  # every rank: gathers the shards of FSDP
+                weights = parallel.full_state_dict(task.teacher.backbone)  # every rank: gathers the shards of FSDP
                 dist.run_on_main(lambda w=weights: ckpt.save_backbone(
                     task.teacher.backbone, BackboneSpec.from_dino_config(cfg), out / "teacher_backbone.pth", w))
             if eval_sets is not None and (done % cfg.eval.eval_every == 0 or done == t.epochs):

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from dino_recog import checkpoint as ckpt
 from dino_recog import config as C
 from dino_recog import distributed as dist
+from dino_recog import parallel
 from dino_recog.cli import apply_speed_options, eval_options, load_config, start_run
 from dino_recog.data import datasets as ds
 from dino_recog.data.build import query_gallery, train_records
@@ -70,7 +71,7 @@ def main(cfg: C.RecogConfig, export_onnx: bool = False) -> dict[str, float]:
         steps = optimizer_steps(len(loader), t.accumulate_steps)
         task = build_reid_task(cfg, num_classes, steps).to(device)
         apply_speed_options(cfg.run, task.model.backbone)
-        dist.wrap_ddp(task, device)  # DDP around the model and the loss terms' weights; the teachers stay outside
+        parallel.wrap_ddp(task, device)  # DDP around the model and the loss terms' weights; the teachers stay outside
         net = task.model
         groups = task.param_groups(t.bias_lr_factor, t.head_lr_factor, t.layer_decay if is_vit(cfg.model.arch) else 1)
         optimizers = {"optimizer": build_optimizer(t.optimizer, groups, t.lr, t.weight_decay, t.momentum,

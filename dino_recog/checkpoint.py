@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import distributed as dist
+from . import parallel
 
 __all__ = [
     "FORMAT_VERSION",
@@ -237,7 +237,7 @@ def check_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor], path:
             f"{path}: the {what} weights do not fit the configured model (another architecture or config?); "
             f"{len(problems)} mismatched keys:\n  " + "\n  ".join(shown)
         )
-    dist.load_full_state_dict(module, state)  # a module sharded by FSDP keeps this rank's slice
+    parallel.load_full_state_dict(module, state)  # a module sharded by FSDP keeps this rank's slice
 
 
 def rng_state() -> dict:

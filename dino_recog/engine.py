@@ -18,6 +18,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from . import distributed as dist
+from . import parallel
 from .data.datasets import CorruptImageError
 from .optim import set_schedule
 from .runlog import RunLog
@@ -86,7 +87,7 @@ def train_one_epoch(
     Args:
         task: DinoTask, ReIDTask or anything with their methods (forward(batch, step) -> (loss, terms),
             cancel_gradients(step), after_step(step), log_stats(step, terms, loss, epoch), epoch_stats(), `name`);
-            possibly with a DDP wrapper of its trainable part (`distributed.wrap_ddp`).
+            possibly with a DDP wrapper of its trainable part (`parallel.wrap_ddp`).
         loader: yields ((inputs, labels, ...), n_skipped) as `collate_skip_none` makes them, from batch
             `start_step` of the epoch on (see `SeededBatches`).
         optimizer: the main optimiser (whose lr and weight decay `schedule` sets, and whose parameters are clipped)
@@ -141,7 +142,7 @@ def train_one_epoch(
         else:
             # DDP all-reduces the gradient in the backward pass of the step's last micro-batch only; its no_sync
             # must hold over the forward pass too
-            with dist.no_sync(task) if not last else contextlib.nullcontext():
+            with parallel.no_sync(task) if not last else contextlib.nullcontext():
                 with autocast_context(device, opts.amp):
                     loss, terms = task(batch, step)
                 if may_skip:  # a step may still be skipped: decide now, on all ranks (one host sync)

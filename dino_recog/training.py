@@ -18,6 +18,7 @@ import torch.nn as nn
 from . import checkpoint as ckpt
 from . import config as C
 from . import distributed as dist
+from . import parallel
 from .config.diff import changed_keys, format_changes, unsafe_changes
 from .engine import LoopOptions, NonFiniteLossError, train_one_epoch
 from .runlog import RunLog, fmt_metrics
@@ -92,7 +93,7 @@ class TrainingRun:
             )
         for name, opt in self.optimizers.items():
             if state.get(name) and name not in self.sharded:
-                dist.load_full_optimizer_state(self.task.trainable, opt, state[name])
+                parallel.load_full_optimizer_state(self.task.trainable, opt, state[name])
         self._load_shards(path, state)
         self.scaler.load_state_dict(state["scaler"])
         self.start_epoch, self.start_step, self.rng = ckpt.resume_point(state, path, dist.get_rank(),
@@ -156,10 +157,11 @@ class TrainingRun:
         path = self.out / ckpt.checkpoint_name(epochs_done, step_in_epoch)
 
         # gathered on every rank (FSDP's shards are collectives); plain state dicts otherwise
-        parts = {name: ({k: dist.full_state_dict(m) for k, m in module.items()} if isinstance(module, nn.ModuleDict)
-                        else dist.full_state_dict(module)) for name, module in self.task.parts().items()}  # fmt: skip
-        optims = {name: dist.full_optimizer_state(self.task.trainable, opt) for name, opt in self.optimizers.items()
-                  if name not in self.sharded}  # fmt: skip
+        full = parallel.full_state_dict
+        parts = {name: ({k: full(m) for k, m in module.items()} if isinstance(module, nn.ModuleDict) else full(module))
+                 for name, module in self.task.parts().items()}  # fmt: skip
+        optims = {name: parallel.full_optimizer_state(self.task.trainable, opt)
+                  for name, opt in self.optimizers.items() if name not in self.sharded}  # fmt: skip
 
         def write() -> None:
             state = {**parts, **optims}

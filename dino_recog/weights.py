@@ -114,7 +114,7 @@ def save_backbone(backbone: nn.Module, spec: BackboneSpec, path: str | os.PathLi
 
     Args:
         state_dict: the backbone's weights when not its own `state_dict()` (an FSDP-sharded backbone's, gathered by
-            `distributed.full_state_dict`).
+            `parallel.full_state_dict`).
     """
     if not isinstance(spec, BackboneSpec):
         raise TypeError(f"save_backbone: spec must be a BackboneSpec, got {type(spec).__name__}")

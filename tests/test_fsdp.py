@@ -1,4 +1,4 @@
-"""`run.parallel: fsdp` (distributed.wrap_fsdp): stage 1 sharded with FSDP2 over 2 CPU processes (gloo) trains like
+"""`run.parallel: fsdp` (parallel.wrap_fsdp): stage 1 sharded with FSDP2 over 2 CPU processes (gloo) trains like
 DDP, writes the checkpoints and exports a DDP run writes, and resumes from its own checkpoints and from DDP's.
 
 Tolerances (fp32): the loss of every step within 1e-5 and every weight, centre and optimiser moment within 1e-6 of

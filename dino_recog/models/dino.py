@@ -122,7 +122,7 @@ def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> N
     """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter.
 
     Buffers (BatchNorm statistics) are not averaged; the teacher keeps its own, as in the official code.
-    Sharded by FSDP (`distributed.wrap_fsdp`, both the same way), each rank updates its own slice of the teacher
+    Sharded by FSDP (`parallel.wrap_fsdp`, both the same way), each rank updates its own slice of the teacher
     from the same slice of the student: no communication.
     """
     for net in (student, teacher):

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from .. import config as C
 from .. import distributed as dist
+from .. import parallel
 from ..data.batch_augment import BatchAugment
 from ..data.masking import BlockMaskGenerator, sample_batch_masks
 from ..losses.dino import DINOLoss, collapse_stats
@@ -89,10 +90,10 @@ class DinoTask(nn.Module):
 
     @property
     def trainable(self) -> nn.Module:
-        return self.student  # what DDP wraps (`distributed.wrap_ddp`); the teacher stays outside
+        return self.student  # what DDP wraps (`parallel.wrap_ddp`); the teacher stays outside
 
     def fsdp_roots(self) -> tuple[nn.Module, nn.Module]:
-        """What `distributed.wrap_fsdp` shards: the student, and the teacher the same way (a shard-local EMA)."""
+        """What `parallel.wrap_fsdp` shards: the student, and the teacher the same way (a shard-local EMA)."""
         return self.student, self.teacher
 
     # --- what the loop calls -----------------------------------------------------------------------------------------
@@ -116,7 +117,7 @@ class DinoTask(nn.Module):
         crops = [c.to(device, non_blocking=True) for c in batch[0]]
         if self.augment is not None:
             crops = self.augment(crops, step.iteration)
-        student = dist.ddp_module(self)
+        student = parallel.ddp_module(self)
         n_global = self.dino_loss.n_global_crops
         terms: dict[str, torch.Tensor] = {}
         if self.v2 is None:

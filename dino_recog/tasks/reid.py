@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from .. import checkpoint as ckpt
 from .. import config as C
-from .. import distributed as dist
+from .. import parallel
 from ..losses import (
     ArcFaceLoss,
     CenterLoss,
@@ -151,7 +151,7 @@ class ReIDTask(nn.Module):
 
     @property
     def trainable(self) -> nn.Module:
-        return self.net  # what DDP wraps (`distributed.wrap_ddp`)
+        return self.net  # what DDP wraps (`parallel.wrap_ddp`)
 
     @property
     def terms(self) -> dict[str, LossTerm]:
@@ -195,7 +195,7 @@ class ReIDTask(nn.Module):
         if self.distill_teacher is not None:
             with torch.no_grad():
                 teacher_logits = self.distill_teacher(x)["logits"]
-        out, values = dist.ddp_module(self)(x, labels, teacher_logits)  # out: what the terms read
+        out, values = parallel.ddp_module(self)(x, labels, teacher_logits)  # out: what the terms read
         # the sharded terms on the DDP output: the embeddings' gradient reaches the backbone through DDP
         values.update({t.name: t(out) for t in self.sharded})
         loss = sum(self.terms[k].weight * v for k, v in values.items())
