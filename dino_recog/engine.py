@@ -151,6 +151,7 @@ def train_one_epoch(
                                        opts.nonfinite_budget, buffers, saved)  # fmt: skip
                         for o in optimizers:  # what the step's earlier micro-batches accumulated
                             o.zero_grad(set_to_none=True)
+                        parallel.reshard(task)
                         nonfinite += 1
                         dropped = True
                         continue

@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> None:
             if not lines:
                 raise
             print("\n".join(lines), file=sys.stderr)
-            sys.exit(e.get_first_failure()[1].exitcode or 1)
+            # the status of a worker that left a line: the first failure may be one torchrun stopped (SIGTERM)
+            status = [f.exitcode for f in e.failures.values() if (Path(folder) / f"{f.pid}.txt").is_file()]
+            sys.exit(status[0] if status and status[0] > 0 else 1)
 
 
 if __name__ == "__main__":

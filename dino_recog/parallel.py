@@ -23,6 +23,7 @@ __all__ = [
     "load_full_optimizer_state",
     "load_full_state_dict",
     "no_sync",
+    "reshard",
     "unwrap",
     "wrap",
     "wrap_ddp",
@@ -147,6 +148,18 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
 
 
+def reshard(task: torch.nn.Module) -> None:
+    """Put the FSDP roots of a task back to their shards. FSDP2 keeps a root gathered after its forward pass until
+    its backward (student) or the EMA update (teacher) reshards it; a step dropped after the forward pass (a
+    non-finite loss) has neither, and would leave full tensors where the optimiser, clipping and checkpoints expect
+    the shards. Nothing for a task that is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for net in getattr(task, "fsdp_roots", list)():
+        if isinstance(net, FSDPModule):
+            net.reshard()
+
+
 def is_sharded(module: torch.nn.Module) -> bool:
     """Whether `module` holds parameters sharded by `wrap_fsdp` (DTensors)."""
     return any(is_dtensor(p) for p in module.parameters())
@@ -226,4 +239,10 @@ def load_full_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Op
         "state": {names[i]: value for i, value in state["state"].items()},
         "param_groups": [{**s, "params": [names[i] for i in s["params"]]} for s in state["param_groups"]],
     }
-    set_optimizer_state_dict(module, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+    # not strict: a parameter that had no gradient yet has no state (DINO's frozen last layer in the first epoch);
+    # torch then gives it a state of its own (a step of 1, zero moments), which a DDP resume would not: removed
+    set_optimizer_state_dict(module, optimizer, by_name, options=StateDictOptions(full_state_dict=True, strict=False))
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        if i not in state["state"]:
+            optimizer.state.pop(p, None)

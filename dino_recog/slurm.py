@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         env = train_sh_env(os.environ)
     except SlurmError as e:
-        print(e, file=sys.stderr)
+        print(e)  # on stdout, which train.sh reads (its stderr may carry unrelated warnings)
         return 2
     print("\n".join(f"{k}={v}" for k, v in env.items()))
     return 0

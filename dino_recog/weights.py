@@ -268,7 +268,9 @@ def load_backbone_weights(
             f"{path}: no key matches the model ({len(state)} tensors in the file, e.g. "
             f"{', '.join(list(state)[:3]) or 'none'}); is this a backbone checkpoint?"
         )
-    missing = [k for k in own if k not in state]
+    # BatchNorm's step counter is not a weight: old-format files (torchvision's first ResNet releases) lack it, and
+    # load_state_dict fills it in for them
+    missing = [k for k in own if k not in state and not k.endswith(".num_batches_tracked")]
     if missing and not allow_missing:
         override = f"; {switch} keeps them random" if switch else ""
         raise CheckpointError(

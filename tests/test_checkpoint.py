@@ -377,3 +377,16 @@ def test_every_torch_load_in_the_code_is_weights_only():
             if (owner, node.func.attr) == ("np", "load") and "allow_pickle" in kw:
                 assert kw["allow_pickle"].value is False, f"{where}: np.load(allow_pickle=True)"
     assert len(loads) >= 2  # checkpoint.load_checkpoint and extract._peek at least: the guard sees them
+
+
+def test_old_format_resnet_weights_without_batchnorm_step_counters_load(tmp_path):
+    """torchvision's first ResNet files have no `num_batches_tracked`: a step counter, not a weight to refuse."""
+    from dino_recog.models import build_backbone
+
+    source = build_backbone("resnet18")[0]
+    state = {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert len(state) < len(source.state_dict())
+    torch.save(state, tmp_path / "resnet18_old.pth")
+    model = build_backbone("resnet18")[0]
+    ckpt.load_backbone_weights(model, tmp_path / "resnet18_old.pth")
+    assert torch.equal(model.conv1.weight, source.conv1.weight)

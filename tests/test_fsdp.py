@@ -123,3 +123,18 @@ def test_fsdp_trains_dinov2_like_ddp(small_demo, tmp_path):
     assert "mask_token" in b["teacher"] and any(k.startswith("ibot_head.") for k in b["student"])
     for k, v in a["ibot_loss"].items():
         torch.testing.assert_close(b["ibot_loss"][k], v, rtol=0, atol=1e-6, msg=f"ibot_loss.{k}")
+
+
+@pytest.mark.slow
+def test_fsdp_resumes_from_the_first_epoch_while_the_last_layer_is_frozen(small_demo, tmp_path):
+    """In DINO's first epoch (`dino.freeze_last_layer`: 1) the head's last layer has no gradient, so AdamW holds no
+    state for it: the resume must leave it so (a strict load refused the checkpoint; a lenient one gave it a step
+    count of 1 and zero moments, which a DDP resume would not)."""
+    keep = ["run.keep_last=20"]
+    two_processes(small_demo, tmp_path / "whole", *FSDP, *keep)
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(tmp_path / "whole" / "checkpoint_0000_000004.pth", tmp_path / "resumed")
+    two_processes(small_demo, tmp_path / "resumed", *FSDP, *keep)
+    a = ckpt.load_checkpoint(tmp_path / "whole" / "checkpoint_0002.pth")
+    b = ckpt.load_checkpoint(tmp_path / "resumed" / "checkpoint_0002.pth")
+    assert_same_training_state(a, b)

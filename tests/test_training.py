@@ -135,3 +135,12 @@ def test_resume_with_another_architecture_also_names_the_changed_keys(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match=r"(?s)mismatch.*\nconfig keys changed since that checkpoint: "
                                                    r"model.depth 1 -> 2"):  # fmt: skip
         reid_run(tmp_path, "model.depth=2").resume()
+
+
+def test_switching_between_ddp_and_fsdp_on_resume_is_not_a_change_of_the_run():
+    """Both write and read the same full-state checkpoints (dino_recog.parallel): the schedule and data stay."""
+    from dino_recog.config.diff import changed_keys, unsafe_changes
+
+    stored = {"run": {"parallel": "ddp", "fsdp_cpu_offload": False}, "data": {"batch_size_per_gpu": 64}}
+    current = {"run": {"parallel": "fsdp", "fsdp_cpu_offload": True}, "data": {"batch_size_per_gpu": 32}}
+    assert unsafe_changes(changed_keys(stored, current)) == ["data.batch_size_per_gpu"]
