@@ -69,7 +69,7 @@ fi
 # Inside a SLURM allocation (srun --ntasks-per-node=1 bash train.sh ...: one train.sh per node), the nodes, this
 # node's rank and the rendezvous host come from SLURM's variables unless NNODES is set (dino_recog/slurm.py).
 if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${NNODES:-}" ]; then
-  slurm_env=$(PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m dino_recog.slurm train-sh 2>&1) || die "$slurm_env"
+  slurm_env=$(PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m dino_recog.slurm train-sh) || die "$slurm_env"
   while IFS='=' read -r key value; do
     [ -z "$key" ] || export "$key=$value"
   done <<< "$slurm_env"

@@ -21,30 +21,11 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "init",
-    "shutdown",
-    "launched",
-    "is_initialized",
-    "get_rank",
-    "get_world_size",
-    "get_local_rank",
-    "loader_workers",
-    "is_main_process",
-    "barrier",
-    "all_reduce_mean",
-    "all_reduce_sum",
-    "all_reduce_max",
-    "all_gather_variable",
-    "all_gather_object",
-    "broadcast_object",
-    "run_on_main",
-    "fingerprints",
-    "is_dtensor",
-    "check_replicated",
-    "seed_everything",
-    "setup_logging",
-    "session",
-]
+    "init", "shutdown", "launched", "is_initialized", "get_rank", "get_world_size", "get_local_rank",
+    "loader_workers", "is_main_process", "barrier", "all_reduce_mean", "all_reduce_sum", "all_reduce_max",
+    "all_gather_variable", "all_gather_object", "broadcast_object", "run_on_main", "fingerprints", "is_dtensor",
+    "check_replicated", "seed_everything", "setup_logging", "session",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -349,6 +330,12 @@ class _LogFile(logging.FileHandler):
     logging's traceback for every record; the run itself stops at its next checkpoint, in one line."""
 
     failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:  # FileHandler reopens a closed file outside its own error handling: a folder gone would end the run
+            super().emit(record)
+        except OSError:
+            self.handleError(record)
 
     def handleError(self, record: logging.LogRecord) -> None:
         error = sys.exc_info()[1]

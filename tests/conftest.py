@@ -15,6 +15,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import fcntl  # noqa: E402
+import logging  # noqa: E402
 import runpy  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
@@ -114,6 +115,18 @@ def pytest_collection_modifyitems(items):
         if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(900))
     items.sort(key=lambda item: (not item.get_closest_marker("slow"), "demo_set" not in item.fixturenames))
+
+
+@pytest.fixture(autouse=True)
+def _log_handlers_stay_with_their_test():
+    """A run's log handlers (stderr, its log.txt) are removed when its test ends: a run stopped by an error (a full
+    disk on a file system the test then unmounts) leaves them installed, and the next test's lines would go there."""
+    logger = logging.getLogger("dino_recog")
+    before = list(logger.handlers)
+    yield
+    for handler in [h for h in logger.handlers if h not in before]:
+        logger.removeHandler(handler)
+        handler.close()
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -154,3 +154,24 @@ def test_log_lines_with_odd_file_names_or_on_a_full_disk_are_not_tracebacks(tmp_
         for h in list(logging.getLogger("dino_recog").handlers):
             logging.getLogger("dino_recog").removeHandler(h)
             h.close()
+
+
+def test_a_log_file_whose_folder_is_gone_is_one_warning_not_an_exception(tmp_path, capsys):
+    """FileHandler reopens a closed file outside its error handling: with the folder gone, every log line raised."""
+    import logging
+    import shutil
+
+    D.setup_logging(str(tmp_path / "run"))
+    log = logging.getLogger("dino_recog.test")
+    try:
+        (file_handler,) = [h for h in logging.getLogger("dino_recog").handlers if isinstance(h, logging.FileHandler)]
+        file_handler.close()  # the stream is reopened by the next line
+        shutil.rmtree(tmp_path / "run")
+        for i in range(3):
+            log.warning("line %d", i)
+        err = capsys.readouterr().err
+        assert err.count("lines are missing from it from here on") == 1 and "line 2" in err
+    finally:
+        for h in list(logging.getLogger("dino_recog").handlers):
+            logging.getLogger("dino_recog").removeHandler(h)
+            h.close()
