@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 # checkpoint_EEEE.pth after EEEE epochs; checkpoint_EEEE_SSSSSS.pth after EEEE epochs and SSSSSS steps of the next one.
 CKPT_RE = re.compile(r"^checkpoint_(\d{4,})(?:_(\d{6,}))?\.pth$")
-_TMP_RE = re.compile(r"^\.checkpoint_.*\.pth\.tmp-(\d+)$")
+# the temporary files of the run's atomic writes (atomic.py): checkpoints with their shards, and the exports
+_TMP_RE = re.compile(r"^\.(?:checkpoint_.*|teacher_backbone|model|best)\.pth\.tmp-(\d+)$")
 
 
 class CheckpointError(ValueError):

@@ -390,3 +390,16 @@ def test_old_format_resnet_weights_without_batchnorm_step_counters_load(tmp_path
     model = build_backbone("resnet18")[0]
     ckpt.load_backbone_weights(model, tmp_path / "resnet18_old.pth")
     assert torch.equal(model.conv1.weight, source.conv1.weight)
+
+
+def test_pruning_removes_what_a_killed_save_left_of_checkpoints_and_exports(tmp_path):
+    """A run killed while writing teacher_backbone.pth (or model.pth, best.pth, a checkpoint) leaves its temporary
+    file; the resumed run's next save removes it, and nothing else (a file of this process's own write stays)."""
+    dead = 2**22 + 12345  # above Linux's default pid_max: no live process has it
+    left = [f".teacher_backbone.pth.tmp-{dead}", f".model.pth.tmp-{dead}", f".best.pth.tmp-{dead}",
+            f".checkpoint_0001_000002.pth.tmp-{dead}"]  # fmt: skip
+    kept = [f".teacher_backbone.pth.tmp-{os.getpid()}", "notes.tmp-1", "config.yaml"]
+    for name in left + kept:
+        (tmp_path / name).write_bytes(b"x")
+    ckpt.prune_checkpoints(tmp_path, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
