@@ -138,3 +138,18 @@ def test_fsdp_resumes_from_the_first_epoch_while_the_last_layer_is_frozen(small_
     a = ckpt.load_checkpoint(tmp_path / "whole" / "checkpoint_0002.pth")
     b = ckpt.load_checkpoint(tmp_path / "resumed" / "checkpoint_0002.pth")
     assert_same_training_state(a, b)
+
+
+@pytest.mark.slow
+def test_fsdp_with_accumulated_steps_trains_like_ddp(small_demo, tmp_path):
+    """Gradient accumulation over sharded networks (each micro-batch's gradient reduce-scattered into the shards,
+    where DDP holds its all-reduce until the last one): the same losses and state as DDP's accumulation."""
+    accum = ["train.accumulate_steps=2"]
+    two_processes(small_demo, tmp_path / "ddp", *accum)
+    two_processes(small_demo, tmp_path / "fsdp", *accum, *FSDP)
+    ddp, fsdp = (read_jsonl(tmp_path / run / "log.jsonl", "train") for run in ("ddp", "fsdp"))
+    assert len(fsdp) == len(ddp) == 6  # 12 batches, 2 a step
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in fsdp]), torch.tensor([r["loss"] for r in ddp]),
+                               rtol=0, atol=1e-5)  # fmt: skip
+    a, b = (ckpt.load_checkpoint(tmp_path / run / "checkpoint_0002.pth") for run in ("ddp", "fsdp"))
+    assert_same_training_state(a, b)
