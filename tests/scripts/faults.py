@@ -7,6 +7,7 @@ MODE
        TORCHELASTIC_RESTART_COUNT is 0): a worker that dies, as on a lost node. With MAX_RESTARTS >= 1, torchrun stops
        the other worker and starts both again; they resume from the last checkpoint (run.resume: auto).
   nan  the DINO loss of rank 1, and of no other rank, is NaN at its training step STEP (and after it).
+  nan1 the same at step STEP only (a step that run.skip_nonfinite_steps can skip).
 
 STEP counts the DINO loss evaluations of the process, from 0. The overrides are those of train_dino.py (cfg_dino.yaml).
 """
@@ -34,7 +35,7 @@ def main(mode: str, step: int, overrides: list[str]) -> None:
         n, calls[0] = calls[0], calls[0] + 1
         if rank == 1 and mode == "die" and first_attempt and n == step:
             os.kill(os.getpid(), signal.SIGKILL)
-        if rank == 1 and mode == "nan" and n >= step:
+        if rank == 1 and (mode == "nan" and n >= step or mode == "nan1" and n == step):
             return loss * float("nan")
         return loss
 
