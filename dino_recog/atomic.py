@@ -138,6 +138,7 @@ def atomic_write_together(files: Sequence[tuple[str | os.PathLike, Writer, str]]
         last, last_what = paths[-1], files[-1][2]
         try:
             last.unlink(missing_ok=True)  # from here until the last rename there is no result rather than a mixed one
+            _fsync_dir(last.parent)  # the removal on disk before any rename: a power cut cannot keep the old last file
             for tmp, path in zip(temps, paths):
                 os.replace(tmp, path)
         except OSError as e:

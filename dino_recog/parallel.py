@@ -137,10 +137,27 @@ def ddp_module(task: torch.nn.Module) -> torch.nn.Module:
 
 def no_sync(task: torch.nn.Module) -> contextlib.AbstractContextManager:
     """Around the forward and backward passes of a micro-batch that does not end an optimiser step (gradient
-    accumulation): DDP's `no_sync` on the task's wrapper, so the gradient all-reduce happens once per step; nothing
-    without a wrapper."""
+    accumulation): DDP's `no_sync` on the task's wrapper, or FSDP2's `set_requires_gradient_sync(False)` on its
+    roots (the gradients accumulate unsharded until the last micro-batch reduce-scatters them), so the gradient
+    communication happens once per step; nothing without a wrapper."""
     ddp = task.__dict__.get("_ddp")
-    return ddp.no_sync() if ddp is not None else contextlib.nullcontext()
+    if ddp is not None:
+        return ddp.no_sync()
+    from torch.distributed.fsdp import FSDPModule
+
+    roots = [net for net in getattr(task, "fsdp_roots", list)() if isinstance(net, FSDPModule)]
+    return _fsdp_no_sync(roots) if roots else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(roots: list):
+    for net in roots:
+        net.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        for net in roots:
+            net.set_requires_gradient_sync(True)
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
