@@ -13,6 +13,7 @@ from dino_recog.config import DatasetSpec
 from dino_recog.data import datasets as ds
 from dino_recog.data.build import train_records, unlabeled_items
 from dino_recog.data.convert_keys import main as convert_keys
+from dino_recog.data.keep_list import relative_names
 from dino_recog.data.labeled_lmdb import LabeledLMDB
 
 
@@ -82,6 +83,12 @@ def test_a_keep_list_selects_labeled_folders_and_lmdbs_of_both_stages(small_demo
     images = unlabeled_items(DatasetSpec(name="luperson_lmdb", root=str(tmp_path / "nl" / "lmdb"),
                                          keep_list=str(tmp_path / "k.txt")))  # fmt: skip
     assert images.keys == [keys[1], keys[4], keys[5]] and images[0] == data[0][0]
+
+
+def test_names_are_relative_to_the_root_with_slashes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert relative_names([str(tmp_path / "a" / "b.jpg"), "c/d.jpg"], tmp_path) == ["a/b.jpg", "c/d.jpg"]
+    assert relative_names(["c/d.jpg"], "") == ["c/d.jpg"]  # a demo set's empty root: the working directory
 
 
 def test_a_keep_list_naming_nothing_present_is_a_clear_error(tmp_path):

@@ -111,11 +111,10 @@ def _dropped(dropped: dict[str, int], minimum: int) -> str:
 
 def unlabeled_items(spec: DatasetSpec, keys_file: str = "") -> list[str] | list[ds.Record] | ds.LMDBImages:
     """The training images of a stage-1 data set; labels, where a set has them, are not used."""
-    if spec.name == "demo":
-        return ds.list_image_folder(ensure_demo(spec.root) / "lup" / "images")
-    if spec.name in ("luperson", "image_folder"):
-        paths = ds.list_image_folder(spec.root)
-        if spec.keep_list:
+    if spec.name in ("demo", "luperson", "image_folder"):
+        folder = ensure_demo(spec.root) / "lup" / "images" if spec.name == "demo" else spec.root
+        paths = ds.list_image_folder(folder)
+        if spec.keep_list:  # paths relative to `root`, as for every set
             paths = [paths[i] for i in keep_positions(relative_names(paths, spec.root), spec.keep_list, spec.root)]
         return paths
     if spec.name == "luperson_lmdb":

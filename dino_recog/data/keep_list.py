@@ -55,8 +55,8 @@ def _normalise(entry: str) -> str:
 
 
 def relative_names(paths: Sequence[str], root: str | os.PathLike) -> list[str]:
-    """Image paths as a keep list names them: relative to `root`, `/`-separated."""
-    return [os.path.relpath(p, root).replace(os.sep, "/") for p in paths]
+    """Image paths as a keep list names them: relative to `root` ("" is the working directory), `/`-separated."""
+    return [os.path.relpath(p, root or ".").replace(os.sep, "/") for p in paths]
 
 
 def keep_positions(names: Sequence[str], keep_list: str | os.PathLike, where: str) -> np.ndarray:
