@@ -1,0 +1,188 @@
+"""docs/recipes.md is the source of truth of the recipe presets: each preset it names equals its table, key by key.
+
+The tables' format is documented in docs/recipes.md ("Hyper-parameter tables", "Published rows").
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dino_recog import config as C
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "docs" / "recipes.md"
+PRESETS_LINE = re.compile(r"^Presets: (.+) \(stage ([12])\)$")
+SOURCE = re.compile(r"^[\w.-]+/[\w.-]+@[0-9a-f]{7,40}:\S+#L\d+(-L\d+)?(, #L\d+)*$")
+TABLE_HEADER = ["key", "ours", "theirs", "source"]
+PUBLISHED_HEADER = ["recipe", "data.test.name", "data.test.version", "data.train[0].use_val", "aug.size", "aug.mean",
+                    "aug.std", "model.test_feature", "eval.flip", "eval.rerank", "mAP", "rank1", "preset", "source"]
+PENDING = "pending "
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def _table_after(lines: list[str], start: int) -> tuple[list[str], list[list[str]]]:
+    """The header and rows of the first markdown table at or after line `start`."""
+    i = start
+    while i < len(lines) and not lines[i].startswith("|"):
+        i += 1
+    if i + 1 >= len(lines):
+        raise ValueError(f"docs/recipes.md line {start + 1}: expected a table after it")
+    header, rows = _cells(lines[i]), []
+    for line in lines[i + 2:]:  # past the |---| separator
+        if not line.startswith("|"):
+            break
+        rows.append(_cells(line))
+    return header, rows
+
+
+def recipe_sections(text: str) -> list[tuple[list[str], int, list[dict]]]:
+    """(preset paths, stage, rows) for each `Presets: ... (stage N)` line of docs/recipes.md and the table after it.
+
+    A row is {"key", "ours", "pending", "theirs", "source"}: `ours` is the YAML value, or the text after `pending`
+    (`pending` True) for a key the config does not have yet.
+    """
+    lines = text.splitlines()
+    sections = []
+    for n, line in enumerate(lines):
+        m = PRESETS_LINE.match(line)
+        if not m:
+            continue
+        header, cells = _table_after(lines, n + 1)
+        assert header == TABLE_HEADER, f"docs/recipes.md line {n + 1}: table header {header}, expected {TABLE_HEADER}"
+        rows = []
+        for c in cells:
+            assert len(c) == 4, f"docs/recipes.md: row {c} has {len(c)} cells, expected 4"
+            key, ours = c[0].strip("`"), c[1]
+            pending = ours.startswith(PENDING)
+            value = ours[len(PENDING):].strip("`") if pending else yaml.safe_load(ours.strip("`"))
+            rows.append({"key": key, "ours": value, "pending": pending, "theirs": c[2], "source": c[3]})
+        sections.append((re.findall(r"`([^`]+)`", m.group(1)), int(m.group(2)), rows))
+    return sections
+
+
+def published_rows(text: str) -> list[dict]:
+    """The "Published rows" table as dicts keyed by its header (values as written)."""
+    lines = text.splitlines()
+    header, cells = _table_after(lines, lines.index("## Published rows"))
+    assert header == PUBLISHED_HEADER, f"docs/recipes.md: published rows header {header}, expected {PUBLISHED_HEADER}"
+    return [dict(zip(header, c, strict=True)) for c in cells]
+
+
+_MISSING = object()
+
+
+def lookup(cfg: object, key: str) -> object:
+    """The value of a dotted key (`data.train[0].name`) in a resolved config, or _MISSING when it has no such key."""
+    obj = cfg
+    for part in key.split("."):
+        m = re.fullmatch(r"(\w+)(?:\[(\d+)\])?", part)
+        assert m, f"docs/recipes.md: malformed key {key!r}"
+        obj = getattr(obj, m.group(1), _MISSING)
+        if obj is _MISSING:
+            return _MISSING
+        if m.group(2) is not None:
+            obj = obj[int(m.group(2))]
+    return obj
+
+
+def same(a: object, b: object) -> bool:
+    """Equal as config values: numbers to 1e-9 relative, sequences element-wise, booleans never equal to numbers."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _load(preset: str | Path, stage: int) -> object:
+    return C.load(preset, None, C.DinoConfig if stage == 1 else C.RecogConfig)
+
+
+def check_preset(preset: str | Path, stage: int, rows: list[dict]) -> list[str]:
+    """One message per row of the table that the preset does not match, naming the preset, the key and both values."""
+    cfg, errors = _load(preset, stage), []
+    for row in rows:
+        actual = lookup(cfg, row["key"])
+        if row["pending"]:
+            if actual is not _MISSING:
+                errors.append(f"{preset}: {row['key']} now exists in the config: set it in the preset "
+                              f"(docs/recipes.md: pending {row['ours']}) and drop 'pending' from its row")
+        elif actual is _MISSING:
+            errors.append(f"{preset}: the config has no key {row['key']} (docs/recipes.md gives {row['ours']!r})")
+        elif not same(actual, row["ours"]):
+            errors.append(f"{preset}: {row['key']} is {actual!r} in the preset, {row['ours']!r} in docs/recipes.md")
+    return errors
+
+
+SECTIONS = recipe_sections(RECIPES.read_text())
+PRESETS = [(p, stage, rows) for presets, stage, rows in SECTIONS for p in presets]
+
+
+def test_recipe_tables_are_well_formed():
+    # The TransReID-SSL stage 1, Market-1501 and MSMT17 tables; each row cites a file and line of a fetched commit.
+    assert len(SECTIONS) >= 3
+    for presets, _, rows in SECTIONS:
+        assert presets and len(rows) >= 20, f"{presets}: expected a table of every hyper-parameter"
+        keys = [r["key"] for r in rows]
+        assert len(keys) == len(set(keys)), f"{presets}: a key appears twice in its table"
+        for row in rows:
+            where = f"{presets}: {row['key']}"
+            assert SOURCE.match(row["source"]), f"{where}: source {row['source']!r} is not repo@commit:path#Lnn"
+            assert row["theirs"], f"{where}: the authors' value is empty"
+
+
+@pytest.mark.parametrize("preset,stage,rows", PRESETS, ids=[p for p, _, _ in PRESETS])
+def test_preset_matches_its_table(preset, stage, rows):
+    assert (ROOT / preset).is_file(), f"docs/recipes.md names {preset}, which does not exist"
+    assert check_preset(ROOT / preset, stage, rows) == []
+
+
+def test_changed_preset_value_fails_naming_preset_key_and_values(tmp_path):
+    preset, stage, rows = next(s for s in PRESETS if s[0] == "configs/market1501/vit_small_transreid_ssl.yaml")
+    copy = tmp_path / "vit_small_transreid_ssl.yaml"
+    shutil.copy(ROOT / preset, copy)
+    text = copy.read_text()
+    assert "label_smoothing: 0.0" in text
+    copy.write_text(text.replace("label_smoothing: 0.0", "label_smoothing: 0.1"))
+    assert check_preset(copy, stage, rows) == [
+        f"{copy}: loss.label_smoothing is 0.1 in the preset, 0.0 in docs/recipes.md"]
+
+
+def test_pending_key_that_exists_fails():
+    # A row marked pending must be converted once its key exists, so the preset cannot silently lack it.
+    preset, stage, rows = PRESETS[0]
+    rows = [{"key": "train.lr", "ours": "0.0005", "pending": True, "theirs": "", "source": ""}]
+    (error,) = check_preset(ROOT / preset, stage, rows)
+    assert "train.lr now exists in the config" in error and preset in error
+
+
+def test_published_rows_match_their_presets():
+    rows = published_rows(RECIPES.read_text())
+    pending = {(p, r["key"]) for p, _, rs in PRESETS for r in rs if r["pending"]}
+    assert {r["recipe"] for r in rows} >= {"TransReID-SSL ViT-S/16", "PASS ViT-S/16", "SOLIDER Swin-B"}
+    for row in rows:
+        assert 0 < float(row["mAP"]) <= 100 and 0 < float(row["rank1"]) <= 100
+        assert SOURCE.match(row["source"]), f"{row['recipe']}: source {row['source']!r}"
+        if row["preset"] == "-":
+            continue
+        cfg = _load(ROOT / row["preset"], 2)
+        for key in PUBLISHED_HEADER[1:10]:
+            if row[key] == "-":
+                continue
+            actual = lookup(cfg, key)
+            if actual is _MISSING:
+                assert (row["preset"], key) in pending, f"{row['preset']}: no key {key} and no pending row for it"
+                continue
+            assert same(actual, yaml.safe_load(row[key])), (
+                f"{row['preset']}: {key} is {actual!r}, the published row says {row[key]}")
