@@ -117,6 +117,9 @@ class RecogModelConfig:
     last_stride: int = choice(1, 2)  # ResNet last-stage stride (BoT 1)
     embedding_dim: int = non_negative(0, MAX_WIDTH)  # optional linear embedding before the BN neck; 0 = none
     neck: str = choice("bnneck", "none")  # bnneck (BN before the classifier, bias frozen; Luo et al. 2019) | none
+    # the embedding evaluated, extracted and exported (saved in model.pth): after_neck (BN output; BoT) | before_neck
+    # (the feature entering the BN; TEST.NECK_FEAT before: TransReID-SSL, PASS, SOLIDER-REID)
+    test_feature: str = choice("after_neck", "before_neck")
 
     def validate(self, path: str) -> None:
         check_heads(path, self)

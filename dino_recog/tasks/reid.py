@@ -241,6 +241,7 @@ def model_spec(cfg: C.RecogConfig, num_classes: int) -> dict:
     if m.pretrained and Path(m.pretrained).is_file():
         backbone = ckpt.pretrained_backbone_spec(backbone, m.pretrained, "model.pretrained")
     return reid_spec(backbone, num_classes, embedding_dim=m.embedding_dim, neck=m.neck, drop_path_rate=m.drop_path_rate,
+                     test_feature=m.test_feature,
                      classifier=(cfg.loss.ce_weight > 0 and not cfg.loss.partial_fc)
                      or cfg.loss.distill_weight > 0)  # fmt: skip
 
