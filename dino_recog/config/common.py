@@ -121,6 +121,8 @@ class DatasetSpec:
     root: str = "data/Market-1501-v15.09.15"  # directory of the data set (demo: generated there on first use)
     version: str = choice("auto", "V1", "V2")  # MSMT17 only: V1, V2 or auto (detected from the folders)
     use_val: bool = True  # MSMT17 only: list_val.txt joins training (TransReID, PASS, TransReID-SSL do)
+    # training sets only: text file of the image paths (relative to root) or LMDB keys to keep, one a line; "" = all
+    keep_list: str = ""
 
     def validate(self, path: str) -> None:
         if not self.root and self.name != "demo":

@@ -62,6 +62,9 @@ class DinoDataConfig:
         check(path + ".train.name", self.train.name, one_of(*DATASETS_UNLABELED))
         if self.eval_set is not None:
             check(path + ".eval_set.name", self.eval_set.name, one_of(*DATASETS_LABELED))
+            if self.eval_set.keep_list:
+                raise ConfigError(f"{path}.eval_set.keep_list: {self.eval_set.keep_list}; a keep list selects "
+                                  "training images, expected it empty here")  # fmt: skip
 
 
 @dataclass

@@ -88,6 +88,9 @@ class RecogDataConfig:
                                   "each training set once")  # fmt: skip
             seen[where] = i
         check(path + ".test.name", self.test.name, one_of(*DATASETS_LABELED))
+        if self.test.keep_list:
+            raise ConfigError(f"{path}.test.keep_list: {self.test.keep_list}; a keep list selects training images, "
+                              "expected it empty here (the query/gallery protocol is fixed)")  # fmt: skip
 
 
 @dataclass
