@@ -174,6 +174,8 @@ def test_published_rows_match_their_presets():
     rows = published_rows(RECIPES.read_text())
     pending = {(p, r["key"]) for p, _, rs in PRESETS for r in rs if r["pending"]}
     assert {r["recipe"] for r in rows} >= {"TransReID-SSL ViT-S/16", "PASS ViT-S/16", "SOLIDER Swin-B"}
+    # Every stage-2 preset of the tables has its published row, and every row's preset has its table.
+    assert {r["preset"] for r in rows} - {"-"} == {p for p, stage, _ in PRESETS if stage == 2}
     for row in rows:
         assert 0 < float(row["mAP"]) <= 100 and 0 < float(row["rank1"]) <= 100
         assert SOURCE.match(row["source"]), f"{row['recipe']}: source {row['source']!r}"
