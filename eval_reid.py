@@ -31,6 +31,7 @@ from dino_recog.evaluation import query_gallery_metrics
 from dino_recog.feature_cache import cached_features
 from dino_recog.models.heads import TEST_FEATURES
 from dino_recog.models.reid import set_test_feature
+from dino_recog.protocol_card import card_line, protocol_card
 from dino_recog.user_errors import check_output_paths, user_errors
 
 log = logging.getLogger("dino_recog.eval_reid")
@@ -58,12 +59,16 @@ def main(
         results = query_gallery_metrics(qf, gf, q_pids, g_pids, q_cams, g_cams, e.metric, **eval_options(e))
         options = {"rerank": [e.rerank_k1, e.rerank_k2, e.rerank_lambda] if e.rerank else None,
                    "aqe": [e.aqe_k, e.aqe_alpha] if e.aqe else None}  # fmt: skip
+        # a stage-2 model states its test feature; backbone weights give their global feature
+        what = f"backbone {backbone['feature'] or 'global'}"
+        card = protocol_card(cfg, getattr(model, "spec", None) or backbone, feature=what)
         results = {"checkpoint": str(checkpoint), "data": cfg.data.test.name, **data.info, "metric": cfg.eval.metric,
-                   "flip": cfg.eval.flip, **options, **results}  # fmt: skip
+                   "flip": cfg.eval.flip, **options, **results, "protocol": card}  # fmt: skip
         if dist.is_main_process():
             rows = [f"{k:>8}: {100 * results[k]:6.2f}" for k in ("rank1", "rank5", "rank10", "mAP", "mINP")]
             print(f"{cfg.data.test.name} ({len(data.query)} queries, {len(data.gallery)} gallery), {checkpoint}")
             print("\n".join(rows))
+            print(f"protocol: {card_line(card)}")
             if results["num_skipped"]:
                 print(f"   ({results['num_skipped']} queries without a true match were skipped)")
             if json_path:

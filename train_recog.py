@@ -32,6 +32,7 @@ from dino_recog.evaluation import evaluate_query_gallery
 from dino_recog.export import export_onnx as onnx_export
 from dino_recog.models.backbones import is_vit
 from dino_recog.optim import build_optimizer
+from dino_recog.protocol_card import card_line, protocol_card
 from dino_recog.runlog import fmt_metrics
 from dino_recog.tasks import build_model, build_reid_task, reid_schedule  # noqa: F401  (build_model: tests use it)
 from dino_recog.training import TrainingRun, optimizer_steps
@@ -121,9 +122,12 @@ def main(cfg: C.RecogConfig, export_onnx: bool = False) -> dict[str, float]:
             ckpt.save_reid_model(net, out / "model.pth")
             if export_onnx:
                 onnx_export(net.cpu(), out / "model.onnx", tuple(cfg.aug.size))
+            card = protocol_card(cfg, net.spec)  # the conventions that change published numbers
             results = {"final": metrics, "best": best, "data": {"train": [s.name for s in cfg.data.train],
-                                                                "test": cfg.data.test.name}}  # fmt: skip
+                                                                "test": cfg.data.test.name},
+                       "protocol": card}  # fmt: skip
             (out / "results.json").write_text(json.dumps(results, indent=2))
+            log.info("protocol: %s", card_line(card))
             log.info("final: %s | best (epoch %s): mAP %.4f", fmt_metrics(metrics), best.get("epoch"), best["mAP"])
         run.close()
         return metrics

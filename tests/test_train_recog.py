@@ -51,6 +51,9 @@ def test_learns_identities(demo_set, tmp_path):
     assert epochs[-1]["ce"] < epochs[0]["ce"] and epochs[-1]["train_acc"] > epochs[0]["train_acc"]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["final"]["mAP"] == pytest.approx(end["mAP"])
+    card = results["protocol"]  # the conventions beside the numbers
+    assert (card["data"], card["test_feature"], card["flip"], card["rerank"]) == ("market1501", "after_neck", "off",
+                                                                                  "off")
     model = ckpt.load_reid_model(tmp_path / "model.pth").eval()
     assert model(torch.randn(2, 3, 32, 16)).shape == (2, 64)
     assert (tmp_path / "best.pth").is_file() and (tmp_path / "config.yaml").is_file()
