@@ -14,6 +14,8 @@ import pytest
 import yaml
 
 from dino_recog import config as C
+from dino_recog import report
+from dino_recog.protocol_card import CARD_KEYS, protocol_card
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "docs" / "recipes.md"
@@ -21,8 +23,7 @@ PRESETS_LINE = re.compile(r"^Presets: (.+) \(stage ([12])\)$")
 PRESET_ITEM = re.compile(r"`([^`]+)`(?: \(without ((?:`[^`]+`(?:, )?)+)\))?")  # a preset and the rows it skips
 SOURCE = re.compile(r"^[\w.-]+/[\w.-]+@[0-9a-f]{7,40}:\S+#L\d+(-L\d+)?(, #L\d+)*$")
 TABLE_HEADER = ["key", "ours", "theirs", "source"]
-PUBLISHED_HEADER = ["recipe", "data.test.name", "data.test.version", "data.train[0].use_val", "aug.size", "aug.mean",
-                    "aug.std", "model.test_feature", "eval.flip", "eval.rerank", "mAP", "rank1", "preset", "source"]
+PUBLISHED_EXTRA = ["size", "preset", "source"]  # columns of the published table beside the card
 PENDING = "pending "
 
 
@@ -74,10 +75,10 @@ def recipe_sections(text: str) -> list[tuple[str, int, list[dict]]]:
 
 
 def published_rows(text: str) -> list[dict]:
-    """The "Published rows" table as dicts keyed by its header (values as written)."""
+    """The published table (its header starts with `| recipe | data |`) as dicts keyed by its header, as written."""
     lines = text.splitlines()
-    header, cells = _table_after(lines, lines.index("## Published rows"))
-    assert header == PUBLISHED_HEADER, f"docs/recipes.md: published rows header {header}, expected {PUBLISHED_HEADER}"
+    start = next(i for i, line in enumerate(lines) if _cells(line)[:2] == ["recipe", "data"])
+    header, cells = _table_after(lines, start)
     return [dict(zip(header, c, strict=True)) for c in cells]
 
 
@@ -170,24 +171,23 @@ def test_pending_key_that_exists_fails():
     assert "train.lr now exists in the config" in error and preset in error
 
 
-def test_published_rows_match_their_presets():
+def test_published_rows_read_by_the_report_state_their_presets_conventions():
+    published = report.read_published(RECIPES)  # the reader `python -m dino_recog.report --published` uses
     rows = published_rows(RECIPES.read_text())
-    pending = {(p, r["key"]) for p, _, rs in PRESETS for r in rs if r["pending"]}
+    assert [p["recipe"] for p in published] == [r["recipe"] for r in rows]
     assert {r["recipe"] for r in rows} >= {"TransReID-SSL ViT-S/16", "PASS ViT-S/16", "SOLIDER Swin-B"}
     # Every stage-2 preset of the tables has its published row, and every row's preset has its table.
     assert {r["preset"] for r in rows} - {"-"} == {p for p, stage, _ in PRESETS if stage == 2}
-    for row in rows:
-        assert 0 < float(row["mAP"]) <= 100 and 0 < float(row["rank1"]) <= 100
+    for row, pub in zip(rows, published):
+        assert set(row) == {"recipe", "mAP", "rank1", *CARD_KEYS, *PUBLISHED_EXTRA}, f"{row['recipe']}: columns"
+        assert pub["protocol"] == {k: row[k] for k in CARD_KEYS}, f"{row['recipe']}: the report reads another card"
+        assert 0 < pub["mAP"] <= 1 and 0 < pub["rank1"] <= 1
         assert SOURCE.match(row["source"]), f"{row['recipe']}: source {row['source']!r}"
         if row["preset"] == "-":
             continue
         cfg = _load(ROOT / row["preset"], 2)
-        for key in PUBLISHED_HEADER[1:10]:
-            if row[key] == "-":
-                continue
-            actual = lookup(cfg, key)
-            if actual is _MISSING:
-                assert (row["preset"], key) in pending, f"{row['preset']}: no key {key} and no pending row for it"
-                continue
-            assert same(actual, yaml.safe_load(row[key])), (
-                f"{row['preset']}: {key} is {actual!r}, the published row says {row[key]}")
+        spec = {"mean": cfg.aug.mean, "std": cfg.aug.std, "test_feature": cfg.model.test_feature}
+        card = protocol_card(cfg, spec)  # what the preset's results.json will state
+        for key in CARD_KEYS:
+            assert card[key] == row[key], f"{row['preset']}: {key} is {card[key]} in its card, {row[key]} published"
+        assert same(cfg.aug.size, yaml.safe_load(row["size"])), f"{row['preset']}: aug.size {cfg.aug.size}"
