@@ -204,3 +204,15 @@ def dino_2proc(small_demo, tmp_path_factory) -> Path:
 
     return built_once(tmp_path_factory, "dino_2proc", build)
 
+
+@pytest.fixture(scope="session")
+def dino_2proc_accum(small_demo, tmp_path_factory) -> Path:
+    """dino_2proc with 2 accumulated batches a step (3 optimiser steps an epoch), uninterrupted: the DDP side of the
+    FSDP accumulation test and the accumulation test of tests/test_train_dino.py."""
+
+    def build(out: Path) -> None:
+        args = dino_args(small_demo / "lup" / "images", out, *DINO_2PROC, "train.accumulate_steps=2")
+        r = train_sh("cpu", 2, "train_dino.py", *args)
+        assert r.returncode == 0, r.stderr[-4000:]
+
+    return built_once(tmp_path_factory, "dino_2proc_accum", build)
