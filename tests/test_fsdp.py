@@ -25,11 +25,15 @@ def two_processes(small_demo: Path, out: Path, *extra: str) -> None:
     assert r.returncode == 0, r.stderr[-4000:]
 
 
+# Every checkpoint of dino_fsdp stays (dino_2proc keeps the last 2): the first-epoch resume test starts from its first.
+KEEP_ALL = ["run.keep_last=20"]
+
+
 @pytest.fixture(scope="module")
 def dino_fsdp(small_demo, tmp_path_factory) -> Path:
-    """conftest's dino_2proc run (2 CPU processes, 12 steps, a checkpoint every 4), sharded with FSDP."""
+    """conftest's dino_2proc run (2 CPU processes, 12 steps, a checkpoint every 4), sharded with FSDP (KEEP_ALL)."""
     out = tmp_path_factory.mktemp("dino_fsdp")
-    two_processes(small_demo, out, *FSDP)
+    two_processes(small_demo, out, *FSDP, *KEEP_ALL)
     return out
 
 
@@ -126,32 +130,29 @@ def test_fsdp_trains_dinov2_like_ddp(small_demo, tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp_resumes_from_the_first_epoch_while_the_last_layer_is_frozen(small_demo, tmp_path):
+def test_fsdp_resumes_from_the_first_epoch_while_the_last_layer_is_frozen(dino_fsdp, small_demo, tmp_path):
     """In DINO's first epoch (`dino.freeze_last_layer`: 1) the head's last layer has no gradient, so AdamW holds no
     state for it: the resume must leave it so (a strict load refused the checkpoint; a lenient one gave it a step
     count of 1 and zero moments, which a DDP resume would not)."""
-    keep = ["run.keep_last=20"]
-    two_processes(small_demo, tmp_path / "whole", *FSDP, *keep)
     (tmp_path / "resumed").mkdir()
-    shutil.copy(tmp_path / "whole" / "checkpoint_0000_000004.pth", tmp_path / "resumed")
-    two_processes(small_demo, tmp_path / "resumed", *FSDP, *keep)
-    a = ckpt.load_checkpoint(tmp_path / "whole" / "checkpoint_0002.pth")
+    shutil.copy(dino_fsdp / "checkpoint_0000_000004.pth", tmp_path / "resumed")
+    two_processes(small_demo, tmp_path / "resumed", *FSDP, *KEEP_ALL)
+    a = ckpt.load_checkpoint(dino_fsdp / "checkpoint_0002.pth")
     b = ckpt.load_checkpoint(tmp_path / "resumed" / "checkpoint_0002.pth")
     assert_same_training_state(a, b)
 
 
 @pytest.mark.slow
-def test_fsdp_with_accumulated_steps_trains_like_ddp(small_demo, tmp_path):
+def test_fsdp_with_accumulated_steps_trains_like_ddp(dino_2proc_accum, small_demo, tmp_path):
     """Gradient accumulation over sharded networks (each micro-batch's gradient reduce-scattered into the shards,
-    where DDP holds its all-reduce until the last one): the same losses and state as DDP's accumulation."""
-    accum = ["train.accumulate_steps=2"]
-    two_processes(small_demo, tmp_path / "ddp", *accum)
-    two_processes(small_demo, tmp_path / "fsdp", *accum, *FSDP)
-    ddp, fsdp = (read_jsonl(tmp_path / run / "log.jsonl", "train") for run in ("ddp", "fsdp"))
+    where DDP holds its all-reduce until the last one): the same losses and state as DDP's accumulation (conftest's
+    dino_2proc_accum)."""
+    two_processes(small_demo, tmp_path / "fsdp", "train.accumulate_steps=2", *FSDP)
+    ddp, fsdp = (read_jsonl(run / "log.jsonl", "train") for run in (dino_2proc_accum, tmp_path / "fsdp"))
     assert len(fsdp) == len(ddp) == 6  # 12 batches, 2 a step
     torch.testing.assert_close(torch.tensor([r["loss"] for r in fsdp]), torch.tensor([r["loss"] for r in ddp]),
                                rtol=0, atol=1e-5)  # fmt: skip
-    a, b = (ckpt.load_checkpoint(tmp_path / run / "checkpoint_0002.pth") for run in ("ddp", "fsdp"))
+    a, b = (ckpt.load_checkpoint(run / "checkpoint_0002.pth") for run in (dino_2proc_accum, tmp_path / "fsdp"))
     assert_same_training_state(a, b)
 
 
