@@ -1,6 +1,7 @@
 """crops.decode: gpu on the CPU: the workers' bytes and boxes, the device's decode and crops, against the CPU path."""
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -116,6 +117,12 @@ def test_the_worker_draws_the_cpu_paths_boxes_and_the_device_makes_its_crops(fil
             assert diff <= 2, (files[n], c, diff)
 
 
+def test_a_batch_without_a_jpeg_for_the_device_is_cropped_from_the_workers_pixels(files):
+    items = gpu_path(files[-2:], [3, 4])  # the PNG and the CMYK JPEG
+    crops = DeviceCrops()(collate_encoded(items)[0][0], torch.device("cpu"))
+    assert [tuple(c.shape) for c in crops] == [(2, 3, 32, 16)] * 2 + [(2, 3, 16, 8)] * 4
+
+
 def test_an_item_is_the_same_for_the_same_seed_so_a_resumed_run_repeats_it(files):
     first, again, other = gpu_path(files[:2], [5, 6]), gpu_path(files[:2], [5, 6]), gpu_path(files[:2], [7, 8])
     for a, b, c in zip(first, again, other):
@@ -215,3 +222,27 @@ def test_a_tiny_stage_1_trains_with_decode_gpu_through_dataloader_workers(small_
                              "train.epochs=1", "train.warmup_epochs=0"))  # fmt: skip
     (epoch,) = read_jsonl(out / "log.jsonl", "epoch")
     assert epoch["skipped_on_device"] == 0 and epoch["skipped_images"] == 0 and epoch["loss"] > 0
+
+
+@pytest.mark.slow
+def test_the_gpu_suite_runs_every_piece_in_its_cpu_smoke_mode(tmp_path):
+    """bench/gpu_suite.sh --smoke: the step and end-to-end benchmarks (every pipeline, the profiler traces; the
+    official DINO too where bench/.official-dino is there) run one tiny step each on the CPU, so a GPU session does
+    not spend its minutes on a broken script."""
+    import subprocess
+    import sys
+    import tarfile
+
+    from conftest import ROOT
+
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    res = subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh"), "--smoke"], env=env, capture_output=True,
+                         text=True, timeout=1800)  # fmt: skip
+    summary = (tmp_path / "summary.txt").read_text()
+    assert res.returncode == 0, summary + res.stdout[-2000:] + res.stderr[-2000:]
+    assert "## step_vit_small: exit 0" in summary and "## e2e_vit_small: exit 0" in summary
+    for row in ("decode=cpu, colour on the CPU", "decode=cpu + gpu_augment", "decode=gpu (workers"):
+        assert row in summary
+    with tarfile.open(tmp_path / "traces.tar") as tar:
+        names = tar.getnames()
+    assert any(n.endswith("_b4.json.gz") for n in names) and any(n.startswith("traces/augment_") for n in names)

@@ -229,10 +229,12 @@ class DeviceCrops:
         items = batch.items
         images: list[torch.Tensor | None] = [None] * len(items)
         jpegs = [k for k, item in enumerate(items) if item.data.dim() == 1]
+        decoded = []
         with warnings.catch_warnings():  # torchvision 0.29 announces TorchCodec; decode_jpeg works as documented
             warnings.simplefilter("ignore", (UserWarning, DeprecationWarning, FutureWarning))
             try:
-                decoded = decode_jpeg([items[k].data for k in jpegs], mode=ImageReadMode.RGB, device=device)
+                if jpegs:
+                    decoded = decode_jpeg([items[k].data for k in jpegs], mode=ImageReadMode.RGB, device=device)
             except RuntimeError:  # one bad file fails the whole call: decode them one by one
                 decoded = [self._one(items[k], device, decode_jpeg, ImageReadMode.RGB) for k in jpegs]
         for k, img in zip(jpegs, decoded):
