@@ -289,7 +289,8 @@ def gpu_benchmark(args) -> None:
 
             epoch(0)
             if args.profile and path == "gpu_decode":
-                rate = _profiled(epoch, device, Path(args.profile) / f"augment_{model.replace('/', '')}_w{workers}")
+                tag = model.replace("/", "").replace(" ", "_")
+                rate = _profiled(epoch, device, Path(args.profile) / f"augment_{tag}_w{workers}")
             else:
                 rate = epoch(1)
             report(path, workers, "training", rate)

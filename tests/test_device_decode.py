@@ -237,7 +237,7 @@ def test_the_gpu_suite_runs_every_piece_in_its_cpu_smoke_mode(tmp_path):
 
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
     res = subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh"), "--smoke"], env=env, capture_output=True,
-                         text=True, timeout=1800)  # fmt: skip
+                         text=True, timeout=3600)  # fmt: skip
     summary = (tmp_path / "summary.txt").read_text()
     assert res.returncode == 0, summary + res.stdout[-2000:] + res.stderr[-2000:]
     assert "## step_vit_small: exit 0" in summary and "## e2e_vit_small: exit 0" in summary
