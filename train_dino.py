@@ -25,6 +25,7 @@ from dino_recog import parallel
 from dino_recog.cli import apply_speed_options, load_config, start_run
 from dino_recog.data import datasets as ds
 from dino_recog.data.build import query_gallery, unlabeled_items
+from dino_recog.data.device_decode import EncodedMultiCrop, collate_encoded
 from dino_recog.data.samplers import SeededBatches
 from dino_recog.data.transforms import MultiCropTransform
 from dino_recog.evaluation import evaluate_query_gallery
@@ -42,7 +43,8 @@ log = logging.getLogger("dino_recog.train_dino")
 
 def build_data(cfg: C.DinoConfig) -> tuple[DataLoader, SeededBatches]:
     crops = cfg.crops
-    transform = MultiCropTransform(
+    on_device = crops.decode == "gpu"  # workers send JPEG bytes and crop boxes; the task makes the pixels
+    transform = (EncodedMultiCrop if on_device else MultiCropTransform)(
         crops.global_crops_size, crops.global_crops_scale, crops.local_crops_number, crops.local_crops_size,
         crops.local_crops_scale, crops.part_aware_local_crops, crops.mean, crops.std, crops.gpu_augment,
     )  # fmt: skip
@@ -63,7 +65,8 @@ def build_data(cfg: C.DinoConfig) -> tuple[DataLoader, SeededBatches]:
                             dist.get_rank())  # fmt: skip
     loader = DataLoader(
         dataset, batch_sampler=batches, num_workers=dist.loader_workers(cfg.data.num_workers),
-        pin_memory=torch.cuda.is_available(), collate_fn=ds.collate_skip_none, generator=torch.Generator(),
+        pin_memory=torch.cuda.is_available(), collate_fn=collate_encoded if on_device else ds.collate_skip_none,
+        generator=torch.Generator(),
     )  # fmt: skip
     return loader, batches
 

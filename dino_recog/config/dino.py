@@ -126,6 +126,9 @@ class MultiCropConfig:
     mean: tuple[float, float, float] = norm_mean()  # normalisation mean (ImageNet)
     std: tuple[float, float, float] = norm_std()  # normalisation std (ImageNet)
     gpu_augment: bool = False  # workers return uint8 crops; jitter, grayscale, blur, solarise run batched on the device
+    # cpu: workers decode and crop | gpu: workers send JPEG bytes + crop boxes; decode (nvJPEG), crop, resize and the
+    # gpu_augment colour ops run on the device
+    decode: str = choice("cpu", "gpu")
 
     def validate(self, path: str) -> None:
         gh, gw = self.global_crops_size
