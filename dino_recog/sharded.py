@@ -22,6 +22,7 @@ import contextlib
 import os
 import pickle
 import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -74,6 +75,14 @@ def _optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> tup
     return tensors, {"state": rest, "param_groups": osd["param_groups"]}
 
 
+@contextlib.contextmanager
+def _single_process_is_meant():
+    """DCP warns on every call without a process group; a run on one process has none, by design."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        yield
+
+
 def save_sharded(path: str | os.PathLike, parts: Mapping[str, nn.Module],
                  optimizers: Mapping[str, tuple[nn.Module, torch.optim.Optimizer]], state: dict) -> Path:  # fmt: skip
     """Write a sharded checkpoint `path` (a `.dcp` directory); every rank calls it (a collective).
@@ -99,7 +108,8 @@ def save_sharded(path: str | os.PathLike, parts: Mapping[str, nn.Module],
         if dist.is_main_process():
             tmp.mkdir(parents=True)
         dist.barrier()
-        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
+        with _single_process_is_meant():
+            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
         if dist.is_main_process():
             listing = {"parts": list(parts), "optimizers": list(optimizers)}
             save_checkpoint({**state, "sharded": listing, "optimizer_meta": meta}, tmp / STATE_FILE)
@@ -241,8 +251,9 @@ def load_sharded(path: str | os.PathLike, state: dict, parts: Mapping[str, nn.Mo
     _check_model(meta, model, path)
     optim = {name: _optimizer_state(module, opt)[0] for name, (module, opt) in optimizers.items()}
     # partial: a parameter without a gradient yet had no optimiser state when it was saved (DINO's frozen last layer)
-    dcp.load({"model": model, "optim": optim}, storage_reader=_reader(path),
-             planner=dcp.DefaultLoadPlanner(allow_partial_load=True))  # fmt: skip
+    with _single_process_is_meant():
+        dcp.load({"model": model, "optim": optim}, storage_reader=_reader(path),
+                 planner=dcp.DefaultLoadPlanner(allow_partial_load=True))  # fmt: skip
     for name, module in parts.items():
         for key, m in module.items() if isinstance(module, nn.ModuleDict) else [(None, module)]:
             set_model_state_dict(m, model[name][key] if key is not None else model[name])
