@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DINO_2PROC, dino_args, dino_cfg, train_sh
+from conftest import DINO_2PROC, dino_cfg
+from test_fsdp import two_processes  # conftest's 2-process stage 1 through train.sh
 
 from dino_recog.data.samplers import ResumableDistributedSampler, SeededBatches
 from dino_recog.runlog import read_jsonl
@@ -37,16 +38,11 @@ def test_the_rest_of_an_epoch_on_another_number_of_processes_is_the_samples_not_
     assert _epoch(2, 0) == _epoch(2, 0, consumed=0)  # a whole epoch is DistributedSampler's
 
 
-def _two_processes(small_demo: Path, out: Path, *extra: str) -> None:
-    r = train_sh("cpu", 2, "train_dino.py", *dino_args(small_demo / "lup" / "images", out, *DINO_2PROC, *extra))
-    assert r.returncode == 0, r.stderr[-4000:]
-
-
 @pytest.fixture(scope="module")
 def dino_sharded(small_demo, tmp_path_factory) -> Path:
     """conftest's dino_2proc run (2 CPU processes, 12 steps, a checkpoint every 4), FSDP with sharded checkpoints."""
     out = tmp_path_factory.mktemp("dino_sharded")
-    _two_processes(small_demo, out, *SHARDED)
+    two_processes(small_demo, out, *SHARDED)
     return out
 
 
@@ -70,7 +66,7 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_sharded_checkpoints_are_directories_and_resume_bit_identically_on_two_processes(dino_sharded, small_demo,
+def test_sharded_checkpoints_are_directories_and_resume_bit_identically_ontwo_processes(dino_sharded, small_demo,
                                                                                           tmp_path):  # fmt: skip
     assert sorted(p.name for p in dino_sharded.glob("checkpoint_*")) == [f"{MID}.dcp", "checkpoint_0002.dcp"]
     assert not list(dino_sharded.glob(".checkpoint_*"))  # no temporary directory left
@@ -78,7 +74,7 @@ def test_sharded_checkpoints_are_directories_and_resume_bit_identically_on_two_p
     out = tmp_path / "run"
     out.mkdir()
     shutil.copytree(dino_sharded / f"{MID}.dcp", out / f"{MID}.dcp")
-    _two_processes(small_demo, out, *SHARDED)
+    two_processes(small_demo, out, *SHARDED)
     assert "resumed from" in (out / "log.txt").read_text()
     a, b = _tensors(dino_sharded / "checkpoint_0002.dcp"), _tensors(out / "checkpoint_0002.dcp")
     assert a.keys() == b.keys() and any(k.startswith("optim.optimizer.") for k in a)
