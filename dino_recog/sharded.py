@@ -104,18 +104,21 @@ def save_sharded(path: str | os.PathLike, parts: Mapping[str, nn.Module],
     for name, (module, opt) in optimizers.items():
         tensors["optim"][name], meta[name] = _optimizer_state(module, opt)
     error = None
-    try:
-        if dist.is_main_process():
+    if dist.is_main_process():
+        try:
             tmp.mkdir(parents=True)
-        dist.barrier()
-        with _single_process_is_meant():
-            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
-        if dist.is_main_process():
-            listing = {"parts": list(parts), "optimizers": list(optimizers)}
-            save_checkpoint({**state, "sharded": listing, "optimizer_meta": meta}, tmp / STATE_FILE)
-            _fsync_dir(tmp)
-    except Exception as e:  # raised below on every rank
-        error = f"rank {dist.get_rank()}: {type(e).__name__}: {e}"
+        except OSError as e:
+            error = f"rank 0: {e}"
+    if dist.broadcast_object(error) is None:  # every rank takes the same collectives
+        try:
+            with _single_process_is_meant():
+                dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
+            if dist.is_main_process():
+                listing = {"parts": list(parts), "optimizers": list(optimizers)}
+                save_checkpoint({**state, "sharded": listing, "optimizer_meta": meta}, tmp / STATE_FILE)
+                _fsync_dir(tmp)
+        except Exception as e:  # raised below on every rank
+            error = f"rank {dist.get_rank()}: {type(e).__name__}: {e}"
     errors = [e for e in dist.all_gather_object(error) if e]
     if dist.is_main_process():
         if errors:

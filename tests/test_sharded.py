@@ -117,7 +117,10 @@ def test_a_half_written_sharded_checkpoint_is_never_resumed_and_is_pruned(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_0002_000003.dcp"]
 
 
-def test_a_failed_sharded_save_leaves_nothing_and_keeps_the_previous_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failing", ["dcp.save", "mkdir"])
+def test_a_failed_sharded_save_leaves_nothing_and_keeps_the_previous_one(failing, tmp_path, monkeypatch):
+    import pathlib
+
     import torch.distributed.checkpoint as dcp
 
     net, opt = _trained()
@@ -127,8 +130,8 @@ def test_a_failed_sharded_save_leaves_nothing_and_keeps_the_previous_one(tmp_pat
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(dcp, "save", full_disk)
-    with pytest.raises(OSError, match=r"could not write checkpoint .*0001\.dcp: rank 0: OSError: .*No space"):
+    monkeypatch.setattr(*((dcp, "save") if failing == "dcp.save" else (pathlib.Path, "mkdir")), full_disk)
+    with pytest.raises(OSError, match=r"could not write checkpoint .*0001\.dcp: rank 0: .*No space left on device"):
         _save(path, net, opt, epoch=2)
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_0001.dcp"]
     assert (path / "state.pth").read_bytes() == before
