@@ -84,13 +84,13 @@ def main(cfg: C.RecogConfig, export_onnx: bool = False) -> dict[str, float]:
                                                      t.momentum, cfg.run.fused_optimizer)  # fmt: skip
         optimizers.update(zip(["center_optimizer"], task.extra_optimizers()))  # the centres' own SGD (BoT)
         best = {"mAP": -1.0}
-        run = TrainingRun(cfg, task, optimizers, steps, sharded=sharded,
+        d = cfg.data
+        batch = d.num_identities * d.num_instances * dist.get_world_size() * t.accumulate_steps
+        run = TrainingRun(cfg, task, optimizers, steps, sharded=sharded, global_batch=batch,
                           extra=lambda: {"kind": "reid_model", "spec": dict(net.spec), "best": best})  # fmt: skip
         schedule = reid_schedule(cfg, steps)
-        d = cfg.data
         log.info("effective batch %d (P x K %d x %d per process x %d processes x %d accumulation steps); train.lr %g "
-                 "as given (stage 2 does not scale it with the batch)", d.num_identities * d.num_instances
-                 * dist.get_world_size() * t.accumulate_steps, d.num_identities, d.num_instances,
+                 "as given (stage 2 does not scale it with the batch)", batch, d.num_identities, d.num_instances,
                  dist.get_world_size(), t.accumulate_steps, t.lr)  # fmt: skip
 
         def evaluate(epoch: int | None) -> dict[str, float]:

@@ -17,7 +17,9 @@ from dino_recog import checkpoint as ckpt
 from dino_recog import config as C
 from dino_recog.runlog import read_jsonl
 
-FSDP = ["run.parallel=fsdp"]
+# the single-file format (gathered to rank 0), compared with DDP's file by file; the sharded one (default under FSDP):
+# tests/test_sharded.py, tests/test_resume_world_size.py
+FSDP = ["run.parallel=fsdp", "run.checkpoint_format=full"]
 
 
 def two_processes(small_demo: Path, out: Path, *extra: str) -> None:

@@ -160,6 +160,9 @@ class RunConfig:
     # several processes: ddp (each holds the whole model) or fsdp (student and teacher sharded per ViT block, FSDP2)
     parallel: str = choice("ddp", "fsdp")
     fsdp_cpu_offload: bool = False  # fsdp: sharded weights, gradients and optimiser state live in CPU memory
+    # training checkpoints: full (one file, gathered to rank 0), sharded (a directory every rank writes its shards to,
+    # torch.distributed.checkpoint), auto (sharded under fsdp with several processes, else full); both resume anywhere
+    checkpoint_format: str = choice("auto", "full", "sharded")
 
 
 def check_heads(path: str, model: Any) -> None:
