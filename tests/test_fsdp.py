@@ -101,8 +101,13 @@ def test_fsdp_config_refuses_what_it_cannot_do(small_demo, tmp_path):
         dino_cfg(images, tmp_path, "run.parallel=zero")
     from conftest import recog_cfg
 
-    with pytest.raises(C.ConfigError, match=r"run.parallel: fsdp is implemented for stage 1 \(train_dino.py\) only"):
-        recog_cfg(small_demo, tmp_path, *FSDP)
+    market = small_demo / "market"
+    assert recog_cfg(market, tmp_path, *FSDP, "loss.partial_fc=true").run.parallel == "fsdp"
+    with pytest.raises(C.ConfigError, match=r"loss.center_weight: 0.0005 with run.parallel fsdp: .* set "
+                       r"loss.center_weight=0 or run.parallel=ddp"):  # fmt: skip
+        recog_cfg(market, tmp_path, *FSDP, "loss.center_weight=5e-4")
+    with pytest.raises(C.ConfigError, match=r"loss.dino_aux_weight: 0.1 with run.parallel fsdp: .* EMA"):
+        recog_cfg(market, tmp_path, *FSDP, "loss.dino_aux_weight=0.1")
 
 
 @pytest.mark.slow
