@@ -146,18 +146,28 @@ def wrap_fsdp(task: torch.nn.Module, device: torch.device, amp: str = "fp32",
         fully_shard(net, **options)
         if net is not task.trainable:  # a teacher: nothing to keep gathered for
             net.set_reshard_after_forward(True, recurse=False)
-    task.trainable.register_forward_pre_hook(_broadcast_buffers)
-    task.__dict__["_fsdp_roots"] = nets  # what no_sync and reshard act on
+    buffers = _BufferBroadcast()
+    task.trainable.register_forward_pre_hook(buffers)
+    task.__dict__.update(_fsdp_roots=nets, _fsdp_buffers=buffers)  # what no_sync and reshard act on
     return task
 
 
-def _broadcast_buffers(module: torch.nn.Module, args) -> None:
-    """Before a training forward of the sharded network: rank 0's buffers everywhere, as DDP's `broadcast_buffers`
-    does, so BatchNorm's running statistics follow rank 0's batches on every rank as they would under DDP."""
-    if module.training:
-        with torch.no_grad():
-            for b in module.buffers():
-                tdist.broadcast(b, 0)
+class _BufferBroadcast:
+    """A forward pre-hook of the sharded network: rank 0's buffers everywhere before a training forward, when DDP's
+    `broadcast_buffers` would: unless the previous training forward ran under `no_sync` (DDP syncs buffers after a
+    forward that syncs gradients only), so BatchNorm's running statistics evolve on every rank as under DDP."""
+
+    def __init__(self) -> None:
+        self.next, self.grad_sync = True, True  # broadcast at the next forward; gradients reduced (not no_sync)
+
+    def __call__(self, module: torch.nn.Module, args) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        if self.next:
+            with torch.no_grad():
+                for b in module.buffers():
+                    tdist.broadcast(b, 0)
+        self.next = self.grad_sync
 
 
 def ddp_module(task: torch.nn.Module) -> torch.nn.Module:
@@ -175,18 +185,20 @@ def no_sync(task: torch.nn.Module) -> contextlib.AbstractContextManager:
     if ddp is not None:
         return ddp.no_sync()
     roots = task.__dict__.get("_fsdp_roots")
-    return _fsdp_no_sync(roots) if roots else contextlib.nullcontext()
+    return _fsdp_no_sync(roots, task.__dict__["_fsdp_buffers"]) if roots else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
-def _fsdp_no_sync(roots: list):
+def _fsdp_no_sync(roots: list, buffers: _BufferBroadcast):
     for net in roots:
         net.set_requires_gradient_sync(False)
+    buffers.grad_sync = False
     try:
         yield
     finally:
         for net in roots:
             net.set_requires_gradient_sync(True)
+        buffers.grad_sync = True
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
