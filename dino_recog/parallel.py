@@ -247,7 +247,8 @@ def full_copy(module: torch.nn.Module, build: Callable[[], torch.nn.Module]) -> 
     different number of batches per rank, which a sharded forward (an all-gather per unit) cannot."""
     if not is_sharded(module):
         return module
-    copy = build().to(next(module.parameters()).device)
+    with torch.random.fork_rng(devices=[]):  # its initial weights, overwritten below, leave the run's stream alone
+        copy = build().to(next(module.parameters()).device)
     copy.load_state_dict(full_state_dict(module, every_rank=True))
     return copy.train(module.training)
 
