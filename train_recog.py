@@ -30,6 +30,7 @@ from dino_recog.data.samplers import PKSampler, RandomPKSampler, SeededBatches
 from dino_recog.data.transforms import reid_train_transform
 from dino_recog.evaluation import evaluate_query_gallery
 from dino_recog.export import export_onnx as onnx_export
+from dino_recog.models import build_reid_model
 from dino_recog.models.backbones import is_vit
 from dino_recog.optim import build_optimizer
 from dino_recog.protocol_card import card_line, protocol_card
@@ -72,8 +73,14 @@ def main(cfg: C.RecogConfig, export_onnx: bool = False) -> dict[str, float]:
         steps = optimizer_steps(len(loader), t.accumulate_steps)
         task = build_reid_task(cfg, num_classes, steps).to(device)
         apply_speed_options(cfg.run, task.model.backbone)
-        parallel.wrap_ddp(task, device)  # DDP around the model and the loss terms' weights; the teachers stay outside
+        # DDP around the model and the loss terms' weights, or FSDP sharding them; the teachers stay outside
+        parallel.wrap(task, device, cfg.run.parallel, cfg.run.amp, cfg.run.fsdp_cpu_offload)
         net = task.model
+        spec = dict(net.spec)
+
+        def full_model() -> torch.nn.Module:
+            """The model, or under FSDP a plain copy of it on every rank (a collective) to evaluate and export."""
+            return parallel.full_copy(net, lambda: build_reid_model(spec))
         groups = task.param_groups(t.bias_lr_factor, t.head_lr_factor, t.layer_decay if is_vit(cfg.model.arch) else 1)
         optimizers = {"optimizer": build_optimizer(t.optimizer, groups, t.lr, t.weight_decay, t.momentum,
                                                    cfg.run.fused_optimizer)}  # fmt: skip
@@ -87,14 +94,14 @@ def main(cfg: C.RecogConfig, export_onnx: bool = False) -> dict[str, float]:
         d = cfg.data
         batch = d.num_identities * d.num_instances * dist.get_world_size() * t.accumulate_steps
         run = TrainingRun(cfg, task, optimizers, steps, sharded=sharded, global_batch=batch,
-                          extra=lambda: {"kind": "reid_model", "spec": dict(net.spec), "best": best})  # fmt: skip
+                          extra=lambda: {"kind": "reid_model", "spec": spec, "best": best})  # fmt: skip
         schedule = reid_schedule(cfg, steps)
         log.info("effective batch %d (P x K %d x %d per process x %d processes x %d accumulation steps); train.lr %g "
                  "as given (stage 2 does not scale it with the batch)", batch, d.num_identities, d.num_instances,
                  dist.get_world_size(), t.accumulate_steps, t.lr)  # fmt: skip
 
-        def evaluate(epoch: int | None) -> dict[str, float]:
-            metrics = evaluate_query_gallery(net, *eval_sets, device, cfg.eval.metric, cfg.eval.flip,
+        def evaluate(epoch: int | None, model: torch.nn.Module) -> dict[str, float]:
+            metrics = evaluate_query_gallery(model, *eval_sets, device, cfg.eval.metric, cfg.eval.flip,
                                              cfg.data.test_batch_size, cfg.data.num_workers,
                                              **eval_options(cfg.eval))  # fmt: skip
             if epoch is not None:
@@ -104,25 +111,28 @@ def main(cfg: C.RecogConfig, export_onnx: bool = False) -> dict[str, float]:
 
         state = run.resume()
         best = dict(state["best"]) if state is not None else best
-        metrics = evaluate(0) if run.start_epoch == 0 and run.start_step == 0 else None
+        metrics = evaluate(0, full_model()) if run.start_epoch == 0 and run.start_step == 0 else None
         for epoch in range(run.start_epoch, t.epochs):
             first = run.begin_epoch(epoch, batches, loader)
             run.train_epoch(epoch, first, loader, schedule)
             done = epoch + 1
             if (cfg.eval.eval_every and done % cfg.eval.eval_every == 0) or done == t.epochs:
-                metrics = evaluate(done)
+                model = full_model()
+                metrics = evaluate(done, model)
                 if metrics["mAP"] > best["mAP"]:
                     best = {"epoch": done, **metrics}
-                    dist.run_on_main(lambda: ckpt.save_reid_model(net, out / "best.pth"))
+                    dist.run_on_main(lambda m=model: ckpt.save_reid_model(m, out / "best.pth"))
+                del model
             run.save(done)
             dist.barrier()
+        model = full_model()
         if run.start_epoch >= t.epochs:  # resumed a finished run: report it again
-            metrics = evaluate(None)
+            metrics = evaluate(None, model)
         if dist.is_main_process():
-            ckpt.save_reid_model(net, out / "model.pth")
+            ckpt.save_reid_model(model, out / "model.pth")
             if export_onnx:
-                onnx_export(net.cpu(), out / "model.onnx", tuple(cfg.aug.size))
-            card = protocol_card(cfg, net.spec)  # the conventions that change published numbers
+                onnx_export(model.cpu(), out / "model.onnx", tuple(cfg.aug.size))
+            card = protocol_card(cfg, spec)  # the conventions that change published numbers
             results = {"final": metrics, "best": best, "data": {"train": [s.name for s in cfg.data.train],
                                                                 "test": cfg.data.test.name},
                        "protocol": card}  # fmt: skip

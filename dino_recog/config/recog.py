@@ -267,8 +267,13 @@ class RecogConfig:
 
     def validate(self, path: str = "") -> None:
         if self.run.parallel == "fsdp":
-            raise ConfigError("run.parallel: fsdp is implemented for stage 1 (train_dino.py) only so far; stage 2 "
-                              "trains with run.parallel=ddp")
+            # both rescale or copy the weights FSDP shards through the original parameters, which it replaces
+            for key, why in (("center_weight", "the centres' own SGD (loss.center_lr) rescales their gradient with a "
+                              "hook on the parameter"), ("dino_aux_weight", "the auxiliary DINO teacher follows the "
+                              "backbone's parameters by EMA")):  # fmt: skip
+                if getattr(self.loss, key) > 0:
+                    raise ConfigError(f"loss.{key}: {getattr(self.loss, key)} with run.parallel fsdp: {why}, which "
+                                      f"FSDP replaces by shards; set loss.{key}=0 or run.parallel=ddp")  # fmt: skip
         if self.model.arch in VIT_ARCHS:
             check_patches("aug.size", self.aug.size, self.model.patch_size)
         if self.loss.triplet_weight > 0 or self.loss.center_weight > 0:

@@ -2,9 +2,9 @@
 
 `ReIDTask` owns what stage 2 trains: the recognition model (backbone + BN-neck head) and the weighted loss terms with
 their own weights (CosFace / ArcFace classes, centre-loss centres, the auxiliary DINO head) in one module that DDP
-wraps (`ReIDNet`), so DDP averages every gradient; the frozen distillation teacher and the EMA teacher of the
-auxiliary DINO term stay outside it, and so do the classifiers that `loss.partial_fc` shards over the processes
-(`sharded` terms: each rank trains its own part, with an optimiser of its own; `shards()`).
+wraps or FSDP shards (`ReIDNet`), so every gradient is averaged; the frozen distillation teacher and the EMA teacher
+of the auxiliary DINO term stay outside it, and so do the classifiers that `loss.partial_fc` shards over the
+processes (`sharded` terms: each rank trains its own part, with an optimiser of its own; `shards()`).
 `engine.train_one_epoch` runs it like any other task.
 """
 
@@ -98,6 +98,9 @@ class ReIDNet(nn.Module):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None):
         out = self.model(images)  # {"feat", "neck", "logits"}
+        # copies of views (the backbone's feature is its CLS token or pooled map): FSDP2 hooks its backward on what a
+        # sharded network returns, and an in-place op on a returned view would drop that hook (torch warns)
+        out = {k: v.clone() if v is not None and v._is_view() else v for k, v in out.items()}
         inputs = {**out, "labels": labels, "images": images, "teacher_logits": teacher_logits}
         return inputs, {t.name: t(inputs) for t in self.terms}
 
@@ -152,6 +155,12 @@ class ReIDTask(nn.Module):
     @property
     def trainable(self) -> nn.Module:
         return self.net  # what DDP wraps (`parallel.wrap_ddp`)
+
+    def fsdp_roots(self) -> tuple[nn.Module]:
+        """What `parallel.wrap_fsdp` shards: the model with the loss terms' weights (per ViT block or ResNet stage,
+        then the rest: stem, BN neck, classifier, CosFace / ArcFace classes). The Partial FC shards stay rank-local
+        outside it (no gradient reduction, as under DDP) and the distillation teacher stays whole on every rank."""
+        return (self.net,)
 
     @property
     def terms(self) -> dict[str, LossTerm]:
