@@ -49,6 +49,12 @@ def synthetic(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return f / np.linalg.norm(f, axis=1, keepdims=True), ids
 
 
+def available_gb() -> float:
+    """MemAvailable of the machine (Linux /proc/meminfo), in GB."""
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 2**20
+
+
 def worker(name: str, folder: Path) -> None:
     """Run one implementation on the saved features; print its times, peak RSS growth and checks as JSON."""
     import scipy.sparse as sp
@@ -121,6 +127,10 @@ def main() -> None:
             np.save(folder / "ids.npy", ids)
             del feats
             names = ["ours"] + ([] if args.no_reference or n > args.reference_max else ["reference"])
+            need_gb, free_gb = 3 * 4 * n * n / 2**30, available_gb()
+            if "reference" in names and need_gb > free_gb:  # its V, V_qe, jaccard_dist: an OOM kill hits others too
+                print(f"| {n:,} | reference | not run: needs about {need_gb:.0f} GB, {free_gb:.0f} GB available |")
+                names.remove("reference")
             runs = {}
             for name in names:
                 cmd = [sys.executable, __file__, "--worker", name, "--dir", str(folder)]
