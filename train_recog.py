@@ -107,14 +107,7 @@ def main(cfg: C.RecogConfig, export_onnx: bool = False) -> dict[str, float]:
         for epoch in range(run.start_epoch, t.epochs):
             first = run.begin_epoch(epoch, batches, loader)
             run.train_epoch(epoch, first, loader, schedule)
-            done = epoch + 1
-            if (cfg.eval.eval_every and done % cfg.eval.eval_every == 0) or done == t.epochs:
-                metrics = evaluate(done)
-                if metrics["mAP"] > best["mAP"]:
-                    best = {"epoch": done, **metrics}
-                    dist.run_on_main(lambda: ckpt.save_reid_model(net, out / "best.pth"))
-            run.save(done)
-            dist.barrier()
+            metrics, best = run.end_epoch(epoch + 1, evaluate, best, net, metrics)
         if run.start_epoch >= t.epochs:  # resumed a finished run: report it again
             metrics = evaluate(None)
         if dist.is_main_process():

@@ -124,19 +124,14 @@ def main(cfg: C.UslConfig) -> dict[str, float]:
                     raise ckpt.CheckpointError(f"{run.last_saved}: a checkpoint inside epoch {epoch} without that "
                                                "epoch's pseudo-labels; resume from an end-of-epoch one")  # fmt: skip
             labels, quality = pseudo_label(net, epoch, target, source, extract_set, cfg, device, saved)
-            task.start_epoch(labels.centroids)  # after a resume inside the epoch: the memory as it was saved
+            task.start_epoch(labels.centroids)
+            if saved is not None:  # the memory as it was at that step, bit for bit
+                task.memory.restore(saved["memory"])
             run.log.write("cluster", epoch * steps, epoch=epoch, **quality)
             loader, batches = epoch_loader(cfg, labels)
             first = run.begin_epoch(epoch, batches, loader)
             run.train_epoch(epoch, first, loader, schedule)
-            done = epoch + 1
-            if (cfg.eval.eval_every and done % cfg.eval.eval_every == 0) or done == t.epochs:
-                metrics = evaluate(done)
-                if metrics["mAP"] > best["mAP"]:
-                    best = {"epoch": done, **metrics}
-                    dist.run_on_main(lambda: ckpt.save_reid_model(net, out / "best.pth"))
-            run.save(done)
-            dist.barrier()
+            metrics, best = run.end_epoch(epoch + 1, evaluate, best, net, metrics)
         if run.start_epoch >= t.epochs:  # resumed a finished run: report it again
             metrics = evaluate(None)
         if dist.is_main_process():

@@ -238,6 +238,26 @@ class TrainingRun:
         self.fingerprints = dist.check_replicated(self.task.parts(), f"epoch {done}")
         return stats
 
+    def end_epoch(self, done: int, evaluate: Callable[[int], dict], best: dict, model: nn.Module,
+                  metrics: dict | None) -> tuple[dict | None, dict]:  # fmt: skip
+        """After epoch `done` (1-based) of a re-identification stage: `evaluate(done)` every `eval.eval_every` epochs
+        and after the last, `best.pth` when its mAP beats `best`'s (updated in place), then the checkpoint. Every
+        rank calls it.
+
+        Returns:
+            The latest metrics (`metrics` when not evaluated) and `best`.
+        """
+        e = self.cfg.eval
+        if (e.eval_every and done % e.eval_every == 0) or done == self.cfg.train.epochs:
+            metrics = evaluate(done)
+            if metrics["mAP"] > best["mAP"]:  # in place: the checkpoint's `extra` reads the script's dict
+                best.clear()
+                best.update(epoch=done, **metrics)
+                dist.run_on_main(lambda: ckpt.save_reid_model(model, self.out / "best.pth"))
+        self.save(done)
+        dist.barrier()
+        return metrics, best
+
     def close(self) -> None:
         self.log.close()
 

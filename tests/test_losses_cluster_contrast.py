@@ -110,3 +110,15 @@ def test_hard_and_instance_updates_differ():
         out.append(m.features.clone())
     torch.testing.assert_close(out[1], F.normalize(torch.tensor([[0.2, 0.8]]), dim=1))  # (0, 1) is the hardest
     assert not torch.allclose(out[0], out[1])
+
+
+def test_restore_keeps_the_rows_bit_for_bit():
+    """A checkpoint's memory comes back as it was; `reset` normalises, which can change the last bits of rows that
+    were normalised already (a resumed run would then drift from the uninterrupted one)."""
+    torch.manual_seed(3)
+    rows = F.normalize(torch.randn(50, 7), dim=1)
+    m = ClusterMemory(7)
+    m.restore(rows)
+    assert torch.equal(m.features, rows)
+    m.reset(rows)
+    assert not torch.equal(m.features, rows)  # the case restore exists for

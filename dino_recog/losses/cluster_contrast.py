@@ -77,6 +77,11 @@ class ClusterMemory(nn.Module):
         self.features = F.normalize(centroids.detach().to(self.features), dim=1)  # the buffer's dtype and device
         self.pending = []
 
+    def restore(self, memory: torch.Tensor) -> None:
+        """Take these rows as they are (a checkpoint's): normalising them again would change their last bits."""
+        self.features = memory.detach().to(self.features)
+        self.pending = []
+
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if not self.num_clusters:
             raise RuntimeError("ClusterMemory.forward before reset(): the memory has no clusters")
