@@ -10,6 +10,7 @@ epoch runs `engine.train_one_epoch`, checkpoints, and evaluates on query/gallery
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -22,13 +23,12 @@ from dino_recog import checkpoint as ckpt
 from dino_recog import config as C
 from dino_recog import distributed as dist
 from dino_recog import parallel
-from dino_recog.cli import apply_speed_options, eval_options, load_config, start_run
+from dino_recog.cli import apply_speed_options, load_config, start_run
 from dino_recog.data import datasets as ds
 from dino_recog.data.build import query_gallery, train_records
 from dino_recog.data.labeled_lmdb import LabeledLMDB
 from dino_recog.data.samplers import PKSampler, RandomPKSampler, SeededBatches
 from dino_recog.data.transforms import reid_train_transform
-from dino_recog.evaluation import evaluate_query_gallery
 from dino_recog.export import export_onnx as onnx_export
 from dino_recog.models.backbones import is_vit
 from dino_recog.optim import build_optimizer
@@ -92,14 +92,7 @@ def main(cfg: C.RecogConfig, export_onnx: bool = False) -> dict[str, float]:
                  * dist.get_world_size() * t.accumulate_steps, d.num_identities, d.num_instances,
                  dist.get_world_size(), t.accumulate_steps, t.lr)  # fmt: skip
 
-        def evaluate(epoch: int | None) -> dict[str, float]:
-            metrics = evaluate_query_gallery(net, *eval_sets, device, cfg.eval.metric, cfg.eval.flip,
-                                             cfg.data.test_batch_size, cfg.data.num_workers,
-                                             **eval_options(cfg.eval))  # fmt: skip
-            if epoch is not None:
-                log.info("epoch %d%s: %s", epoch, " (before training)" if epoch == 0 else "", fmt_metrics(metrics))
-                run.log.write("eval", epoch * steps, epoch=epoch, **metrics)
-            return metrics
+        evaluate = functools.partial(run.evaluate_reid, net, eval_sets, device)
 
         state = run.resume()
         best = dict(state["best"]) if state is not None else best
