@@ -1,12 +1,16 @@
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 from sklearn.cluster import DBSCAN
 
 from dino_recog import pseudo_labels
 from dino_recog.pseudo_labels import cluster, cluster_graph, cluster_quality, jaccard_distance
+
+PUBLISHED = Path(__file__).resolve().parents[1] / "bench" / ".cluster-contrast-ref"  # bench/cluster_contrast_env.sh
 
 
 def dense_jaccard(f, k1, k2):
@@ -66,12 +70,30 @@ def test_jaccard_equals_dense_formula(seed, k1, k2):
     stored[np.repeat(np.arange(len(f)), np.diff(graph.indptr)), graph.indices] = True
     assert (stored == (expected < 1 - 1e-6)).all()  # exactly the pairs that share neighbourhood mass
     assert graph.nnz > 0 and (k1 > 10 or graph.nnz < len(f) ** 2 / 2)  # sparse for small neighbourhoods
+    near = jaccard_distance(f, k1=k1, k2=k2, max_distance=0.6)  # only what DBSCAN with eps 0.6 looks at
+    np.testing.assert_array_equal(np.diff(near.indptr), (densify(graph) <= 0.6).sum(1))  # zeros stored too
+    np.testing.assert_allclose(densify(near), np.where(expected <= 0.6, expected, 1.0), atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(
+    not (PUBLISHED / "clustercontrast_utils" / "faiss_rerank.py").is_file(),
+    reason="no bench/.cluster-contrast-ref (bash bench/cluster_contrast_env.sh PATH)",
+)
+def test_matches_published_compute_jaccard_distance(monkeypatch):
+    # The published code itself, when the benchmark's copy exists: confirms the conventions of the docstring.
+    monkeypatch.syspath_prepend(str(PUBLISHED))
+    from clustercontrast_utils.faiss_rerank import compute_jaccard_distance
+
+    for seed, k1, k2 in [(0, 30, 6), (1, 10, 3), (2, 7, 1)]:
+        f, _ = clustered(seed, n=150)
+        published = compute_jaccard_distance(torch.from_numpy(f), k1, k2, print_flag=False, search_option=3)
+        np.testing.assert_allclose(densify(jaccard_distance(f, k1, k2)), published, atol=1e-5, rtol=0)
 
 
 def test_blocks_of_any_size_give_the_same_graph(monkeypatch):
     f, _ = clustered(5, n=120)
     whole = jaccard_distance(f, k1=12, k2=4)
-    monkeypatch.setattr(pseudo_labels, "_PAIRS", 1)  # one row a block
+    monkeypatch.setattr(pseudo_labels, "_BLOCK", 1)  # one row a block
     small = jaccard_distance(f, k1=12, k2=4)
     assert (whole != small).nnz == 0 and whole.nnz == small.nnz
 
@@ -149,6 +171,7 @@ def test_cluster_quality_hand_computed():
         (lambda f: jaccard_distance(f[0]), r"shape \(8,\): expected \(N, D\)"),
         (lambda f: jaccard_distance(f, k1=0), "k1 = 0: expected an integer >= 1"),
         (lambda f: jaccard_distance(f, k2=2.5), "k2 = 2.5"),
+        (lambda f: jaccard_distance(f, max_distance=0), r"max_distance = 0: expected a distance in \(0, 1\]"),
         (lambda f: cluster(f, eps=1.0), r"eps = 1.0: expected a radius in \(0, 1\)"),
         (lambda f: cluster_graph(jaccard_distance(f), min_samples=0), "min_samples = 0"),
         (lambda f: cluster_quality([0, 1], [0]), r"labels \(2\) and true_ids \(1\)"),
