@@ -83,7 +83,7 @@ def test_a_step_is_cluster_nce_on_the_bn_neck_and_updates_the_memory_after_it(sm
 def test_learns_without_labels_from_the_demo_teacher(small_demo, dino_single, tmp_path):
     """From the demo DINO teacher, 2 epochs of 10 steps without any label raise mAP and rank-1 above the teacher's own
     and above a random initialisation. Measured (seed 0, 33 queries): teacher rank-1 27.3 % / mAP 24.2 %, after 2
-    epochs 39.4 % / 29.3 %; clusters 17 -> 19 with NMI 0.53 -> 0.56. The tiny teacher (2 short epochs of stage 1)
+    epochs 39.4 % / 29.2 %; clusters 17 -> 19 with NMI 0.53 -> 0.56. The tiny teacher (2 short epochs of stage 1)
     is hardly better than its own initialisation: a seed-0 random initialisation also gives 27.3 % / 24.2 %."""
     c = usl_cfg(small_demo / "market", tmp_path, dino_single / "teacher_backbone.pth")
     train_usl.main(c)
