@@ -22,13 +22,12 @@ from dino_recog import checkpoint as ckpt
 from dino_recog import config as C
 from dino_recog import distributed as dist
 from dino_recog import parallel
-from dino_recog.cli import apply_speed_options, eval_options, load_config, start_run
+from dino_recog.cli import apply_speed_options, load_config, start_run
 from dino_recog.data import datasets as ds
 from dino_recog.data.build import query_gallery, train_records
 from dino_recog.data.labeled_lmdb import LabeledLMDB
 from dino_recog.data.samplers import PKSampler, RandomPKSampler, SeededBatches
 from dino_recog.data.transforms import reid_train_transform
-from dino_recog.evaluation import evaluate_query_gallery
 from dino_recog.export import export_onnx as onnx_export
 from dino_recog.models import build_reid_model
 from dino_recog.models.backbones import is_vit
@@ -101,13 +100,7 @@ def main(cfg: C.RecogConfig, export_onnx: bool = False) -> dict[str, float]:
                  dist.get_world_size(), t.accumulate_steps, t.lr)  # fmt: skip
 
         def evaluate(epoch: int | None, model: torch.nn.Module) -> dict[str, float]:
-            metrics = evaluate_query_gallery(model, *eval_sets, device, cfg.eval.metric, cfg.eval.flip,
-                                             cfg.data.test_batch_size, cfg.data.num_workers,
-                                             **eval_options(cfg.eval))  # fmt: skip
-            if epoch is not None:
-                log.info("epoch %d%s: %s", epoch, " (before training)" if epoch == 0 else "", fmt_metrics(metrics))
-                run.log.write("eval", epoch * steps, epoch=epoch, **metrics)
-            return metrics
+            return run.evaluate_reid(model, eval_sets, device, epoch)
 
         state = run.resume()
         best = dict(state["best"]) if state is not None else best
@@ -115,16 +108,7 @@ def main(cfg: C.RecogConfig, export_onnx: bool = False) -> dict[str, float]:
         for epoch in range(run.start_epoch, t.epochs):
             first = run.begin_epoch(epoch, batches, loader)
             run.train_epoch(epoch, first, loader, schedule)
-            done = epoch + 1
-            if (cfg.eval.eval_every and done % cfg.eval.eval_every == 0) or done == t.epochs:
-                model = full_model()
-                metrics = evaluate(done, model)
-                if metrics["mAP"] > best["mAP"]:
-                    best = {"epoch": done, **metrics}
-                    dist.run_on_main(lambda m=model: ckpt.save_reid_model(m, out / "best.pth"))
-                del model
-            run.save(done)
-            dist.barrier()
+            metrics, best = run.end_epoch(epoch + 1, evaluate, best, full_model, metrics)
         model = full_model()
         if run.start_epoch >= t.epochs:  # resumed a finished run: report it again
             metrics = evaluate(None, model)

@@ -19,8 +19,10 @@ from . import checkpoint as ckpt
 from . import config as C
 from . import distributed as dist
 from . import parallel, sharded
+from .cli import eval_options
 from .config.diff import changed_keys, format_changes, unsafe_changes
 from .engine import LoopOptions, NonFiniteLossError, train_one_epoch
+from .evaluation import evaluate_query_gallery
 from .runlog import RunLog, fmt_metrics
 
 __all__ = ["TrainingRun", "optimizer_steps"]
@@ -302,6 +304,40 @@ class TrainingRun:
         self.log.write("epoch", done * self.steps_per_epoch, epoch=done, **stats)
         self.fingerprints = dist.check_replicated(self.task.parts(), f"epoch {done}")
         return stats
+
+    def evaluate_reid(self, model: nn.Module, eval_sets: tuple, device: torch.device,
+                      epoch: int | None) -> dict[str, float]:  # fmt: skip
+        """Query/gallery evaluation of a re-identification stage (`eval.*`, `data.test_batch_size`), logged as the
+        `eval` record of `epoch` (0: before training; None: not logged)."""
+        c = self.cfg
+        metrics = evaluate_query_gallery(model, *eval_sets, device, c.eval.metric, c.eval.flip, c.data.test_batch_size,
+                                         c.data.num_workers, **eval_options(c.eval))  # fmt: skip
+        if epoch is not None:
+            log.info("epoch %d%s: %s", epoch, " (before training)" if epoch == 0 else "", fmt_metrics(metrics))
+            self.log.write("eval", epoch * self.steps_per_epoch, epoch=epoch, **metrics)
+        return metrics
+
+    def end_epoch(self, done: int, evaluate: Callable[[int, nn.Module], dict], best: dict,
+                  model: Callable[[], nn.Module], metrics: dict | None) -> tuple[dict | None, dict]:  # fmt: skip
+        """After epoch `done` (1-based) of a re-identification stage: `evaluate(done, model())` every `eval.eval_every`
+        epochs and after the last, `best.pth` when its mAP beats `best`'s (updated in place), then the checkpoint.
+        Every rank calls it (`model()` may be a collective: FSDP gathers a plain copy of the sharded model).
+
+        Returns:
+            The latest metrics (`metrics` when not evaluated) and `best`.
+        """
+        e = self.cfg.eval
+        if (e.eval_every and done % e.eval_every == 0) or done == self.cfg.train.epochs:
+            evaluated = model()
+            metrics = evaluate(done, evaluated)
+            if metrics["mAP"] > best["mAP"]:  # in place: the checkpoint's `extra` reads the script's dict
+                best.clear()
+                best.update(epoch=done, **metrics)
+                dist.run_on_main(lambda: ckpt.save_reid_model(evaluated, self.out / "best.pth"))
+            del evaluated
+        self.save(done)
+        dist.barrier()
+        return metrics, best
 
     def close(self) -> None:
         self.log.close()

@@ -242,22 +242,24 @@ class ReIDTask(nn.Module):
 # From the config
 
 
-def model_spec(cfg: C.RecogConfig, num_classes: int) -> dict:
+def model_spec(cfg: C.RecogConfig, num_classes: int, classifier: bool | None = None) -> dict:
     """The model's flat spec: `model.*` / `aug.*`, with the architecture of a `model.pretrained` file that carries
-    its own (a stage-1 export or checkpoint, a stage-2 model; logged when it replaces `model.*`)."""
+    its own (a stage-1 export or checkpoint, a stage-2 model; logged when it replaces `model.*`). `classifier`: None
+    = whether `loss.*` reads logits (the unsupervised stage, which has no classes, says False)."""
     m = cfg.model
     backbone = BackboneSpec.from_recog_config(cfg)
     if m.pretrained and Path(m.pretrained).is_file():
         backbone = ckpt.pretrained_backbone_spec(backbone, m.pretrained, "model.pretrained")
+    if classifier is None:
+        classifier = (cfg.loss.ce_weight > 0 and not cfg.loss.partial_fc) or cfg.loss.distill_weight > 0
     return reid_spec(backbone, num_classes, embedding_dim=m.embedding_dim, neck=m.neck, drop_path_rate=m.drop_path_rate,
-                     test_feature=m.test_feature,
-                     classifier=(cfg.loss.ce_weight > 0 and not cfg.loss.partial_fc)
-                     or cfg.loss.distill_weight > 0)  # fmt: skip
+                     test_feature=m.test_feature, classifier=classifier)
 
 
-def build_model(cfg: C.RecogConfig, num_classes: int) -> ReIDModel:
-    """The recognition model, its backbone loaded from `model.pretrained` (any supported file) or from scratch."""
-    model = build_reid_model(model_spec(cfg, num_classes))
+def build_model(cfg: C.RecogConfig, num_classes: int, classifier: bool | None = None) -> ReIDModel:
+    """The recognition model, its backbone loaded from `model.pretrained` (any supported file) or from scratch
+    (`classifier`: as in `model_spec`)."""
+    model = build_reid_model(model_spec(cfg, num_classes, classifier))
     if cfg.model.pretrained:
         if not Path(cfg.model.pretrained).is_file():
             raise FileNotFoundError(
