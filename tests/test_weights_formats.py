@@ -11,6 +11,7 @@ from dino_recog import config as C
 from dino_recog.checkpoint import CheckpointError
 from dino_recog.models import build_backbone
 from dino_recog.tasks import build_dino_task
+from dino_recog.weights import load_backbone_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAD = ["model.out_dim=32", "model.hidden_dim=16", "model.bottleneck_dim=8"]
@@ -96,3 +97,23 @@ def test_dinov2_format_starts_stage1_with_its_registers_layerscale_and_mask_toke
     task = build_dino_task(cfg)
     same_features(task, reference)
     assert torch.equal(task.student.mask_token, mask_token) and torch.equal(task.teacher.mask_token, mask_token)
+
+
+def test_dinov2_registers_into_timm_s_own_dinov2_model(tmp_path):
+    """timm's DINOv2 ViTs with registers keep no position slot for CLS (`no_embed_class`): DINOv2's CLS position is
+    added to the CLS token, exactly."""
+    torch.manual_seed(0)
+    reference, dim = build_backbone("timm:vit_small_patch14_reg4_dinov2", img_size=(28, 28))
+    assert reference.no_embed_class and reference.num_prefix_tokens == 5
+    state = {k: v + torch.randn_like(v) * 0.05 for k, v in reference.state_dict().items()}
+    reference.load_state_dict(state)
+    cls_pos = torch.randn(1, 1, dim) * 0.1
+    dinov2 = {k: v for k, v in state.items() if k not in ("reg_token", "pos_embed", "cls_token")}
+    dinov2.update(register_tokens=state["reg_token"], cls_token=state["cls_token"] - cls_pos,
+                  pos_embed=torch.cat([cls_pos, state["pos_embed"]], dim=1), mask_token=torch.zeros(1, dim))
+    torch.save(dinov2, tmp_path / "dinov2_reg.pth")
+    model, _ = build_backbone("timm:vit_small_patch14_reg4_dinov2", img_size=(28, 28))
+    load_backbone_weights(model, tmp_path / "dinov2_reg.pth")
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(x), reference.eval()(x), atol=1e-4)
