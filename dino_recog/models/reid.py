@@ -101,8 +101,12 @@ def build_reid_model(spec: Mapping[str, Any] | BackboneSpec, num_classes: int | 
                              embedding_dim=spec.get("embedding_dim", 0), neck=spec.get("neck", "bnneck"),
                              classifier=spec.get("classifier", True),
                              prefix_tokens=1 + backbone_spec.num_register_tokens)  # fmt: skip
-    if backbone_spec.is_timm and not backbone_spec.is_vit:
-        # The re-ID head pools the feature map itself (avg / GeM, then the neck): timm's own pooling head (e.g.
-        # ConvNeXt's LayerNorm after the pool) is off the path; frozen, so that DDP waits for no gradient of it.
-        getattr(backbone, "head", nn.Identity()).requires_grad_(False)
+    if backbone_spec.is_timm:
+        # The re-ID head pools `forward_features` itself (cls / cls_mean / avg / GeM, then the neck): timm's own
+        # pooling head (ConvNeXt's LayerNorm after the pool, a ViT's fc_norm or attention pool) is off the path;
+        # frozen, so that DDP waits for no gradient of it.
+        for name in ("head", "fc_norm", "attn_pool"):
+            module = getattr(backbone, name, None)
+            if isinstance(module, nn.Module):
+                module.requires_grad_(False)
     return ReIDModel(backbone, head_module, {**spec, **backbone_spec.to_dict()})
