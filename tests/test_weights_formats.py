@@ -2,6 +2,7 @@
 DINOv2-format file (patch 14, LayerScale, registers, mask token, chunked blocks); before any step the student's and
 the teacher's features are the loaded network's."""
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,8 @@ def same_features(task, reference, size=(28, 28)) -> None:
             assert torch.allclose(net.backbone.eval()(x), expected, atol=1e-5)
 
 
-def test_official_dino_checkpoint_and_backbone_release_start_stage1(tmp_path):
+def test_official_dino_checkpoint_and_backbone_release_start_stage1(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="dino_recog.tasks.dino")
     torch.manual_seed(0)
     reference, _ = build_backbone("vit_small", img_size=(28, 28), patch_size=14, depth=2, embed_dim=32, num_heads=2)
     source = build_dino_task(stage1("", "model.patch_size=14"))  # a head of the same shapes, with other weights
@@ -49,11 +51,13 @@ def test_official_dino_checkpoint_and_backbone_release_start_stage1(tmp_path):
     task = build_dino_task(stage1(tmp_path / "checkpoint.pth", "model.patch_size=14"))
     same_features(task, reference)
     assert all(torch.equal(task.student.head.state_dict()[k], v) for k, v in head.items())
+    assert f"model.pretrained: head loaded from {tmp_path / 'checkpoint.pth'}" in caplog.text
     # the released backbone-only file (dino_deitsmall16_pretrain.pth): timm names, no head: the head starts fresh
     torch.save(backbone, tmp_path / "dino_pretrain.pth")
     task = build_dino_task(stage1(tmp_path / "dino_pretrain.pth", "model.patch_size=14"))
     same_features(task, reference)
     assert not torch.equal(task.student.head.state_dict()["mlp.0.weight"], head["mlp.0.weight"])
+    assert "model.pretrained: head starts fresh (not in the file)" in caplog.text
     with pytest.raises(CheckpointError, match="2 of the model's .* tensors are missing|missing from the weights"):
         build_dino_task(stage1(tmp_path / "dino_pretrain.pth", "model.patch_size=14", "model.depth=3"))
     with pytest.raises(FileNotFoundError, match="model.pretrained: .*nothing.pth not found"):
