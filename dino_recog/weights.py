@@ -11,8 +11,9 @@ architecture flags:
 - stage-1 training checkpoint: `teacher` / `student` networks and the run's `config`, from which the spec is made.
 
 Read as well, without a spec (the architecture then comes from the caller, e.g. the config's `model.*`): the older
-export (a bare state dict), official DINO checkpoints (`teacher` / `student`, `module.` / `backbone.` prefixes) and
-timm / torchvision state dicts; stage-2 specs written before the BackboneSpec (no register / LayerScale fields).
+export (a bare state dict), official DINO checkpoints (`teacher` / `student`, `module.` / `backbone.` prefixes),
+DINOv2 files (registers, LayerScale, chunked blocks) and timm / torchvision state dicts (their key layouts:
+`weight_formats`); stage-2 specs written before the BackboneSpec (no register / LayerScale fields).
 """
 
 from __future__ import annotations
