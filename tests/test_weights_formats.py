@@ -121,3 +121,19 @@ def test_dinov2_registers_into_timm_s_own_dinov2_model(tmp_path):
     x = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
         assert torch.allclose(model.eval()(x), reference.eval()(x), atol=1e-4)
+
+
+def test_our_stage1_checkpoint_continues_with_its_heads_and_must_match_model_keys(tmp_path):
+    torch.manual_seed(0)
+    cfg = stage1("", "model.patch_size=14")
+    source = build_dino_task(cfg)
+    with torch.no_grad():
+        for p in source.teacher.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    torch.save({"student": source.student.state_dict(), "teacher": source.teacher.state_dict(),
+                "config": C.to_dict(cfg)}, tmp_path / "checkpoint.pth")  # fmt: skip
+    task = build_dino_task(stage1(tmp_path / "checkpoint.pth", "model.patch_size=14"))
+    same_features(task, source.teacher.backbone)
+    assert all(torch.equal(task.student.head.state_dict()[k], v) for k, v in source.teacher.head.state_dict().items())
+    with pytest.raises(CheckpointError, match=r"checkpoint.pth holds another backbone; set model.depth=2 \(now 3\)"):
+        build_dino_task(stage1(tmp_path / "checkpoint.pth", "model.patch_size=14", "model.depth=3"))
