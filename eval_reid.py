@@ -11,7 +11,8 @@ built from `model.*` and `aug.*` of the config. The test set, distance (`eval.me
 (`eval.flip`) come from the config (without `--config`: the run's config.yaml beside the checkpoint when there is one,
 else cfg_recog.yaml), as do k-reciprocal re-ranking (`--rerank` = `eval.rerank=true`, with
 `eval.rerank_k1/k2/lambda`), query expansion (`--aqe` = `eval.aqe=true`) and the faiss top-k ranking for huge
-galleries (`eval.topk=K`).
+galleries (`eval.topk=K`). A stage-2 model is tested with the embedding it was trained for (`model.test_feature`,
+saved in it: the BN-neck output or the feature before it); `--test-feature` overrides it.
 With `--cache-dir DIR` the query and gallery features are kept there and reused while the model, images and
 preprocessing stay the same (see dino_recog/feature_cache.py).
 """
@@ -28,6 +29,9 @@ from dino_recog import distributed as dist
 from dino_recog.cli import eval_options, load_config, recog_eval_model
 from dino_recog.evaluation import query_gallery_metrics
 from dino_recog.feature_cache import cached_features
+from dino_recog.models.heads import TEST_FEATURES
+from dino_recog.models.reid import set_test_feature
+from dino_recog.protocol_card import card_line, protocol_card
 from dino_recog.user_errors import check_output_paths, user_errors
 
 log = logging.getLogger("dino_recog.eval_reid")
@@ -40,10 +44,13 @@ def main(
     save_ranks: str | None = None,
     cache_dir: str | None = None,
     allow_missing: bool = False,
+    test_feature: str | None = None,
 ) -> dict[str, float]:
     with dist.session(cfg.run.device) as device:
         dist.setup_logging()
         model, backbone, data, query, gallery = recog_eval_model(cfg, checkpoint, device, allow_missing)
+        if test_feature is not None:  # else the one saved in the model
+            set_test_feature(model, test_feature, checkpoint)
         kw = dict(arch=backbone, flip=cfg.eval.flip, batch_size=cfg.data.test_batch_size,
                   num_workers=cfg.data.num_workers)  # fmt: skip
         qf, q_pids, q_cams = cached_features(model, query, device, cache_dir, **kw)
@@ -52,12 +59,16 @@ def main(
         results = query_gallery_metrics(qf, gf, q_pids, g_pids, q_cams, g_cams, e.metric, **eval_options(e))
         options = {"rerank": [e.rerank_k1, e.rerank_k2, e.rerank_lambda] if e.rerank else None,
                    "aqe": [e.aqe_k, e.aqe_alpha] if e.aqe else None}  # fmt: skip
+        # a stage-2 model states its test feature; backbone weights give their global feature
+        what = f"backbone {backbone['feature'] or 'global'}"
+        card = protocol_card(cfg, getattr(model, "spec", None) or backbone, feature=what)
         results = {"checkpoint": str(checkpoint), "data": cfg.data.test.name, **data.info, "metric": cfg.eval.metric,
-                   "flip": cfg.eval.flip, **options, **results}  # fmt: skip
+                   "flip": cfg.eval.flip, **options, **results, "protocol": card}  # fmt: skip
         if dist.is_main_process():
             rows = [f"{k:>8}: {100 * results[k]:6.2f}" for k in ("rank1", "rank5", "rank10", "mAP", "mINP")]
             print(f"{cfg.data.test.name} ({len(data.query)} queries, {len(data.gallery)} gallery), {checkpoint}")
             print("\n".join(rows))
+            print(f"protocol: {card_line(card)}")
             if results["num_skipped"]:
                 print(f"   ({results['num_skipped']} queries without a true match were skipped)")
             if json_path:
@@ -77,6 +88,8 @@ def _flags(parser) -> None:
         "--save-ranks", metavar="DIR", help="also draw the worst queries' ranked lists (ranks.png, .json)"
     )
     parser.add_argument("--cache-dir", help="keep query/gallery features here and reuse them while nothing changed")
+    parser.add_argument("--test-feature", choices=TEST_FEATURES,
+                        help="a stage-2 model's embedding: after_neck | before_neck (default: the one saved in it)")
     parser.add_argument("--allow-missing", action="store_true",
                         help="evaluate backbone weights that lack some of the model's tensors (left random)")
 
@@ -96,4 +109,4 @@ if __name__ == "__main__":
     with user_errors():
         check_output_paths({"--json": args.json}, {"--save-ranks": args.save_ranks, "--cache-dir": args.cache_dir})
         main(cfg, args.checkpoint, args.json, save_ranks=args.save_ranks, cache_dir=args.cache_dir,
-             allow_missing=args.allow_missing)
+             allow_missing=args.allow_missing, test_feature=args.test_feature)

@@ -6,6 +6,7 @@
 #   bash train.sh 0,1,2,3 4 train_dino.py                    # 4 GPUs on this machine (nccl)
 #   bash train.sh 0,1,2,3 4 train_recog.py --config configs/market1501/vit_small.yaml train.epochs=60
 #   bash train.sh cpu 2 train_dino.py --config configs/demo/dino.yaml   # 2 CPU processes (gloo)
+#   bash train.sh 0,1,2,3 4 train_usl.py --config configs/market1501/usl_vit_small_transreid_ssl.yaml
 #
 # GPUS   comma-separated GPU ids (exported as CUDA_VISIBLE_DEVICES), or "cpu".
 # NPROC  processes on this node; at most the number of GPU ids given.

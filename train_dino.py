@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+from torch.utils.data import BatchSampler, DataLoader
 
 from dino_recog import checkpoint as ckpt
 from dino_recog import config as C
@@ -25,7 +25,8 @@ from dino_recog import parallel
 from dino_recog.cli import apply_speed_options, load_config, start_run
 from dino_recog.data import datasets as ds
 from dino_recog.data.build import query_gallery, unlabeled_items
-from dino_recog.data.samplers import SeededBatches
+from dino_recog.data.device_decode import EncodedMultiCrop, collate_encoded
+from dino_recog.data.samplers import ResumableDistributedSampler, SeededBatches
 from dino_recog.data.transforms import MultiCropTransform
 from dino_recog.evaluation import evaluate_query_gallery
 from dino_recog.models import BackboneSpec
@@ -42,7 +43,8 @@ log = logging.getLogger("dino_recog.train_dino")
 
 def build_data(cfg: C.DinoConfig) -> tuple[DataLoader, SeededBatches]:
     crops = cfg.crops
-    transform = MultiCropTransform(
+    on_device = crops.decode == "gpu"  # workers send JPEG bytes and crop boxes; the task makes the pixels
+    transform = (EncodedMultiCrop if on_device else MultiCropTransform)(
         crops.global_crops_size, crops.global_crops_scale, crops.local_crops_number, crops.local_crops_size,
         crops.local_crops_scale, crops.part_aware_local_crops, crops.mean, crops.std, crops.gpu_augment,
     )  # fmt: skip
@@ -56,14 +58,15 @@ def build_data(cfg: C.DinoConfig) -> tuple[DataLoader, SeededBatches]:
         )
     log.info("stage-1 data: %s, %d images, %d crops per image", cfg.data.train.name, len(dataset),
              2 + crops.local_crops_number)  # fmt: skip
-    sampler = DistributedSampler(dataset, dist.get_world_size(), dist.get_rank(), shuffle=True, seed=cfg.run.seed,
-                                 drop_last=True)  # fmt: skip
+    # shuffled, drop_last; can resume after the samples a run on another number of processes trained on
+    sampler = ResumableDistributedSampler(dataset, dist.get_world_size(), dist.get_rank(), seed=cfg.run.seed)
     # Batches that can start mid-epoch, each sample with its own augmentation seed (exact mid-epoch resume).
     batches = SeededBatches(BatchSampler(sampler, cfg.data.batch_size_per_gpu, drop_last=True), cfg.run.seed,
                             dist.get_rank())  # fmt: skip
     loader = DataLoader(
         dataset, batch_sampler=batches, num_workers=dist.loader_workers(cfg.data.num_workers),
-        pin_memory=torch.cuda.is_available(), collate_fn=ds.collate_skip_none, generator=torch.Generator(),
+        pin_memory=torch.cuda.is_available(), collate_fn=collate_encoded if on_device else ds.collate_skip_none,
+        generator=torch.Generator(),
     )  # fmt: skip
     return loader, batches
 
@@ -88,7 +91,8 @@ def main(cfg: C.DinoConfig) -> dict[str, float]:
         optimizer = build_optimizer(t.optimizer, task.param_groups(t.layer_decay, t.patch_embed_lr_mult), 0.0,
                                     t.weight_decay, t.momentum, cfg.run.fused_optimizer)  # fmt: skip
         steps = optimizer_steps(len(loader), t.accumulate_steps)
-        run = TrainingRun(cfg, task, {"optimizer": optimizer}, steps, keep_every=cfg.eval.saveckp_freq)
+        run = TrainingRun(cfg, task, {"optimizer": optimizer}, steps, keep_every=cfg.eval.saveckp_freq,
+                          global_batch=effective_batch(cfg), lr_at=lambda batch: scaled_lr(t.lr, batch))  # fmt: skip
         schedule = dino_schedule(cfg, steps)
         log.info("effective batch %d (%d per process x %d processes x %d accumulation steps): lr %g x %d / 256 = %g",
                  effective_batch(cfg), cfg.data.batch_size_per_gpu, dist.get_world_size(), t.accumulate_steps, t.lr,

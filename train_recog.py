@@ -22,16 +22,17 @@ from dino_recog import checkpoint as ckpt
 from dino_recog import config as C
 from dino_recog import distributed as dist
 from dino_recog import parallel
-from dino_recog.cli import apply_speed_options, eval_options, load_config, start_run
+from dino_recog.cli import apply_speed_options, load_config, start_run
 from dino_recog.data import datasets as ds
 from dino_recog.data.build import query_gallery, train_records
 from dino_recog.data.labeled_lmdb import LabeledLMDB
 from dino_recog.data.samplers import PKSampler, RandomPKSampler, SeededBatches
 from dino_recog.data.transforms import reid_train_transform
-from dino_recog.evaluation import evaluate_query_gallery
 from dino_recog.export import export_onnx as onnx_export
+from dino_recog.models import build_reid_model
 from dino_recog.models.backbones import is_vit
 from dino_recog.optim import build_optimizer
+from dino_recog.protocol_card import card_line, protocol_card
 from dino_recog.runlog import fmt_metrics
 from dino_recog.tasks import build_model, build_reid_task, reid_schedule  # noqa: F401  (build_model: tests use it)
 from dino_recog.training import TrainingRun, optimizer_steps
@@ -71,8 +72,14 @@ def main(cfg: C.RecogConfig, export_onnx: bool = False) -> dict[str, float]:
         steps = optimizer_steps(len(loader), t.accumulate_steps)
         task = build_reid_task(cfg, num_classes, steps).to(device)
         apply_speed_options(cfg.run, task.model.backbone)
-        parallel.wrap_ddp(task, device)  # DDP around the model and the loss terms' weights; the teachers stay outside
+        # DDP around the model and the loss terms' weights, or FSDP sharding them; the teachers stay outside
+        parallel.wrap(task, device, cfg.run.parallel, cfg.run.amp, cfg.run.fsdp_cpu_offload)
         net = task.model
+        spec = dict(net.spec)
+
+        def full_model() -> torch.nn.Module:
+            """The model, or under FSDP a plain copy of it on every rank (a collective) to evaluate and export."""
+            return parallel.full_copy(net, lambda: build_reid_model(spec))
         groups = task.param_groups(t.bias_lr_factor, t.head_lr_factor, t.layer_decay if is_vit(cfg.model.arch) else 1)
         optimizers = {"optimizer": build_optimizer(t.optimizer, groups, t.lr, t.weight_decay, t.momentum,
                                                    cfg.run.fused_optimizer)}  # fmt: skip
@@ -83,47 +90,38 @@ def main(cfg: C.RecogConfig, export_onnx: bool = False) -> dict[str, float]:
                                                      t.momentum, cfg.run.fused_optimizer)  # fmt: skip
         optimizers.update(zip(["center_optimizer"], task.extra_optimizers()))  # the centres' own SGD (BoT)
         best = {"mAP": -1.0}
-        run = TrainingRun(cfg, task, optimizers, steps, sharded=sharded,
-                          extra=lambda: {"kind": "reid_model", "spec": dict(net.spec), "best": best})  # fmt: skip
-        schedule = reid_schedule(cfg, steps)
         d = cfg.data
+        batch = d.num_identities * d.num_instances * dist.get_world_size() * t.accumulate_steps
+        run = TrainingRun(cfg, task, optimizers, steps, sharded=sharded, global_batch=batch,
+                          extra=lambda: {"kind": "reid_model", "spec": spec, "best": best})  # fmt: skip
+        schedule = reid_schedule(cfg, steps)
         log.info("effective batch %d (P x K %d x %d per process x %d processes x %d accumulation steps); train.lr %g "
-                 "as given (stage 2 does not scale it with the batch)", d.num_identities * d.num_instances
-                 * dist.get_world_size() * t.accumulate_steps, d.num_identities, d.num_instances,
+                 "as given (stage 2 does not scale it with the batch)", batch, d.num_identities, d.num_instances,
                  dist.get_world_size(), t.accumulate_steps, t.lr)  # fmt: skip
 
-        def evaluate(epoch: int | None) -> dict[str, float]:
-            metrics = evaluate_query_gallery(net, *eval_sets, device, cfg.eval.metric, cfg.eval.flip,
-                                             cfg.data.test_batch_size, cfg.data.num_workers,
-                                             **eval_options(cfg.eval))  # fmt: skip
-            if epoch is not None:
-                log.info("epoch %d%s: %s", epoch, " (before training)" if epoch == 0 else "", fmt_metrics(metrics))
-                run.log.write("eval", epoch * steps, epoch=epoch, **metrics)
-            return metrics
+        def evaluate(epoch: int | None, model: torch.nn.Module) -> dict[str, float]:
+            return run.evaluate_reid(model, eval_sets, device, epoch)
 
         state = run.resume()
         best = dict(state["best"]) if state is not None else best
-        metrics = evaluate(0) if run.start_epoch == 0 and run.start_step == 0 else None
+        metrics = evaluate(0, full_model()) if run.start_epoch == 0 and run.start_step == 0 else None
         for epoch in range(run.start_epoch, t.epochs):
             first = run.begin_epoch(epoch, batches, loader)
             run.train_epoch(epoch, first, loader, schedule)
-            done = epoch + 1
-            if (cfg.eval.eval_every and done % cfg.eval.eval_every == 0) or done == t.epochs:
-                metrics = evaluate(done)
-                if metrics["mAP"] > best["mAP"]:
-                    best = {"epoch": done, **metrics}
-                    dist.run_on_main(lambda: ckpt.save_reid_model(net, out / "best.pth"))
-            run.save(done)
-            dist.barrier()
+            metrics, best = run.end_epoch(epoch + 1, evaluate, best, full_model, metrics)
+        model = full_model()
         if run.start_epoch >= t.epochs:  # resumed a finished run: report it again
-            metrics = evaluate(None)
+            metrics = evaluate(None, model)
         if dist.is_main_process():
-            ckpt.save_reid_model(net, out / "model.pth")
+            ckpt.save_reid_model(model, out / "model.pth")
             if export_onnx:
-                onnx_export(net.cpu(), out / "model.onnx", tuple(cfg.aug.size))
+                onnx_export(model.cpu(), out / "model.onnx", tuple(cfg.aug.size))
+            card = protocol_card(cfg, spec)  # the conventions that change published numbers
             results = {"final": metrics, "best": best, "data": {"train": [s.name for s in cfg.data.train],
-                                                                "test": cfg.data.test.name}}  # fmt: skip
+                                                                "test": cfg.data.test.name},
+                       "protocol": card}  # fmt: skip
             (out / "results.json").write_text(json.dumps(results, indent=2))
+            log.info("protocol: %s", card_line(card))
             log.info("final: %s | best (epoch %s): mAP %.4f", fmt_metrics(metrics), best.get("epoch"), best["mAP"])
         run.close()
         return metrics

@@ -2,7 +2,7 @@
 
     bash bench/lightly_env.sh                  # once: lightly in its own venv, bench/.venv-lightly
     python bench/augment.py                    # CPU: per-process images/s on generated JPEGs of three sizes
-    python bench/augment.py --gpu              # GPU machine: DataLoader workers + training step, CPU vs GPU path
+    python bench/augment.py --gpu --workers 4 8 --official DIR   # GPU machine: end to end, every pipeline
 
 CPU mode. Each variant runs in its own process (so that no process setting of one, e.g. our glibc heap setting,
 reaches another) with ``torch.set_num_threads(1)``, and times decode + 2 global + ``--local`` local crops of every
@@ -19,11 +19,14 @@ per core, and little affected by other jobs) and per wall-second. Variants:
 
 Each runs at our person-crop sizes (2 x 256x128 + N x 128x64) and at DINO's square sizes (2 x 224 + N x 96).
 
-GPU mode (``--gpu``) measures what the training loop sees: a DataLoader with ``--workers`` processes over a folder of
-JPEGs (``--data``, default generated person crops), batch 64, then the transfer, and for the GPU path
-``BatchAugment`` on the device: (a) data only, images/s of the loader; (b) training, images/s of
-``engine.train_one_epoch`` (ViT-S/16, the default configuration) fed by that loader; (c) the same step on crops
-already on the device (the model's ceiling, as bench/dino_step.py). The data bottleneck is gone when (b) reaches (c).
+GPU mode (``--gpu``) measures what the training loop sees: a DataLoader with each of ``--workers`` process counts over
+a folder of JPEGs (``--data``, default generated person crops), batch 64, for each pipeline of ``--paths``: ours with
+``crops.decode=cpu`` (colour on the CPU, or with ``gpu_augment`` on the device), ours with ``crops.decode=gpu``
+(bytes and boxes from the workers; decode, crop and colour on the device), and with ``--official DIR`` the official
+DINO pipeline (its ``DataAugmentationDINO``, crop sizes set to ours, fed to its own ``train_one_epoch``). Each gives
+(a) data only, images/s of the loader plus what runs on the device before the model; (b) training, images/s of
+``engine.train_one_epoch`` (of its loop for the official one) fed by that loader. bench/dino_step.py gives the
+model's ceiling (crops already on the device); the data bottleneck is gone when (b) reaches it.
 """
 
 from __future__ import annotations
@@ -154,101 +157,184 @@ def cpu_benchmark(args) -> None:
         Path(args.json).write_text(json.dumps(rounds, indent=1))
 
 
+PATHS = {  # --paths name -> what it measures
+    "cpu": "decode=cpu, colour on the CPU (workers: decode, crop, colour)",
+    "gpu_augment": "decode=cpu + gpu_augment (workers: decode, crop; colour on the device)",
+    "gpu_decode": "decode=gpu (workers: JPEG bytes + boxes; decode, crop, colour on the device)",
+    "official": "official DINO pipeline (its DataAugmentationDINO at our crop sizes, its train_one_epoch)",
+}
+TINY = ["model.patch_size=8", "model.depth=2", "model.embed_dim=32", "model.num_heads=2", "model.out_dim=256",
+        "model.hidden_dim=64", "model.bottleneck_dim=32", "crops.global_crops_size=[64,32]",
+        "crops.local_crops_size=[32,16]", "crops.local_crops_number=2"]  # fmt: skip
+
+
+class _Epoch:
+    """`steps` batches of an iterator, with a length (the official loop asks for len(data_loader))."""
+
+    def __init__(self, batches, steps: int, official: bool) -> None:
+        self.batches, self.steps, self.official = batches, steps, official
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            (crops, *_), n_bad = next(self.batches)
+            yield (crops, None) if self.official else ((crops, None, None, None), n_bad)
+
+
 def gpu_benchmark(args) -> None:
-    """Images/s of the loader, and of training fed by it, for the CPU and the GPU augmentation paths."""
-    import itertools
+    """Images/s of the loader, and of training fed by it, for each augmentation path and number of workers."""
     import tempfile as tf
 
     import torch
     from torch.utils.data import DataLoader
 
     sys.path.insert(0, str(ROOT))
-    from dino_step import training_parts  # bench/dino_step.py: the same training set-up
+    from dino_step import official, training_parts  # bench/dino_step.py: the same training set-up
 
     from dino_recog import config as C
     from dino_recog.data import datasets as ds
     from dino_recog.data.batch_augment import BatchAugment
+    from dino_recog.data.device_decode import DeviceCrops, EncodedMultiCrop, collate_encoded
     from dino_recog.data.transforms import MultiCropTransform
     from dino_recog.engine import train_one_epoch
     from dino_recog.runlog import RunLog
 
     device = torch.device(args.device)
+    args.tiny = args.tiny or False
+    args.base = [*(TINY if args.tiny else [f"model.arch={args.arch}"]), *args.base]
     cfg = C.load(ROOT / "cfg_dino.yaml", [*args.base, "run.log_every=1000000000"], C.DinoConfig)
     cr = cfg.crops
     tmp = tf.TemporaryDirectory()
     if args.data:
         paths = ds.list_image_folder(args.data)
     else:
-        paths = [str(p) for p in natural_jpegs(Path(tmp.name), 1024, 256, 128, 0)]
+        paths = [str(p) for p in natural_jpegs(Path(tmp.name), args.images_e2e, 256, 128, 0)]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"# {name}, torch {torch.__version__}, {len(paths)} images, {args.workers} workers, batch {args.batch}, "
-          f"{2 + cr.local_crops_number} crops ({cr.global_crops_size} / {cr.local_crops_size})")  # fmt: skip
+    model = "tiny ViT" if args.tiny else f"{cfg.model.arch}/{cfg.model.patch_size}"
+    print(f"# {name}, torch {torch.__version__}, {model}, {len(paths)} images, batch {args.batch}, "
+          f"{2 + cr.local_crops_number} crops ({cr.global_crops_size} / {cr.local_crops_size})", flush=True)
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def loader(gpu_path: bool) -> DataLoader:
-        t = MultiCropTransform(cr.global_crops_size, cr.global_crops_scale, cr.local_crops_number,
-                               cr.local_crops_size, cr.local_crops_scale, gpu_augment=gpu_path)  # fmt: skip
+    def loader(path: str, workers: int) -> DataLoader:
+        kw = dict(global_crops_scale=cr.global_crops_scale, local_crops_number=cr.local_crops_number,
+                  local_crops_scale=cr.local_crops_scale)  # fmt: skip
+        collate = ds.collate_skip_none
+        if path == "official":
+            main_dino = _official_module(args.official)
+            t = main_dino.DataAugmentationDINO(cr.global_crops_scale, cr.local_crops_scale, cr.local_crops_number)
+            # the same output pixels as ours: its RandomResizedCrop(224) / (96) made (h, w) crops
+            t.global_transfo1.transforms[0].size = t.global_transfo2.transforms[0].size = tuple(cr.global_crops_size)
+            t.local_transfo.transforms[0].size = tuple(cr.local_crops_size)
+        elif path == "gpu_decode":
+            t = EncodedMultiCrop(cr.global_crops_size, local_crops_size=cr.local_crops_size, **kw)
+            collate = collate_encoded
+        else:
+            t = MultiCropTransform(cr.global_crops_size, local_crops_size=cr.local_crops_size,
+                                   gpu_augment=path == "gpu_augment", **kw)  # fmt: skip
         data = ds.ImageDataset(paths, transform=t)
         sampler = torch.utils.data.RandomSampler(data, replacement=True, num_samples=10**9)
-        return DataLoader(data, args.batch, sampler=sampler, num_workers=args.workers, drop_last=True,
-                          pin_memory=device.type == "cuda", collate_fn=ds.collate_skip_none,
-                          persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers else None)  # fmt: skip
+        return DataLoader(data, args.batch, sampler=sampler, num_workers=workers, drop_last=True,
+                          pin_memory=device.type == "cuda", collate_fn=collate, persistent_workers=workers > 0,
+                          prefetch_factor=4 if workers else None)  # fmt: skip
 
     augment = BatchAugment(cr.mean, cr.std, seed=0).to(device)
+    decode = DeviceCrops()
     rows = []
 
-    def report(label: str, what: str, rate: float) -> None:
-        rows.append((label, what, rate))
-        print(f"{label:<62} {what:<10} {rate:9.1f} img/s", flush=True)
+    def report(label: str, workers: int, what: str, rate: float) -> None:
+        rows.append((label, workers, what, rate))
+        print(f"{label:<40} {workers:>2} workers {what:<10} {rate:9.1f} img/s", flush=True)
 
-    def measure(gpu_path: bool) -> None:
-        label = "GPU path (workers: uint8 crops; BatchAugment on the device)" if gpu_path else "CPU path (workers)"
-        batches = iter(loader(gpu_path))
-        on_device = augment if gpu_path else None
+    def measure(path: str, workers: int) -> None:
+        batches = iter(loader(path, workers))
+        on_device = path in ("gpu_augment", "gpu_decode")
 
         def data_only(n: int) -> None:
             for i in range(n):
                 (crops, *_), _ = next(batches)
+                if path == "gpu_decode":
+                    crops = decode(crops, device)
                 crops = [c.to(device, non_blocking=True) for c in crops]
-                if on_device is not None:
-                    crops = on_device(crops, i)
+                if on_device:
+                    crops = augment(crops, i)
             sync()
 
         data_only(args.warmup)
         t0 = time.perf_counter()
         data_only(args.steps)
-        report(label, "data only", args.batch * args.steps / (time.perf_counter() - t0))
-
+        report(path, workers, "data only", args.batch * args.steps / (time.perf_counter() - t0))
+        if path == "official":
+            args.repeats = 1
+            r = official(args.official, args, None, device, loader=_Epoch(batches, args.steps, official=True))
+            report(path, workers, "training", r["images_per_s"])
+            return
         task, optimizer, scaler, schedule, opts = training_parts(cfg, device, args.steps)
+        task.augment = augment if on_device else None
+        task.decode = decode if path == "gpu_decode" else None
         with tf.TemporaryDirectory() as logdir:
             runlog = RunLog(Path(logdir))
 
-            def epoch(e: int, source, steps: int, augment_fn) -> float:
-                """The real training loop over `steps` batches of `source`; images/s."""
+            def epoch(e: int) -> float:
+                """The real training loop over `steps` batches of the loader; images/s."""
                 sync()
                 t0 = time.perf_counter()
-                task.augment = augment_fn
-                train_one_epoch(task, itertools.islice(source, steps), optimizer, scaler, schedule, e, runlog, opts)
+                train_one_epoch(task, _Epoch(batches, args.steps, False), optimizer, scaler, schedule, e, runlog, opts)
                 sync()
-                return args.batch * steps / (time.perf_counter() - t0)
+                return args.batch * args.steps / (time.perf_counter() - t0)
 
-            epoch(0, batches, args.warmup, on_device)
-            report(label, "training", epoch(1, batches, args.steps, on_device))
-            if gpu_path:  # the same step on one batch already on the device: the model's own speed
-                (crops, *_), _ = next(batches)
-                fixed = [((augment([c.to(device) for c in crops], 0), None, None, None), 0)] * args.steps
-                report("model only (crops already on the device)", "training", epoch(2, iter(fixed), args.steps, None))
+            epoch(0)
+            if args.profile and path == "gpu_decode":
+                tag = model.replace("/", "").replace(" ", "_")
+                rate = _profiled(epoch, device, Path(args.profile) / f"augment_{tag}_w{workers}")
+            else:
+                rate = epoch(1)
+            report(path, workers, "training", rate)
             runlog.close()
 
-    for gpu_path in (False, True):
-        measure(gpu_path)
-    print("\n| augmentation | measured | images/s |\n|---|---|---|")
-    for label, what, value in rows:
-        print(f"| {label} | {what} | {value:.1f} |")
+    for workers in args.workers:
+        for path in args.paths.split(","):
+            if path == "official" and not args.official:
+                continue
+            measure(path, workers)
+    print("\n| pipeline | workers | measured | images/s |\n|---|---|---|---|")
+    for label, workers, what, value in rows:
+        print(f"| {PATHS[label]} | {workers} | {what} | {value:.1f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": name, "model": model, "rows": rows}, indent=1))
     tmp.cleanup()
+
+
+def _official_module(dino_dir: str):
+    sys.path.insert(0, dino_dir)
+    import main_dino  # facebookresearch/dino, from its own checkout (bench/gpu_env.sh)
+
+    return main_dino
+
+
+def _profiled(epoch, device, name: Path) -> float:
+    """One timed epoch under torch.profiler; the trace (gzipped) and the operator table beside `name`."""
+    import gzip
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    name.parent.mkdir(parents=True, exist_ok=True)
+    with profile(activities=activities) as prof:
+        rate = epoch(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        with open(f"{tmp}/trace.json", "rb") as src, gzip.open(f"{name}.json.gz", "wb") as dst:
+            dst.write(src.read())
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    Path(f"{name}.txt").write_text(prof.key_averages().table(sort_by=key, row_limit=40) + "\n")
+    del torch
+    return rate
 
 
 def main() -> None:
@@ -256,10 +342,18 @@ def main() -> None:
     p.add_argument("--local", type=int, default=8, help="local crops per image (official 8)")
     p.add_argument("--images", type=int, default=32, help="generated JPEGs per source size")
     p.add_argument("--rounds", type=int, default=5, help="rounds; the median round is reported")
-    p.add_argument("--json", help="also write the raw round timings here")
+    p.add_argument("--json", help="also write the raw round timings (--gpu: the table) here")
     p.add_argument("--gpu", action="store_true", help="DataLoader + training throughput, CPU vs GPU path")
     p.add_argument("--device", default="cuda", help="--gpu: the training device")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="--gpu: DataLoader workers")
+    p.add_argument("--workers", type=int, nargs="+", default=[os.cpu_count()], help="--gpu: DataLoader workers "
+                   "(several: each measured)")
+    p.add_argument("--paths", default="cpu,gpu_augment,gpu_decode,official", help="--gpu: pipelines to measure, of "
+                   + ", ".join(PATHS))
+    p.add_argument("--arch", default="vit_small", help="--gpu: model.arch")
+    p.add_argument("--tiny", action="store_true", help="--gpu: a 2-block 32-d ViT on 64x32 / 32x16 crops (smoke)")
+    p.add_argument("--official", metavar="DIR", help="--gpu: checkout of facebookresearch/dino, timed end to end")
+    p.add_argument("--images-e2e", type=int, default=1024, help="--gpu: generated 256x128 JPEGs (without --data)")
+    p.add_argument("--profile", metavar="DIR", help="--gpu: torch.profiler trace of the decode=gpu training here")
     p.add_argument("--batch", type=int, default=64, help="--gpu: images per batch")
     p.add_argument("--steps", type=int, default=30, help="--gpu: timed iterations")
     p.add_argument("--warmup", type=int, default=5, help="--gpu: untimed iterations first")

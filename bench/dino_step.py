@@ -3,6 +3,7 @@
     python bench/dino_step.py                                     # GPU: ViT-S/16, 2x256x128 + 8x128x64, batch 64
     python bench/dino_step.py --official /path/to/facebookresearch/dino   # + the official step, same GPU, same run
     python bench/dino_step.py --tiny --device cpu                 # CPU: a 4-block 64-d ViT on 64x32 / 32x16 crops
+    python bench/dino_step.py --arch vit_base --profile OUT       # ViT-B/16; torch.profiler traces at batch 64, 256
 
 A step is exactly what `engine.train_one_epoch` runs for the DINO task (teacher forward on the global crops, student
 forward on all crops, DINO loss, backward, gradient clipping, optimiser step, EMA of the teacher), timed over whole
@@ -12,7 +13,11 @@ overrides of cfg_dino.yaml.
 
 `--official DIR` imports `main_dino.py`, `utils.py` and `vision_transformer.py` from a checkout of
 facebookresearch/dino (not part of this repository) and times its own `train_one_epoch` on the same crops, model
-size, head and optimiser (its default fp16 autocast, DDP over one process as its launcher does).
+size, head and optimiser (its default fp16 autocast, DDP over one process as its launcher does). On the CPU
+(`--device cpu`, the smoke run of bench/gpu_suite.sh) its ``.cuda()`` calls are made no-ops so that its loop runs.
+
+`--profile DIR` runs a few steps of the default variant under ``torch.profiler`` at each batch of
+`--profile-batches` and saves the Chrome trace (gzipped) and the table of the operators by device time there.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ VARIANTS = {
     "foreach AdamW (not fused)": ["run.fused_optimizer=false"],
     "torch.compile": ["run.compile=true"],
     "activation checkpointing": ["run.grad_checkpointing=true"],
+    "DINOv2 (iBOT + KoLeo, masked global crops)": ["dino.version=v2"],
 }
 CUDA_ONLY = ("fp16 + GradScaler", "fp32", "foreach AdamW (not fused)")
 # dense bf16 tensor-core peak, TFLOP/s (NVIDIA data sheets, SXM parts)
@@ -130,8 +136,9 @@ def step_flops(task, crops, amp: str, device) -> float:
     return float(counter.get_total_flops())
 
 
-def official(dino_dir: str, args, crops: list[torch.Tensor], device: torch.device) -> dict:
-    """The official `main_dino.train_one_epoch` on the same crops (ViT, head size and optimiser as its defaults)."""
+def official(dino_dir: str, args, crops: list[torch.Tensor], device: torch.device, loader=None) -> dict:
+    """The official `main_dino.train_one_epoch` on the same crops (ViT, head size and optimiser as its defaults), or
+    fed by `loader` (`args.steps` batches an epoch; bench/augment.py's end-to-end run of its pipeline)."""
     import argparse as ap
 
     import torch.distributed as tdist
@@ -150,21 +157,25 @@ def official(dino_dir: str, args, crops: list[torch.Tensor], device: torch.devic
         tdist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
     cfg = C.load(ROOT / "cfg_dino.yaml", args.base, C.DinoConfig)
     m = cfg.model
-    kw = dict(patch_size=m.patch_size)
+    kw, arch = dict(patch_size=m.patch_size), m.arch
     if m.depth or m.embed_dim or m.num_heads:
-        raise SystemExit("--official compares the named architectures only (no depth/embed_dim/num_heads overrides)")
-    student = vits.__dict__[m.arch](drop_path_rate=m.drop_path_rate, **kw)
-    teacher = vits.__dict__[m.arch](**kw)
+        if not args.tiny:
+            raise SystemExit("--official compares the named architectures only (no depth/embed_dim/num_heads "
+                             "overrides)")  # fmt: skip
+        arch = "vit_tiny"  # --tiny: its smallest ViT, to prove that its loop runs (no comparison)
+    student = vits.__dict__[arch](drop_path_rate=m.drop_path_rate, **kw)
+    teacher = vits.__dict__[arch](**kw)
     dim = student.embed_dim
     student = utils.MultiCropWrapper(student, vits.DINOHead(dim, m.out_dim, use_bn=m.use_bn_in_head,
                                                             norm_last_layer=m.norm_last_layer))  # fmt: skip
     teacher = utils.MultiCropWrapper(teacher, vits.DINOHead(dim, m.out_dim, m.use_bn_in_head))
     student, teacher = student.to(device), teacher.to(device)
-    student = nn.parallel.DistributedDataParallel(student, device_ids=[device.index or 0])
+    student = nn.parallel.DistributedDataParallel(student, device_ids=[device.index or 0] if device.type == "cuda"
+                                                  else None)  # fmt: skip
     teacher.load_state_dict(student.module.state_dict())
     for p in teacher.parameters():
         p.requires_grad = False
-    n_crops = len(crops)
+    n_crops = len(crops) if crops is not None else 2 + cfg.crops.local_crops_number
     epochs = args.repeats + 1
     loss = main_dino.DINOLoss(m.out_dim, n_crops, cfg.dino.warmup_teacher_temp, cfg.dino.teacher_temp,
                               cfg.dino.warmup_teacher_temp_epochs, epochs).to(device)  # fmt: skip
@@ -176,13 +187,53 @@ def official(dino_dir: str, args, crops: list[torch.Tensor], device: torch.devic
     mom = utils.cosine_scheduler(cfg.dino.momentum_teacher, 1, epochs, args.steps)
     assert len(lr) == len(wd) == len(mom) == n
     targs = ap.Namespace(epochs=epochs, clip_grad=cfg.train.clip_grad, freeze_last_layer=cfg.dino.freeze_last_layer)
-    loader = [(crops, None)] * args.steps
+    fixed = [(crops, None)] * args.steps
 
     def run_epoch(epoch: int) -> None:
-        main_dino.train_one_epoch(student, teacher, teacher, loss, loader, optimizer, lr, wd, mom, epoch, scaler,
-                                  targs)  # fmt: skip
+        main_dino.train_one_epoch(student, teacher, teacher, loss, fixed if loader is None else loader, optimizer, lr,
+                                  wd, mom, epoch, scaler, targs)  # fmt: skip
 
+    if device.type == "cpu":  # its loop moves the crops with .cuda() and syncs its meters on CUDA: no-ops here
+        torch.Tensor.cuda = lambda self, *a, **k: self
+        utils.SmoothedValue.synchronize_between_processes = lambda self: None
+        torch.cuda.synchronize = lambda *a, **k: None
     return time_epochs(run_epoch, args.steps, args.batch, device, args.repeats)
+
+
+def profile(args, device: torch.device, out: Path) -> None:
+    """torch.profiler over a few steps of the default variant at each batch of `--profile-batches`: where the
+    milliseconds go. Saves dino_step_<arch>_b<batch>.json.gz (Chrome trace) and .txt (operators by device time)."""
+    import gzip
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cfg = C.load(ROOT / "cfg_dino.yaml", [*args.base, "run.log_every=1000000000"], C.DinoConfig)
+    cr, arch = cfg.crops, f"{cfg.model.arch}{cfg.model.patch_size}"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for batch in (int(b) for b in args.profile_batches.split(",")):
+        crops = synthetic_crops(batch, 2, cr.global_crops_size, cr.local_crops_number, cr.local_crops_size, device)
+        steps = max(args.steps // 4, 1)
+        task, optimizer, scaler, schedule, opts = training_parts(cfg, device, steps)
+        loader = [((crops, None, None, None), 0)] * steps
+        with tempfile.TemporaryDirectory() as tmp:
+            runlog = RunLog(Path(tmp))
+            train_one_epoch(task, loader, optimizer, scaler, schedule, 0, runlog, opts)  # warm-up
+            sync(device)
+            with torch_profile(activities=activities) as prof:
+                train_one_epoch(task, loader, optimizer, scaler, schedule, 1, runlog, opts)
+                sync(device)
+            runlog.close()
+        name = out / f"dino_step_{arch}_b{batch}"
+        with tempfile.TemporaryDirectory() as tmp:
+            prof.export_chrome_trace(f"{tmp}/trace.json")
+            with open(f"{tmp}/trace.json", "rb") as src, gzip.open(f"{name}.json.gz", "wb") as dst:
+                dst.write(src.read())
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=key, row_limit=40)
+        Path(f"{name}.txt").write_text(f"# {steps} steps, batch {batch}\n{table}\n")
+        print(f"# profile at batch {batch}: {name}.json.gz, {name}.txt", flush=True)
+        del task, optimizer
 
 
 def show(r: dict) -> None:
@@ -198,9 +249,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=20, help="iterations per timed epoch")
     p.add_argument("--repeats", type=int, default=3, help="timed epochs (the best is reported)")
-    p.add_argument("--variants", default="all", help="comma-separated variant names' prefixes, or all")
+    p.add_argument("--variants", default="all", help="comma-separated variant names' prefixes, all, or none")
     p.add_argument("--official", metavar="DIR", help="checkout of facebookresearch/dino to time beside ours")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--arch", default="vit_small", help="model.arch (not with --tiny)")
+    p.add_argument("--profile", metavar="DIR", help="save torch.profiler traces of the default variant here")
+    p.add_argument("--profile-batches", default="64,256", help="--profile: batches to profile")
     args = p.parse_args()
     device = torch.device(args.device)
     if args.tiny:
@@ -208,7 +262,7 @@ def main() -> None:
                      "model.out_dim=1024", "crops.global_crops_size=[64,32]", "crops.local_crops_size=[32,16]",
                      "crops.local_crops_number=4"]  # fmt: skip
     else:
-        args.base = []
+        args.base = [f"model.arch={args.arch}"]
     base = C.load(ROOT / "cfg_dino.yaml", args.base, C.DinoConfig)
     cr = base.crops
     crops = synthetic_crops(args.batch, 2, cr.global_crops_size, cr.local_crops_number, cr.local_crops_size, device)
@@ -253,6 +307,9 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"setup": desc, "device": name, "flops_per_step": flops,
                                                "rows": rows}, indent=2))  # fmt: skip
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+        profile(args, device, Path(args.profile))
 
 
 if __name__ == "__main__":

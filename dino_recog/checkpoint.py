@@ -15,6 +15,7 @@ import os
 import pickletools
 import random
 import re
+import shutil
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,6 +34,7 @@ __all__ = [
     "list_checkpoints",
     "latest_checkpoint",
     "find_resume",
+    "load_training_state",
     "checkpoint_name",
     "check_state_dict",
     "prune_checkpoints",
@@ -45,10 +47,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-# checkpoint_EEEE.pth after EEEE epochs; checkpoint_EEEE_SSSSSS.pth after EEEE epochs and SSSSSS steps of the next one.
-CKPT_RE = re.compile(r"^checkpoint_(\d{4,})(?:_(\d{6,}))?\.pth$")
-# the temporary files of the run's atomic writes (atomic.py): checkpoints with their shards, and the exports
-_TMP_RE = re.compile(r"^\.(?:checkpoint_.*|teacher_backbone|model|best)\.pth\.tmp-(\d+)$")
+# checkpoint_EEEE.pth after EEEE epochs; checkpoint_EEEE_SSSSSS.pth after EEEE epochs and SSSSSS steps of the next one;
+# .dcp instead of .pth: a sharded checkpoint, a directory (sharded.py).
+CKPT_RE = re.compile(r"^checkpoint_(\d{4,})(?:_(\d{6,}))?\.(?:pth|dcp)$")
+# the temporary files of the run's atomic writes (atomic.py): checkpoints with their shards, and the exports; and the
+# temporary directories of sharded checkpoints (with `-old`: one being replaced)
+_TMP_RE = re.compile(
+    r"^\.(?:(?:checkpoint_.*|teacher_backbone|model|best)\.pth|checkpoint_.*\.dcp)\.tmp-(\d+)(?:-old)?$"
+)
 
 
 class CheckpointError(ValueError):
@@ -125,12 +131,12 @@ def checkpoint_name(epoch: int, step_in_epoch: int = 0) -> str:
 def shard_path(path: str | os.PathLike, rank: int, world_size: int) -> Path:
     """Where rank `rank` of `world_size` keeps its shard of checkpoint `path` (checkpoint_0003.rank1-of-4.pth): the
     state that differs by rank, such as a Partial FC classifier and its optimiser."""
-    path = Path(path)
-    return path.with_name(f"{path.stem}.rank{rank}-of-{world_size}{path.suffix}")
+    path = Path(path)  # .pth also beside a sharded checkpoint (checkpoint_0003.dcp): they are files
+    return path.with_name(f"{path.stem}.rank{rank}-of-{world_size}.pth")
 
 
 def _shard_files(path: Path) -> list[Path]:
-    return sorted(path.parent.glob(f"{glob.escape(path.stem)}.rank*-of-*{path.suffix}"))
+    return sorted(path.parent.glob(f"{glob.escape(path.stem)}.rank*-of-*.pth"))
 
 
 def _position(name: str) -> tuple[int, int] | None:
@@ -145,6 +151,14 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
         return []
     found = [(pos, p) for p in d.iterdir() if (pos := _position(p.name)) is not None]
     return [p for _, p in sorted(found, reverse=True)]
+
+
+def load_training_state(path: str | os.PathLike) -> dict:
+    """A training checkpoint's state: the whole file, or for a sharded one (a `.dcp` directory) its `state.pth`
+    with a None under each key DCP holds (`sharded.load_sharded` reads those)."""
+    from . import sharded  # imports this module
+
+    return sharded.read_sharded(path) if sharded.is_sharded(path) else load_checkpoint(path)
 
 
 def _check_training_state(path: Path, state: dict, required: tuple[str, ...]) -> None:
@@ -174,7 +188,7 @@ def latest_checkpoint(output_dir: str | os.PathLike, required: tuple[str, ...] =
     problems = []
     for path in list_checkpoints(output_dir):
         try:
-            state = load_checkpoint(path)
+            state = load_training_state(path)
             _check_training_state(path, state, required)
             if problems:
                 log.warning("resuming from %s, the newest usable checkpoint", path)
@@ -196,7 +210,7 @@ def find_resume(resume: str, output_dir: str | os.PathLike, required: tuple[str,
         return None
     if resume == "auto":
         return latest_checkpoint(output_dir, required)
-    state = load_checkpoint(resume)
+    state = load_training_state(resume)
     _check_training_state(Path(resume), state, required)
     return Path(resume), state
 
@@ -208,13 +222,23 @@ def prune_checkpoints(output_dir: str | os.PathLike, keep_last: int, keep_every:
     for path in list_checkpoints(output_dir)[keep_last:]:
         epoch, step = _position(path.name)
         if not (keep_every and step == 0 and epoch % keep_every == 0):
-            path.unlink(missing_ok=True)  # first: a checkpoint without its shards is never picked
+            _remove(path)  # first: a checkpoint without its shards is never picked
             for shard in _shard_files(path):
                 shard.unlink(missing_ok=True)
     for path in Path(output_dir).iterdir():
         m = _TMP_RE.match(path.name)
         if m and int(m.group(1)) != os.getpid():  # left by a process that died while saving
-            path.unlink(missing_ok=True)
+            _remove(path)
+
+
+def _remove(path: Path) -> None:
+    """A checkpoint file, or a sharded checkpoint's directory (its name first, so it is never seen half-deleted)."""
+    if not path.is_dir():
+        path.unlink(missing_ok=True)
+        return
+    doomed = path.with_name(f".{path.name}.tmp-{os.getpid()}-old")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def check_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor], path: str | os.PathLike, what: str) -> None:

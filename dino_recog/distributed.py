@@ -265,7 +265,7 @@ def is_dtensor(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
-def check_replicated(parts: dict[str, torch.nn.Module], when: str) -> torch.Tensor:
+def check_replicated(parts: dict[str, torch.nn.Module], when: str) -> torch.Tensor | None:
     """Check that the replicated state of every part (see `fingerprints`) is identical on all ranks.
 
     Args:
@@ -273,7 +273,8 @@ def check_replicated(parts: dict[str, torch.nn.Module], when: str) -> torch.Tens
         when: where in the run, for the message (e.g. "epoch 3").
 
     Returns:
-        The (world, 3) fingerprints of all parts together (saved in checkpoints).
+        The (world, 3) fingerprints of all parts together (saved in checkpoints), or None when nothing is
+        replicated (every parameter sharded by FSDP, no other state).
 
     Raises:
         RuntimeError: naming the parts that differ, with their fingerprints per rank.
@@ -284,7 +285,8 @@ def check_replicated(parts: dict[str, torch.nn.Module], when: str) -> torch.Tens
     if differ:
         raise RuntimeError(f"{when}: {', '.join(differ)} differ across ranks (fingerprint rows per rank):\n"
                            + "\n".join(f"{name}:\n{r}" for name, r in differ.items()))  # fmt: skip
-    return fingerprints([x for t in tensors for x in t])
+    replicated = [x for t in tensors for x in t]
+    return fingerprints(replicated) if replicated else None  # None: every tensor is sharded (FSDP)
 
 
 def seed_everything(seed: int, per_rank: bool = True) -> int:

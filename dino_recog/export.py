@@ -108,6 +108,11 @@ def _spec_of(model: nn.Module) -> BackboneSpec | None:
     return spec if isinstance(spec, BackboneSpec) else None
 
 
+def _reid_what(model: nn.Module) -> str:
+    """A stage-2 model's embedding as the metadata says it: the BN-neck output or the feature before it."""
+    return f"stage-2 embedding, {model.spec.get('test_feature', 'after_neck')}"
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -138,7 +143,7 @@ def export_onnx(
         raise ValueError(f"export_onnx: {type(model).__name__} carries no BackboneSpec; pass spec=")
     if img_size is not None and tuple(img_size) != spec.img_size:
         spec = BackboneSpec(**{**spec.to_dict(), "img_size": tuple(img_size)})
-    what = what or ("stage-2 embedding" if _spec_of(model) else "backbone global feature")
+    what = what or (_reid_what(model) if _spec_of(model) else "backbone global feature")
     graph = EmbeddingGraph(model, spec.mean, spec.std, pixels).eval()
     was_training = model.training
     model.eval()
@@ -292,7 +297,7 @@ def _open_model(checkpoint: str) -> tuple[nn.Module, BackboneSpec, str]:
                               "export takes what dino_recog writes: model.pth / best.pth, teacher_backbone.pth or a "
                               "stage-1 checkpoint")  # fmt: skip
     model, spec = open_feature_model(checkpoint)  # what eval_reid.py and FeatureExtractor build from it
-    what = "stage-2 embedding" if _spec_of(model) else f"backbone global feature ({spec.feature})"
+    what = _reid_what(model) if _spec_of(model) else f"backbone global feature ({spec.feature})"
     return model.eval(), spec, what
 
 

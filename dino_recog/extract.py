@@ -42,6 +42,8 @@ from .data.datasets import IMAGE_EXTENSIONS, CorruptImageError
 from .data.transforms import reid_test_transform
 from .embedding import embed
 from .image_inputs import ImageInput, as_items, to_pil
+from .models.heads import TEST_FEATURES
+from .models.reid import set_test_feature
 from .models.spec import BackboneSpec
 from .user_errors import finite_float, positive_float, positive_int
 
@@ -128,6 +130,8 @@ class FeatureExtractor:
         num_workers: threads that decode and resize the next batch while the model runs (0: in the caller's thread).
         allow_missing: accept backbone weights that lack some of the model's tensors (they stay as initialised,
             random); without it such weights are refused, listing the missing tensors.
+        test_feature: a stage-2 model's embedding, "after_neck" or "before_neck" (the BN neck's input); default the
+            one the model was trained to be tested with (its spec's `test_feature`).
 
     Raises:
         CheckpointError: an unreadable checkpoint, backbone weights without a spec and without `backbone`, or
@@ -148,11 +152,14 @@ class FeatureExtractor:
         key: str = "teacher",
         num_workers: int = 0,
         allow_missing: bool = False,
+        test_feature: str | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
         model, prep = load_model(model_path, backbone, key, allow_missing)
+        if test_feature is not None:
+            set_test_feature(model, test_feature, str(model_path))
         self.model = model.to(self.device).eval()
         self.image_size = tuple(int(s) for s in (image_size if image_size is not None else prep["img_size"]))
         self.mean = tuple(float(v) for v in (mean if mean is not None else prep["mean"]))
@@ -290,6 +297,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=positive_int, nargs=2, metavar=("H", "W"), help="override the input size")
     p.add_argument("--mean", type=finite_float, nargs=3, help="override the normalisation mean (RGB)")
     p.add_argument("--std", type=positive_float, nargs=3, help="override the normalisation std (RGB)")
+    p.add_argument("--test-feature", choices=TEST_FEATURES,
+                   help="a stage-2 model's embedding: after_neck | before_neck (default: the one saved in the model)")
     p.add_argument("--allow-missing", action="store_true",
                    help="use backbone weights that lack some of the model's tensors (left random)")
     return p
@@ -317,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             args.checkpoint, None if args.device == "auto" else args.device, batch_size=args.batch_size,
             flip=args.flip, image_size=args.image_size, mean=args.mean, std=args.std,
             backbone=_parse_backbone(args.backbone), num_workers=args.num_workers, allow_missing=args.allow_missing,
+            test_feature=args.test_feature,
         )  # fmt: skip
         feats = extractor([os.path.join(args.images, n) for n in names], progress=True).numpy()  # (N, D)
         listing = out.with_suffix(".txt")

@@ -8,6 +8,7 @@ single process, where nothing is wrapped.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 import torch.distributed as tdist
@@ -17,7 +18,9 @@ from .distributed import is_dtensor
 
 __all__ = [
     "ddp_module",
+    "full_copy",
     "full_optimizer_state",
+    "fsdp_units",
     "full_state_dict",
     "is_sharded",
     "load_full_optimizer_state",
@@ -86,19 +89,33 @@ def _mixed_precision(device: torch.device, amp: str):
     return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
 
 
+def fsdp_units(net: torch.nn.Module) -> list[torch.nn.Module]:
+    """The pieces `wrap_fsdp` shards apart inside a network, each gathered only while it runs: a ViT's transformer
+    blocks (`backbone.blocks`), a ResNet's residual stages (`backbone.layer1` .. `layer4`); none for another
+    backbone (the network is then gathered whole at each forward)."""
+    backbone = getattr(net, "backbone", None)
+    if backbone is None and hasattr(net, "model"):  # stage 2's ReIDNet: the model, then the loss terms
+        backbone = getattr(net.model, "backbone", None)
+    blocks = getattr(backbone, "blocks", None)
+    if blocks is not None:
+        return list(blocks)
+    return [getattr(backbone, f"layer{i}") for i in range(1, 5) if hasattr(backbone, f"layer{i}")]
+
+
 def wrap_fsdp(task: torch.nn.Module, device: torch.device, amp: str = "fp32",
               cpu_offload: bool = False) -> torch.nn.Module:  # fmt: skip
     """Shard a task over the processes with FSDP2 (`fully_shard`), for models too large to replicate.
 
     Every rank first takes rank 0's state (as `wrap_ddp`); then each network of `task.fsdp_roots()` (stage 1: the
-    student and the EMA teacher) is sharded per block of its backbone (`backbone.blocks`: a ViT's transformer
-    blocks, each gathered only while it runs) and then as a whole (the patch embedding, norms and head). A backbone
-    without `blocks` (a ResNet) is sharded at the root only: one all-gather of the whole network per forward. The
+    student and the EMA teacher; stage 2: the model with the loss terms' weights) is sharded per `fsdp_units` (a
+    ViT's blocks, a ResNet's stages) and then as a whole (the patch embedding or stem, norms, heads, classifiers). The
     teacher is sharded exactly like the student, so each rank holds the same slice of both and the EMA update
-    (`update_teacher`) is local to that slice, with no communication. The parameters become DTensors with their
-    full shapes and names; `full_state_dict` / `load_full_state_dict` read and write them as plain tensors, so
-    checkpoints and exports are those of a DDP run. `ddp_module(task)` is then the sharded `task.trainable` itself.
-    Nothing happens in a single process.
+    (`update_teacher`) is local to that slice, with no communication; it reshards after its forward pass (it has no
+    backward pass that would need the gathered weights again). The parameters become DTensors with their full
+    shapes and names; `full_state_dict` / `load_full_state_dict` read and write them as plain tensors, so
+    checkpoints and exports are those of a DDP run. `ddp_module(task)` is then the sharded `task.trainable` itself,
+    whose buffers (BatchNorm statistics) rank 0 broadcasts before each training forward, as DDP does. Nothing
+    happens in a single process.
 
     Args:
         amp: `run.amp`: bf16 / fp16 weights in forward and backward with fp32 gradient reduction (CUDA only).
@@ -122,11 +139,35 @@ def wrap_fsdp(task: torch.nn.Module, device: torch.device, amp: str = "fp32",
         options["mp_policy"] = policy
     if cpu_offload:
         options["offload_policy"] = CPUOffloadPolicy()
-    for net in roots():
-        for block in getattr(getattr(net, "backbone", None), "blocks", ()):
-            fully_shard(block, **options)
+    nets = list(roots())
+    for net in nets:
+        for unit in fsdp_units(net):
+            fully_shard(unit, **options)
         fully_shard(net, **options)
+        if net is not task.trainable:  # a teacher: nothing to keep gathered for
+            net.set_reshard_after_forward(True, recurse=False)
+    buffers = _BufferBroadcast()
+    task.trainable.register_forward_pre_hook(buffers)
+    task.__dict__.update(_fsdp_roots=nets, _fsdp_buffers=buffers)  # what no_sync and reshard act on
     return task
+
+
+class _BufferBroadcast:
+    """A forward pre-hook of the sharded network: rank 0's buffers everywhere before a training forward, when DDP's
+    `broadcast_buffers` would: unless the previous training forward ran under `no_sync` (DDP syncs buffers after a
+    forward that syncs gradients only), so BatchNorm's running statistics evolve on every rank as under DDP."""
+
+    def __init__(self) -> None:
+        self.next, self.grad_sync = True, True  # broadcast at the next forward; gradients reduced (not no_sync)
+
+    def __call__(self, module: torch.nn.Module, args) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        if self.next:
+            with torch.no_grad():
+                for b in module.buffers():
+                    tdist.broadcast(b, 0)
+        self.next = self.grad_sync
 
 
 def ddp_module(task: torch.nn.Module) -> torch.nn.Module:
@@ -143,21 +184,21 @@ def no_sync(task: torch.nn.Module) -> contextlib.AbstractContextManager:
     ddp = task.__dict__.get("_ddp")
     if ddp is not None:
         return ddp.no_sync()
-    from torch.distributed.fsdp import FSDPModule
-
-    roots = [net for net in getattr(task, "fsdp_roots", list)() if isinstance(net, FSDPModule)]
-    return _fsdp_no_sync(roots) if roots else contextlib.nullcontext()
+    roots = task.__dict__.get("_fsdp_roots")
+    return _fsdp_no_sync(roots, task.__dict__["_fsdp_buffers"]) if roots else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
-def _fsdp_no_sync(roots: list):
+def _fsdp_no_sync(roots: list, buffers: _BufferBroadcast):
     for net in roots:
         net.set_requires_gradient_sync(False)
+    buffers.grad_sync = False
     try:
         yield
     finally:
         for net in roots:
             net.set_requires_gradient_sync(True)
+        buffers.grad_sync = True
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -170,11 +211,8 @@ def reshard(task: torch.nn.Module) -> None:
     its backward (student) or the EMA update (teacher) reshards it; a step dropped after the forward pass (a
     non-finite loss) has neither, and would leave full tensors where the optimiser, clipping and checkpoints expect
     the shards. Nothing for a task that is not sharded."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for net in getattr(task, "fsdp_roots", list)():
-        if isinstance(net, FSDPModule):
-            net.reshard()
+    for net in task.__dict__.get("_fsdp_roots", ()):
+        net.reshard()
 
 
 def is_sharded(module: torch.nn.Module) -> bool:
@@ -182,16 +220,17 @@ def is_sharded(module: torch.nn.Module) -> bool:
     return any(is_dtensor(p) for p in module.parameters())
 
 
-def _full_options():
+def _full_options(every_rank: bool = False):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    # full tensors, gathered one by one to rank 0's CPU memory (the other ranks get nothing)
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+    # full tensors, gathered one by one: to rank 0's CPU memory (the other ranks get nothing), or to every rank
+    return StateDictOptions(full_state_dict=True, cpu_offload=not every_rank)
 
 
-def full_state_dict(module: torch.nn.Module) -> dict:
+def full_state_dict(module: torch.nn.Module, every_rank: bool = False) -> dict:
     """`module.state_dict()` with plain full tensors: for a sharded module gathered to rank 0's CPU memory (an empty
-    dict on the other ranks; a collective: every rank calls it), else the module's own state dict.
+    dict on the other ranks; a collective: every rank calls it), or with `every_rank` to every rank's device, else
+    the module's own state dict.
 
     What checkpoints and exports hold, so that a sharded run writes the files a DDP run writes.
     """
@@ -199,7 +238,19 @@ def full_state_dict(module: torch.nn.Module) -> dict:
         return module.state_dict()
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    return get_model_state_dict(module, options=_full_options())
+    return get_model_state_dict(module, options=_full_options(every_rank))
+
+
+def full_copy(module: torch.nn.Module, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """`module` itself, or for a sharded one a plain copy on every rank (a collective): `build()` loaded with the
+    gathered full state (buffers as this rank has them). What evaluation and exports use: evaluation runs a
+    different number of batches per rank, which a sharded forward (an all-gather per unit) cannot."""
+    if not is_sharded(module):
+        return module
+    with torch.random.fork_rng(devices=[]):  # its initial weights, overwritten below, leave the run's stream alone
+        copy = build().to(next(module.parameters()).device)
+    copy.load_state_dict(full_state_dict(module, every_rank=True))
+    return copy.train(module.training)
 
 
 def load_full_state_dict(module: torch.nn.Module, state: dict) -> None:

@@ -20,7 +20,8 @@ from . import config as C
 __all__ = ["check", "is_override", "load"]
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = {"train_dino.py": (C.DinoConfig, "cfg_dino.yaml"), "train_recog.py": (C.RecogConfig, "cfg_recog.yaml")}
+SCRIPTS = {"train_dino.py": (C.DinoConfig, "cfg_dino.yaml"), "train_recog.py": (C.RecogConfig, "cfg_recog.yaml"),
+           "train_usl.py": (C.UslConfig, "cfg_usl.yaml")}  # fmt: skip
 
 
 def is_override(arg: str, cls: type) -> bool:
@@ -58,6 +59,7 @@ def _missing_path(cfg) -> str | None:
     sets = [(f"data.train[{i}]", s) for i, s in enumerate(data.train)] if isinstance(data.train, list) else \
         [("data.train", data.train)]  # fmt: skip
     sets += [(key, getattr(data, key.split(".")[1], None)) for key in ("data.test", "data.eval_set")]
+    sets += [(f"data.source[{i}]", s) for i, s in enumerate(getattr(data, "source", []))]  # train_usl.py
     for key, spec in sets:
         if spec is not None and spec.name != "demo" and not Path(spec.root).is_dir():
             return f"{key}.root: {spec.root} does not exist; expected the directory of the {spec.name} data set"

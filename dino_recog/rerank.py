@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import faiss
 import numpy as np
@@ -135,12 +135,7 @@ def re_rank_features(
         return distance(feats[start:stop] @ feats.T, sq[start:stop, None], sq[None, :])
 
     def entries(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        out = np.empty(len(rows), dtype=np.float32)
-        step = max(1, _BLOCK // feats.shape[1])
-        for s in range(0, len(rows), step):
-            r, c = rows[s : s + step], cols[s : s + step]
-            out[s : s + step] = distance(np.einsum("nd,nd->n", feats[r], feats[c]), sq[r], sq[c])
-        return out
+        return distance(pair_dots(feats, rows, cols), sq[rows], sq[cols])
 
     return _re_rank(columns, entries, len(q), len(feats), k1, k2, lambda_value)
 
@@ -179,55 +174,96 @@ def _re_rank(
         if start < num_q:
             out[start : min(stop, num_q)] = d[: num_q - start, num_q:].numpy()
 
-    # Step 2: R(p, k1) as pairs (p, c); for N(q, k1/2), a mask of the members of R(q, k1/2).
-    ids = np.arange(n)[:, None, None]
-    fwd = ranks[:, : k1 + 1]  # (N, A) N(p, k1)
-    p, a = np.nonzero((ranks[fwd, : k1 + 1] == ids).any(2))  # (M,) fwd[p, a] in R(p, k1)
-    c = fwd[p, a]
-    half = ranks[:, : k_half + 1]  # (N, B) N(q, k1/2)
-    in_half = (ranks[half, : k_half + 1] == ids).any(2)  # (N, B) half[q, b] in R(q, k1/2)
-
-    # Step 3: R*(p, k1) = R(p, k1) and the R(c, k1/2) of its members c that share more than 2/3 with it.
-    h, m = half[c], in_half[c]  # (M, B) R(c, k1/2) as N(c, k1/2) and a mask
-    shared = m & np.isin(p[:, None] * n + h, p * n + c)  # (M, B) also in R(p, k1)
-    grow = 3 * shared.sum(1) > 2 * m.sum(1)  # "> 2/3 |R(c, k1/2)|" in integers, exactly as in floating point
-    keys = np.unique(np.concatenate([p * n + c, (p[:, None] * n + h)[m & grow[:, None]]]))
-    rows, cols = keys // n, keys % n  # (nnz,) sparse V: rows ascending, columns ascending within a row
+    # Steps 2-3: R*(p, k1) as sparse pairs, from N(p, k1) (k1 + 1 items, p included) and N(q, k1/2).
+    rows, cols = k_reciprocal_expansion(ranks, k1 + 1, k_half + 1)
 
     # Step 4: Gaussian weights over R*(p, k1), normalised per row.
     dist = np.square(entries(rows, cols)).astype(np.float32) / peak[rows]
     weight = np.exp(-dist)
     vals = weight / np.bincount(rows, weights=weight, minlength=n).astype(np.float32)[rows]
 
-    # Step 5: V_p <- mean of the rows of its k2 nearest; duplicates (same p, l) summed.
+    # Step 5: V_p <- mean of the rows of its k2 nearest.
     if k2 != 1:
-        src = ranks[:, :k2]  # (N, T)
-        pos, counts = _segments(_indptr(rows, n), src.ravel())
-        owner = np.repeat(np.repeat(np.arange(n), src.shape[1]), counts)
-        key, inverse = np.unique(owner * n + cols[pos], return_inverse=True)
-        vals = (np.bincount(inverse, weights=vals[pos]) / src.shape[1]).astype(np.float32)
-        rows, cols = key // n, key % n
+        rows, cols, vals = local_query_expansion(rows, cols, vals, ranks[:, :k2])
 
-    # Steps 6-7: sum_l min(V_p(l), V_g(l)) for query rows p against gallery rows g, joined on the column l.
-    gallery = rows >= num_q
-    order = np.argsort(cols[gallery], kind="stable")
-    g_rows, g_cols, g_vals = rows[gallery][order] - num_q, cols[gallery][order], vals[gallery][order]
-    by_col = _indptr(g_cols, n)
-    q_ptr = _indptr(rows[~gallery], num_q)
-    pairs_before = np.concatenate([[0], np.cumsum(np.diff(by_col)[cols[: q_ptr[-1]]])])[q_ptr]  # (Q + 1,) joined pairs
-    start, max_rows = 0, max(1, _BLOCK // (4 * num_g))
-    while start < num_q:  # blocks of queries with at most _BLOCK / 4 pairs (~50 bytes each) and a (b, G) sum
-        stop = np.searchsorted(pairs_before, pairs_before[start] + _BLOCK // 4, side="right") - 1
-        stop = min(max(stop, start + 1), start + max_rows, num_q)
-        lo, hi = q_ptr[start], q_ptr[stop]
-        pos, counts = _segments(by_col, cols[lo:hi])
-        pair_min = np.minimum(np.repeat(vals[lo:hi], counts), g_vals[pos])
-        flat = np.repeat(rows[lo:hi] - start, counts) * num_g + g_rows[pos]
-        s_min = np.bincount(flat, weights=pair_min, minlength=(stop - start) * num_g).reshape(stop - start, num_g)
-        jaccard = (1.0 - s_min / (2.0 - s_min)).astype(np.float32)
+    # Steps 6-7: sum_l min(V_p(l), V_g(l)) for query rows p against gallery rows g, in blocks of queries.
+    max_rows = max(1, _BLOCK // (4 * num_g))  # a (b, G) block of sums
+    for start, stop, src, tgt, pair_min in shared_mass(rows, cols, vals, n, num_q, num_q, max_rows):
+        s_min = np.bincount(src * num_g + tgt, weights=pair_min, minlength=(stop - start) * num_g)
+        jaccard = (1.0 - s_min / (2.0 - s_min)).astype(np.float32).reshape(stop - start, num_g)
         out[start:stop] = jaccard * np.float32(1 - lambda_value) + out[start:stop] * np.float32(lambda_value)
-        start = stop
     return out
+
+
+def pair_dots(feats: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """(M,) float32 dot products feats[rows[i]] . feats[cols[i]], in blocks of _BLOCK gathered entries."""
+    out = np.empty(len(rows), dtype=np.float32)
+    step = max(1, _BLOCK // feats.shape[1])
+    for s in range(0, len(rows), step):
+        out[s : s + step] = np.einsum("nd,nd->n", feats[rows[s : s + step]], feats[cols[s : s + step]])
+    return out
+
+
+def k_reciprocal_expansion(ranks: np.ndarray, fwd_width: int, half_width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The expanded k-reciprocal sets R*(p, k1) of every item p as sparse pairs (rows, cols), sorted by row then column.
+
+    N(p, k1) is ranks[p, :fwd_width] and N(q, k1/2) is ranks[q, :half_width] (each item's nearest, itself usually
+    first; which widths the conventions take is the caller's). R(p, k) = {g in N(p, k) : p in N(g, k)}, and
+    R*(p, k1) = R(p, k1) united with R(c, k1/2) for every c in R(p, k1) with |R(c, k1/2) & R(p, k1)| > 2/3 |R(c, k1/2)|.
+    Vectorised over the (N, width) table: O(N width^2) memory, no (N, N) matrix.
+    """
+    n = len(ranks)
+    ids = np.arange(n)[:, None, None]
+    fwd = ranks[:, :fwd_width]  # (N, A) N(p, k1)
+    p, a = np.nonzero((ranks[fwd, :fwd_width] == ids).any(2))  # (M,) fwd[p, a] in R(p, k1)
+    c = fwd[p, a]
+    half = ranks[:, :half_width]  # (N, B) N(q, k1/2)
+    in_half = (ranks[half, :half_width] == ids).any(2)  # (N, B) half[q, b] in R(q, k1/2)
+    h, m = half[c], in_half[c]  # (M, B) R(c, k1/2) as N(c, k1/2) and a mask
+    shared = m & np.isin(p[:, None] * n + h, p * n + c)  # (M, B) also in R(p, k1)
+    grow = 3 * shared.sum(1) > 2 * m.sum(1)  # "> 2/3 |R(c, k1/2)|" in integers, exactly as in floating point
+    keys = np.unique(np.concatenate([p * n + c, (p[:, None] * n + h)[m & grow[:, None]]]))
+    return keys // n, keys % n
+
+
+def local_query_expansion(
+    rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, nearest: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sparse V (rows ascending) replaced by V_p <- mean of V_q over q in nearest[p] ((N, k2), p usually included);
+    entries of the same (p, l) summed. Returns the new (rows, cols, float32 vals), sorted by row then column."""
+    n = len(nearest)
+    pos, counts = _segments(_indptr(rows, n), nearest.ravel())
+    owner = np.repeat(np.repeat(np.arange(n), nearest.shape[1]), counts)
+    key, inverse = np.unique(owner * n + cols[pos], return_inverse=True)
+    vals = (np.bincount(inverse, weights=vals[pos]) / nearest.shape[1]).astype(np.float32)
+    return key // n, key % n, vals
+
+
+def shared_mass(
+    rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n: int, num_src: int, tgt_from: int, max_rows: int
+) -> Iterator[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]:
+    """The terms of sum_l min(V_p(l), V_g(l)) for source rows p < num_src against target rows g >= tgt_from of a sparse
+    V over n items (rows ascending), joined on the column l, in blocks of source rows.
+
+    Yields (start, stop, src, tgt, pair_min) per block of sources start:stop, with at most _BLOCK / 4 terms (~50 bytes
+    each) or `max_rows` rows (one row at least): one term per shared column, src = p - start, tgt = g - tgt_from.
+    Terms of the same pair are not summed; pairs sharing no column have none.
+    """
+    target = rows >= tgt_from
+    order = np.argsort(cols[target], kind="stable")
+    t_rows, t_cols, t_vals = rows[target][order] - tgt_from, cols[target][order], vals[target][order]
+    by_col = _indptr(t_cols, n)
+    s_ptr = _indptr(rows[rows < num_src], num_src)
+    pairs_before = np.concatenate([[0], np.cumsum(np.diff(by_col)[cols[: s_ptr[-1]]])])[s_ptr]  # (S + 1,) terms
+    start = 0
+    while start < num_src:
+        stop = np.searchsorted(pairs_before, pairs_before[start] + _BLOCK // 4, side="right") - 1
+        stop = min(max(stop, start + 1), start + max_rows, num_src)
+        lo, hi = s_ptr[start], s_ptr[stop]
+        pos, counts = _segments(by_col, cols[lo:hi])
+        pair_min = np.minimum(np.repeat(vals[lo:hi], counts), t_vals[pos])
+        yield start, stop, np.repeat(rows[lo:hi] - start, counts), t_rows[pos], pair_min
+        start = stop
 
 
 def _nearest(d: torch.Tensor, width: int) -> np.ndarray:

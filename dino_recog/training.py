@@ -18,9 +18,11 @@ import torch.nn as nn
 from . import checkpoint as ckpt
 from . import config as C
 from . import distributed as dist
-from . import parallel
+from . import parallel, sharded
+from .cli import eval_options
 from .config.diff import changed_keys, format_changes, unsafe_changes
 from .engine import LoopOptions, NonFiniteLossError, train_one_epoch
+from .evaluation import evaluate_query_gallery
 from .runlog import RunLog, fmt_metrics
 
 __all__ = ["TrainingRun", "optimizer_steps"]
@@ -39,15 +41,22 @@ class TrainingRun:
         keep_every: also keep every end-of-epoch checkpoint whose epoch is a multiple of this (0: none).
         extra: what the script adds to every checkpoint (called at each save).
         sharded: the optimisers of the task's `shards()` (per rank, like them); they follow the main schedule.
+        global_batch: samples per optimiser step over all processes; a run resumed on another number of processes
+            maps the position in the epoch by the samples already trained on.
+        lr_at: global batch -> peak lr, where the stage scales the lr with the batch (for the resume's log).
 
     The task's `shards()` (state that differs by rank: Partial FC classifiers) and the `sharded` optimisers are saved
     by every rank into `shard_path(checkpoint, rank, world)`, all before rank 0 writes the checkpoint itself, so a
     checkpoint that exists has its shards; such a run resumes on the same number of processes.
+
+    `run.checkpoint_format` sharded (auto: under FSDP with several processes) writes `checkpoint_....dcp` directories
+    instead (`sharded.py`: every rank its shards, no gather); either format resumes on any number of processes.
     """
 
     def __init__(self, cfg, task: nn.Module, optimizers: Mapping[str, torch.optim.Optimizer], steps_per_epoch: int,
                  keep_every: int = 0, extra: Callable[[], dict] | None = None,
-                 sharded: tuple[str, ...] = ()) -> None:  # fmt: skip
+                 sharded: tuple[str, ...] = (), global_batch: int = 0,
+                 lr_at: Callable[[int], float] | None = None) -> None:  # fmt: skip
         main = next(iter(optimizers))
         # the main optimiser, then the sharded ones (both scheduled: LoopOptions.scheduled), then the others
         order = [main, *sharded, *(k for k in optimizers if k != main and k not in sharded)]
@@ -60,6 +69,7 @@ class TrainingRun:
         self.scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.run.amp == "fp16")
         self.log = RunLog(self.out)
         self.start_epoch, self.start_step, self.rng, self.nonfinite = 0, 0, None, 0
+        self.global_batch, self.lr_at, self.consumed = global_batch, lr_at, 0  # consumed: see _map_world_size
         self.last_saved: Path | None = None
         self.fingerprints: torch.Tensor | None = None
 
@@ -80,7 +90,10 @@ class TrainingRun:
         path, state = found
         changes = changed_keys(state.get("config"), C.to_dict(self.cfg))
         try:  # the architecture first: its error lists each mismatched tensor, then the keys behind them
-            self._check_parts(parts, state, path)
+            if state.get("sharded"):  # every tensor, the optimisers' too, each rank its shards
+                sharded.load_sharded(path, state, parts, self._dcp_optimizers())
+            else:
+                self._check_parts(parts, state, path)
         except ckpt.CheckpointError as e:
             raise ckpt.CheckpointError(f"{e}\nconfig keys changed since that checkpoint: {format_changes(changes)}"
                                        if changes else str(e)) from None  # fmt: skip
@@ -92,12 +105,13 @@ class TrainingRun:
                 "run.output_dir, or set run.resume_changed=allow to continue anyway"
             )
         for name, opt in self.optimizers.items():
-            if state.get(name) and name not in self.sharded:
+            if state.get(name) and name not in self.sharded and not state.get("sharded"):
                 parallel.load_full_optimizer_state(self.task.trainable, opt, state[name])
         self._load_shards(path, state)
         self.scaler.load_state_dict(state["scaler"])
         self.start_epoch, self.start_step, self.rng = ckpt.resume_point(state, path, dist.get_rank(),
                                                                         dist.get_world_size())  # fmt: skip
+        self._map_world_size(state, path)
         self.nonfinite = int(state.get("nonfinite_steps", 0))  # the skip budget is one for the whole run
         self.last_saved = path
         log.info("resumed from %s at epoch %d, step %d", path, self.start_epoch, self.start_step)
@@ -107,6 +121,32 @@ class TrainingRun:
             log.warning("resumed with a changed config: %s", format_changes(changes))
         self._save_config()
         return state
+
+    def _map_world_size(self, state: dict, path: Path) -> None:
+        """A checkpoint written by another number of processes: say what changes, and continue a mid-epoch one after
+        the samples of the epoch already trained on (consumed = steps x the old global batch), at step consumed //
+        new global batch of the epoch, which is where the schedule (a function of the step) continues."""
+        rngs = state.get("rng")
+        old = state.get("world_size") or (len(rngs) if isinstance(rngs, list) else None)
+        new = dist.get_world_size()
+        if old is None or old == new:
+            return
+        before, after = int(state.get("global_batch", 0)), self.global_batch
+        lr = (f"the peak lr follows the linear scaling rule: {self.lr_at(before):g} -> {self.lr_at(after):g}"
+              if self.lr_at and before else "the lr is not scaled with the batch in this stage: unchanged")  # fmt: skip
+        where = f"epoch {self.start_epoch}"
+        if self.start_step and before and after:
+            self.consumed = self.start_step * before
+            self.start_step = self.consumed // after
+            where += (f", step {self.start_step} of {self.steps_per_epoch} (after the {self.consumed} samples of the "
+                      "epoch already trained on)")  # fmt: skip
+        log.info("%s was written by %d processes (global batch %s), this run has %d (global batch %d): it continues "
+                 "at %s; %s", path, old, before or "unknown", new, after, where, lr)  # fmt: skip
+
+    def _dcp_optimizers(self) -> dict[str, tuple[nn.Module, torch.optim.Optimizer]]:
+        """The optimisers a sharded checkpoint holds (not those of the per-rank `shards()`), with the task: the
+        module their parameters are named in."""
+        return {name: (self.task, opt) for name, opt in self.optimizers.items() if name not in self.sharded}
 
     def _load_shards(self, path: Path, state: dict) -> None:
         """This rank's shards and their optimisers, from the files beside checkpoint `path`."""
@@ -155,6 +195,9 @@ class TrainingRun:
         """Checkpoint after `epochs_done` epochs and `step_in_epoch` steps of the next; every rank calls it."""
         rngs = dist.all_gather_object(ckpt.rng_state())  # each rank's streams, for an exact mid-epoch resume
         path = self.out / ckpt.checkpoint_name(epochs_done, step_in_epoch)
+        if self._sharded_format():
+            path = path.with_suffix(sharded.SUFFIX)
+            return self._saved(path, lambda: self._save_sharded(path, self._position(epochs_done, step_in_epoch, rngs)))
 
         # gathered on every rank (FSDP's shards are collectives); plain state dicts otherwise
         full = parallel.full_state_dict
@@ -164,22 +207,44 @@ class TrainingRun:
                   for name, opt in self.optimizers.items() if name not in self.sharded}  # fmt: skip
 
         def write() -> None:
-            state = {**parts, **optims}
-            if self.shards:
-                state.update(shard_world_size=dist.get_world_size(), shard_names=list(self.shards))
-            state.update(scaler=self.scaler.state_dict(), epoch=epochs_done, step_in_epoch=step_in_epoch,
-                         iteration=epochs_done * self.steps_per_epoch + step_in_epoch, nonfinite_steps=self.nonfinite,
-                         config=C.to_dict(self.cfg), rng=rngs, **self.extra())  # fmt: skip
-            if self.fingerprints is not None and step_in_epoch == 0:
-                state["fingerprints"] = self.fingerprints.cpu()
-            ckpt.save_checkpoint(state, path)
+            ckpt.save_checkpoint({**parts, **optims, **self._position(epochs_done, step_in_epoch, rngs)}, path)
             ckpt.prune_checkpoints(self.out, self.cfg.run.keep_last, self.keep_every)
 
-        try:
+        def save_all() -> None:
             if self.shards:
                 self._save_shards(path)
             dist.run_on_main(write)  # a failed write (disk full) stops every rank, not only rank 0
-        except OSError as e:  # one line that says what to resume from once there is space
+
+        return self._saved(path, save_all)
+
+    def _sharded_format(self) -> bool:
+        fmt = self.cfg.run.checkpoint_format
+        return fmt == "sharded" or (fmt == "auto" and any(parallel.is_sharded(m) for m in self.task.parts().values()))
+
+    def _position(self, epochs_done: int, step_in_epoch: int, rngs: list) -> dict:
+        """What a checkpoint holds besides the tensors of the parts and optimisers."""
+        state: dict = {}
+        if self.shards:
+            state.update(shard_world_size=dist.get_world_size(), shard_names=list(self.shards))
+        state.update(scaler=self.scaler.state_dict(), epoch=epochs_done, step_in_epoch=step_in_epoch,
+                     iteration=epochs_done * self.steps_per_epoch + step_in_epoch, nonfinite_steps=self.nonfinite,
+                     world_size=dist.get_world_size(), global_batch=self.global_batch, config=C.to_dict(self.cfg),
+                     rng=rngs, **self.extra())  # fmt: skip
+        if self.fingerprints is not None and step_in_epoch == 0:
+            state["fingerprints"] = self.fingerprints.cpu()
+        return state
+
+    def _save_sharded(self, path: Path, state: dict) -> None:
+        if self.shards:
+            self._save_shards(path)
+        sharded.save_sharded(path, self.task.parts(), self._dcp_optimizers(), state)  # every rank its shards
+        dist.run_on_main(lambda: ckpt.prune_checkpoints(self.out, self.cfg.run.keep_last, self.keep_every))
+
+    def _saved(self, path: Path, save: Callable[[], None]) -> Path:
+        """Run `save`; a failure becomes one line that says what to resume from once there is space."""
+        try:
+            save()
+        except OSError as e:
             last = self.last_saved or "none (none written yet)"
             raise OSError(e.errno, f"{e.strerror or e}; the run stopped; last good checkpoint: {last}") from e
         self.last_saved = path
@@ -208,7 +273,9 @@ class TrainingRun:
         sampling) restart from (seed, epoch, rank) every epoch, or continue from a mid-epoch checkpoint's states.
         """
         first = self.start_step if epoch == self.start_epoch else 0
-        batches.set_epoch(epoch, first * self.cfg.train.accumulate_steps)  # the loader's batches are micro-batches
+        # the loader's batches are micro-batches; `consumed` when resuming from a run on another number of processes
+        consumed = self.consumed if epoch == self.start_epoch else 0
+        batches.set_epoch(epoch, first * self.cfg.train.accumulate_steps, consumed)
         seed = self.cfg.run.seed + 1000 * epoch
         dist.seed_everything(seed)
         if getattr(loader, "generator", None) is not None:  # the workers' base seed, apart from the global stream
@@ -237,6 +304,40 @@ class TrainingRun:
         self.log.write("epoch", done * self.steps_per_epoch, epoch=done, **stats)
         self.fingerprints = dist.check_replicated(self.task.parts(), f"epoch {done}")
         return stats
+
+    def evaluate_reid(self, model: nn.Module, eval_sets: tuple, device: torch.device,
+                      epoch: int | None) -> dict[str, float]:  # fmt: skip
+        """Query/gallery evaluation of a re-identification stage (`eval.*`, `data.test_batch_size`), logged as the
+        `eval` record of `epoch` (0: before training; None: not logged)."""
+        c = self.cfg
+        metrics = evaluate_query_gallery(model, *eval_sets, device, c.eval.metric, c.eval.flip, c.data.test_batch_size,
+                                         c.data.num_workers, **eval_options(c.eval))  # fmt: skip
+        if epoch is not None:
+            log.info("epoch %d%s: %s", epoch, " (before training)" if epoch == 0 else "", fmt_metrics(metrics))
+            self.log.write("eval", epoch * self.steps_per_epoch, epoch=epoch, **metrics)
+        return metrics
+
+    def end_epoch(self, done: int, evaluate: Callable[[int, nn.Module], dict], best: dict,
+                  model: Callable[[], nn.Module], metrics: dict | None) -> tuple[dict | None, dict]:  # fmt: skip
+        """After epoch `done` (1-based) of a re-identification stage: `evaluate(done, model())` every `eval.eval_every`
+        epochs and after the last, `best.pth` when its mAP beats `best`'s (updated in place), then the checkpoint.
+        Every rank calls it (`model()` may be a collective: FSDP gathers a plain copy of the sharded model).
+
+        Returns:
+            The latest metrics (`metrics` when not evaluated) and `best`.
+        """
+        e = self.cfg.eval
+        if (e.eval_every and done % e.eval_every == 0) or done == self.cfg.train.epochs:
+            evaluated = model()
+            metrics = evaluate(done, evaluated)
+            if metrics["mAP"] > best["mAP"]:  # in place: the checkpoint's `extra` reads the script's dict
+                best.clear()
+                best.update(epoch=done, **metrics)
+                dist.run_on_main(lambda: ckpt.save_reid_model(evaluated, self.out / "best.pth"))
+            del evaluated
+        self.save(done)
+        dist.barrier()
+        return metrics, best
 
     def close(self) -> None:
         self.log.close()

@@ -117,6 +117,15 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: (not item.get_closest_marker("slow"), "demo_set" not in item.fixturenames))
 
 
+def pytest_configure(config):
+    """pytest-xdist hands out tests 2 at a time (`--maxschedchunk 1`), so that the order above is the order in which
+    the workers take them. By default its first hand-out gives each worker a quarter of its share in one block: the
+    first worker got every test marked slow (the first ~40 of the order) and ran them one after the other, minutes
+    after the second had finished the rest. An explicit --maxschedchunk on the command line wins."""
+    if config.pluginmanager.hasplugin("xdist") and config.getoption("maxschedchunk", None) is None:
+        config.option.maxschedchunk = 1
+
+
 @pytest.fixture(autouse=True)
 def _log_handlers_stay_with_their_test():
     """A run's log handlers (stderr, its log.txt) are removed when its test ends: a run stopped by an error (a full
@@ -194,3 +203,16 @@ def dino_2proc(small_demo, tmp_path_factory) -> Path:
         assert r.returncode == 0, r.stderr[-4000:]
 
     return built_once(tmp_path_factory, "dino_2proc", build)
+
+
+@pytest.fixture(scope="session")
+def dino_2proc_accum(small_demo, tmp_path_factory) -> Path:
+    """dino_2proc with 2 accumulated batches a step (3 optimiser steps an epoch), uninterrupted: the DDP side of the
+    FSDP accumulation test and the accumulation test of tests/test_train_dino.py."""
+
+    def build(out: Path) -> None:
+        args = dino_args(small_demo / "lup" / "images", out, *DINO_2PROC, "train.accumulate_steps=2")
+        r = train_sh("cpu", 2, "train_dino.py", *args)
+        assert r.returncode == 0, r.stderr[-4000:]
+
+    return built_once(tmp_path_factory, "dino_2proc_accum", build)

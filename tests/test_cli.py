@@ -63,3 +63,24 @@ def test_training_never_reads_a_config_beside_anything(tmp_path):
     run = _run_dir(tmp_path, C.DinoConfig, "train.epochs=30")
     cfg, _ = load_config(C.DinoConfig, "cfg_dino.yaml", "train", [f"run.output_dir={run}"])
     assert cfg.train.epochs == C.load(ROOT / "cfg_dino.yaml", [], cls=C.DinoConfig).train.epochs != 30
+
+
+def test_evaluation_normalises_with_the_models_own_mean_and_std_not_the_configs(small_demo, tmp_path):
+    """A model fine-tuned with 0.5/0.5 is evaluated with 0.5/0.5 under a config that says ImageNet's."""
+    import torch
+
+    from dino_recog.checkpoint import save_reid_model
+    from dino_recog.cli import recog_eval_model
+    from dino_recog.config import IMAGENET_MEAN
+    from dino_recog.models import BackboneSpec, build_reid_model
+
+    spec = BackboneSpec("vit_small", (32, 16), 8, 2, 32, 2, feature="cls", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    path = save_reid_model(build_reid_model(spec, 3, test_feature="before_neck"), tmp_path / "model.pth")
+    market = small_demo / "market"
+    cfg = C.load(ROOT / "cfg_recog.yaml", [f"data.test={{name: market1501, root: {market}}}"], cls=C.RecogConfig)
+    assert tuple(cfg.aug.mean) == IMAGENET_MEAN
+    model, backbone, _, query, gallery = recog_eval_model(cfg, str(path), torch.device("cpu"))
+    for split in (query, gallery):
+        norm = split.transform.transforms[-1]
+        assert (list(norm.mean), list(norm.std)) == ([0.5] * 3, [0.5] * 3)
+    assert backbone["mean"] == [0.5] * 3 and model.head.test_feature == "before_neck"

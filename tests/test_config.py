@@ -23,7 +23,8 @@ def leaf_keys(obj, prefix=""):
             yield prefix + f.name
 
 
-@pytest.mark.parametrize("name, cls", [("cfg_dino.yaml", C.DinoConfig), ("cfg_recog.yaml", C.RecogConfig)])
+@pytest.mark.parametrize("name, cls", [("cfg_dino.yaml", C.DinoConfig), ("cfg_recog.yaml", C.RecogConfig),
+                                       ("cfg_usl.yaml", C.UslConfig)])  # fmt: skip
 def test_top_level_files_hold_every_key_with_a_comment_and_equal_the_defaults(name, cls):
     path = ROOT / name
     assert C.load(path, cls=cls) == cls()  # the file and the dataclass defaults cannot drift apart
@@ -37,7 +38,7 @@ def test_top_level_files_hold_every_key_with_a_comment_and_equal_the_defaults(na
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")))
 def test_presets_load(path):
-    cls = C.DinoConfig if "dino" in path.name else C.RecogConfig
+    cls = C.DinoConfig if "dino" in path.name else C.UslConfig if path.name.startswith("usl_") else C.RecogConfig
     C.load(path, cls=cls)
 
 

@@ -112,8 +112,8 @@ def checkout(small_demo, dino_single, tmp_path_factory) -> Path:
     for name, target in links.items():
         (work / name).parent.mkdir(parents=True, exist_ok=True)
         (work / name).symlink_to(target)
-    for name in ("train.sh", "train_dino.py", "train_recog.py", "eval_reid.py", "eval_knn.py", "cfg_dino.yaml",
-                 "cfg_recog.yaml", "configs", "dino_recog", "tests"):  # fmt: skip
+    for name in ("train.sh", "train_dino.py", "train_recog.py", "train_usl.py", "eval_reid.py", "eval_knn.py",
+                 "cfg_dino.yaml", "cfg_recog.yaml", "cfg_usl.yaml", "configs", "dino_recog", "tests"):  # fmt: skip
         (work / name).symlink_to(ROOT / name)
     queries = sorted((market / "query").glob("*.jpg"))
     (work / "photos").mkdir()

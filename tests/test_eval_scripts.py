@@ -77,6 +77,8 @@ def test_eval_reid_on_a_stage2_model(small_demo, tmp_path, run_script):
     ref = evaluate_rank(re_rank_features(qx, gx, 8, 3, 0.3), q_pids, g_pids, q_cams, g_cams)
     reranked = json.loads((tmp_path / "rr.json").read_text())
     assert reranked["mAP"] == pytest.approx(ref["mAP"], abs=1e-6) and reranked["rerank"] == [8, 3, 0.3]
+    assert (reranked["protocol"]["rerank"], reranked["protocol"]["aqe"]) == ("8/3/0.3", "5/3")
+    assert result["protocol"]["test_feature"] == "after_neck" and result["protocol"]["rerank"] == "off"
     assert reranked["mAP"] != pytest.approx(result["mAP"], abs=1e-4)  # the options did change the ranking
     run_script("eval_reid.py", "--checkpoint", tmp_path / "model.pth", "--json", tmp_path / "top.json", *overrides,
                "eval.topk=5")  # fmt: skip
@@ -84,6 +86,15 @@ def test_eval_reid_on_a_stage2_model(small_demo, tmp_path, run_script):
     cut = evaluate_rank(pairwise_distance(qf, gf), q_pids, g_pids, q_cams, g_cams, cutoff=5)
     assert (top["cutoff"], top["rank5"]) == (5, pytest.approx(result["rank5"], abs=1e-9))
     assert top["mAP"] == pytest.approx(cut["mAP"], abs=1e-9) and top["mAP"] <= result["mAP"]
+    assert top["protocol"]["ap"] == "non-interpolated@5"
+    # --test-feature: the feature before the BN neck, named in the card
+    run_script("eval_reid.py", "--checkpoint", tmp_path / "model.pth", "--json", tmp_path / "before.json",
+               "--test-feature", "before_neck", *overrides)  # fmt: skip
+    before = json.loads((tmp_path / "before.json").read_text())
+    model.set_test_feature("before_neck")
+    expected = evaluate_query_gallery(model.eval(), query, gallery, torch.device("cpu"))
+    assert before["mAP"] == pytest.approx(expected["mAP"], abs=1e-6)
+    assert before["protocol"]["test_feature"] == "before_neck"
 
 
 @pytest.mark.slow  # a fresh interpreter (about 9 s of start-up on 2 cores)

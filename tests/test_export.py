@@ -172,3 +172,24 @@ def test_verify_without_a_test_set_fails_before_exporting(tmp_path, capsys):
               "--config", str(tmp_path / "stage1.yaml")])  # fmt: skip
     assert stop.value.code == 2 and not (tmp_path / "model.onnx").exists()
     assert "has no test set (data.eval_set is null)" in capsys.readouterr().err
+
+
+def test_the_graph_gives_the_test_feature_saved_in_the_model(tmp_path):
+    """A model trained to be tested before the BN neck exports that feature, as evaluation and extract use it."""
+    torch.manual_seed(0)
+    model = stage2(tmp_path / "after.pth")
+    model.set_test_feature("before_neck")
+    save_reid_model(model, tmp_path / "model.pth")
+    onnx_path = main(["--checkpoint", str(tmp_path / "model.pth"), "--out", str(tmp_path / "model.onnx")])
+    session = ort.InferenceSession(str(onnx_path))
+    assert session.get_modelmeta().custom_metadata_map["embedding"] == "stage-2 embedding, before_neck"
+    pixels = np.random.default_rng(2).integers(0, 256, (3, 32, 16, 3), dtype=np.uint8)  # (B, H, W, 3)
+    out = session.run(None, {"images": pixels.transpose(0, 3, 1, 2).copy()})[0]
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    x = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    with torch.no_grad():
+        before = model.eval()(x)  # (B, D) the embedding layer's output, the BN's input
+        model.set_test_feature("after_neck")
+        after = model(x)
+    np.testing.assert_allclose(out, torch.nn.functional.normalize(before, dim=1).numpy(), rtol=0, atol=1e-4)
+    assert not np.allclose(out, torch.nn.functional.normalize(after, dim=1).numpy(), atol=1e-2)

@@ -434,3 +434,26 @@ def test_cli_never_leaves_new_features_beside_an_old_file_list(model_path, tmp_p
     assert (tmp_path / "out" / "f.txt").read_text() == "a.jpg\nb.png\n"
     assert sorted(os.listdir(tmp_path / "out")) == ["f.txt"]  # no temporary file left
     assert main(argv) == 0 and np.load(out).shape == (2, 64)  # a rerun writes both
+
+
+def test_the_extractor_gives_the_test_feature_saved_in_the_model_unless_told_otherwise(tmp_path, images):
+    _, paths = images
+    model = tiny_model()
+    model.set_test_feature("before_neck")
+    path = save_reid_model(model, tmp_path / "model.pth")
+    x = torch.stack([reid_test_transform((32, 16), SPEC["mean"], SPEC["std"])(Image.open(p).convert("RGB"))
+                     for p in paths])  # fmt: skip
+    with torch.no_grad():
+        before = torch.nn.functional.normalize(model(x), dim=1)
+        model.set_test_feature("after_neck")
+        after = torch.nn.functional.normalize(model(x), dim=1)
+    torch.testing.assert_close(FeatureExtractor(path, "cpu")(paths), before, rtol=0, atol=1e-5)
+    torch.testing.assert_close(FeatureExtractor(path, "cpu", test_feature="after_neck")(paths), after, rtol=0,
+                               atol=1e-5)  # fmt: skip
+    assert not torch.allclose(before, after, atol=1e-2)
+    weights = tmp_path / "backbone.pth"
+    save_checkpoint(build_backbone("vit_small", img_size=(32, 16), patch_size=8, depth=2, embed_dim=32,
+                                   num_heads=2)[0].state_dict(), weights)  # fmt: skip
+    with pytest.raises(ValueError, match="holds backbone weights, without a BN neck"):
+        FeatureExtractor(weights, "cpu", backbone=dict(name="vit_small", img_size=(32, 16), patch_size=8, depth=2,
+                                                        embed_dim=32, num_heads=2), test_feature="before_neck")

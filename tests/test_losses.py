@@ -180,3 +180,34 @@ def test_center_loss_value():
         loss.weight.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 0.0]]))
     f = torch.tensor([[1.0, 0.0], [1.0, 3.0]])
     assert loss(f, torch.tensor([0, 1])).item() == pytest.approx(0.5 * (1 + 4) / 2)
+
+
+def _aten_ops(fn) -> list[str]:
+    """The ATen operators `fn()` runs, by name (what the device would launch)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    ops: list[str] = []
+    with Record():
+        fn()
+    return ops
+
+
+def test_the_teacher_ema_and_the_centre_step_are_one_fused_operation_each():
+    """update_teacher: one _foreach_lerp_ over all parameters; the centre's EMA step: one lerp_ (no mul + add, no
+    host sync), deferred or not, for DINO and iBOT alike (one shared implementation)."""
+    from dino_recog.losses import IBOTPatchLoss
+    from dino_recog.models import update_teacher
+
+    s, t = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    ops = _aten_ops(lambda: update_teacher(s, t, 0.9))
+    assert ops.count("_foreach_lerp_") == 1 and not {"_foreach_mul_", "_foreach_add_"} & set(ops)
+    for loss in (DINOLoss(8), IBOTPatchLoss(8)):
+        center = loss.center.clone()
+        ops = _aten_ops(lambda loss=loss: loss.update_center(torch.ones(4, 8)))
+        assert ops.count("lerp_") == 1 and not {"mul_", "add_", "item", "_local_scalar_dense"} & set(ops)
+        torch.testing.assert_close(loss.center, 0.9 * center + 0.1)

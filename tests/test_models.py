@@ -365,3 +365,49 @@ def test_reid_model_from_a_spec_and_from_its_flat_dict_are_the_same():
     torch.testing.assert_close(pooled, torch.cat([tokens[:, 0], tokens[:, 3:].mean(1)], dim=1))
     with pytest.raises(TypeError, match="num_classes is missing"):
         build_reid_model(spec)
+
+
+@pytest.mark.parametrize("arch, feature", [("vit_small", "cls_mean"), ("resnet18", "gem")])
+def test_test_feature_before_neck_is_the_pooled_backbone_feature_and_after_neck_the_bn_output(arch, feature):
+    from dino_recog.models import BackboneSpec, build_reid_model
+    from dino_recog.models.reid import set_test_feature
+
+    spec = BackboneSpec(arch, (32, 16), 8, 2, 32, 2, feature=feature)
+    torch.manual_seed(0)
+    model = build_reid_model(spec, 7, test_feature="before_neck")
+    x = torch.randn(6, 3, 32, 16)
+    model.train()(x)  # BN running statistics away from their init: the two features differ
+    model.eval()
+    assert model.spec["test_feature"] == "before_neck"
+    with torch.no_grad():
+        tokens = model.backbone.forward_features(x)
+        if feature == "cls_mean":  # (B, 1 + N, D) -> CLS beside the mean patch token
+            direct = torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], 1)
+        else:  # (B, C, h, w) -> generalised mean, p learned (3 at init)
+            p = model.head.gem.p
+            direct = tokens.clamp(min=model.head.gem.eps).pow(p).mean((2, 3)).pow(1 / p)
+        torch.testing.assert_close(model(x), direct)
+        bn = model.head.neck
+        model.set_test_feature("after_neck")
+        assert model.spec["test_feature"] == "after_neck"
+        after = (direct - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
+        torch.testing.assert_close(model(x), after, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(after, direct, atol=1e-2)
+    with pytest.raises(ValueError, match="test_feature 'before': expected one of after_neck, before_neck"):
+        build_reid_model({**model.spec, "test_feature": "before"})
+    with pytest.raises(ValueError, match="holds backbone weights, without a BN neck"):
+        set_test_feature(model.backbone, "before_neck", "w.pth")
+
+
+def test_test_feature_is_saved_and_a_spec_without_it_reads_as_after_neck(tmp_path):
+    from dino_recog.checkpoint import save_reid_model
+    from dino_recog.models import BackboneSpec, build_reid_model
+    from dino_recog.weights import load_reid_model
+
+    spec = BackboneSpec("vit_small", (32, 16), 8, 2, 32, 2, feature="cls")
+    model = build_reid_model(spec, 3, test_feature="before_neck")
+    loaded = load_reid_model(save_reid_model(model, tmp_path / "model.pth"))
+    assert loaded.spec["test_feature"] == loaded.head.test_feature == "before_neck"
+    old = {k: v for k, v in model.spec.items() if k != "test_feature"}  # a model.pth written before the key
+    assert build_reid_model(old).head.test_feature == "after_neck"
+    assert build_reid_model(old).spec["test_feature"] == "after_neck"

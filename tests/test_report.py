@@ -69,3 +69,66 @@ def test_a_log_whose_last_line_was_cut_by_a_crash_is_read_without_it(tmp_path, c
     (tmp_path / "log.jsonl").write_text(text[: len(text) - 9] + "\n" + text)  # a broken line in the middle
     with pytest.raises(ValueError, match="log.jsonl, line 2: not a JSON record"):
         read_jsonl(tmp_path / "log.jsonl")
+
+
+PUBLISHED = """# Recipes
+
+Some text.
+
+| recipe | data | version | val | test_feature | flip | mean | std | rerank | mAP | rank1 | source |
+|---|---|---|---|---|---|---|---|---|---|---|---|
+| tssl_s_market | market1501 | - | - | before_neck | off | 0.5,0.5,0.5 | 0.5,0.5,0.5 | off | 91.0 | 96.0 | README |
+| tssl_s_msmt | msmt17 | V1 | train+val | before_neck | off | 0.5,0.5,0.5 | 0.5,0.5,0.5 | ? | 66.1 | 84.6 | README |
+
+After the table.
+"""
+
+
+def _run_with_card(root, card):
+    log = RunLog(root, tensorboard=False)
+    log.write("eval", 0, epoch=0, rank1=0.1, mAP=0.05)
+    log.write("eval", 10, epoch=2, rank1=0.9, mAP=0.8)
+    if card is not None:
+        (root / "results.json").write_text(json.dumps({"final": {"mAP": 0.8}, "protocol": card}))
+
+
+def test_a_run_beside_the_published_rows_of_its_test_set_with_the_conventions_that_differ(tmp_path):
+    (tmp_path / "recipes.md").write_text(PUBLISHED)
+    card = {"data": "market1501", "version": "-", "val": "-", "test_feature": "after_neck", "flip": "off",
+            "mean": "0.485,0.456,0.406", "std": "0.229,0.224,0.225", "rerank": "off", "ap": "non-interpolated"}
+    _run_with_card(tmp_path / "run", card)
+    lines = main([str(tmp_path / "run"), "--published", str(tmp_path / "recipes.md")]).splitlines()
+    assert lines[4] == "| published: tssl_s_market | 96.0 | 91.0 |"  # only its test set's row
+    assert not any("msmt" in line for line in lines)
+    assert lines[5] == f"protocol of {tmp_path / 'run'}: data market1501 | version - | val - | test_feature " \
+                       "after_neck | flip off | mean 0.485,0.456,0.406 | std 0.229,0.224,0.225 | rerank off | ap " \
+                       "non-interpolated"  # fmt: skip
+    assert lines[6] == (f"warning: {tmp_path / 'run'} vs published tssl_s_market: test_feature: ours "
+                        "after_neck, published before_neck; mean: ours 0.485,0.456,0.406, published 0.5,0.5,0.5; "
+                        "std: ours 0.229,0.224,0.225, published 0.5,0.5,0.5")  # fmt: skip
+    same = {**card, "test_feature": "before_neck", "mean": "0.5,0.5,0.5", "std": "0.5,0.5,0.5"}
+    _run_with_card(tmp_path / "same", same)
+    text = main([str(tmp_path / "same"), "--published", str(tmp_path / "recipes.md")])
+    assert text.splitlines()[-1] == f"{tmp_path / 'same'} vs published tssl_s_market: the same stated " \
+                                    "conventions"  # fmt: skip
+    # a named recipe of another set is shown; its "?" re-ranking is not compared; a run without a card is said
+    _run_with_card(tmp_path / "old", None)
+    text = main([str(tmp_path / "old"), "--published", str(tmp_path / "recipes.md"), "--recipe",
+                 "tssl_s_msmt"])  # fmt: skip
+    assert "| published: tssl_s_msmt | 84.6 | 66.1 |" in text
+    assert text.splitlines()[-1] == f"warning: {tmp_path / 'old'}: no protocol card (a results.json from before it, " \
+                                    "or none); its conventions are unknown"  # fmt: skip
+
+
+@pytest.mark.parametrize("content, message", [
+    ("# no table\n", "no published table (a markdown table whose header starts with | recipe | data |)"),
+    ("| recipe | data | mAP |\n|---|---|---|\n", ":1: the published table lacks the column(s) rank1"),
+    ("| recipe | data | mAP | rank1 |\n|---|---|---|---|\n| a | market1501 | n/a | 90 |\n",
+     ":3: mAP 'n/a', rank1 '90'; expected numbers in %"),
+])  # fmt: skip
+def test_a_published_file_without_a_readable_table_is_one_line(tmp_path, capsys, content, message):
+    _run_with_card(tmp_path / "run", None)
+    (tmp_path / "recipes.md").write_text(content)
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path / "run"), "--published", str(tmp_path / "recipes.md")])
+    assert str(stop.value.code) == f"error: {tmp_path / 'recipes.md'}{'' if message[0] == ':' else ': '}{message}"

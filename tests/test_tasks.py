@@ -207,3 +207,19 @@ def test_the_task_warns_once_per_collapse_with_the_iteration(caplog):
         stats = task.log_stats(DinoStep(1e-3, 0.04, 0.996, 0.04, False, it), {}, math.log(32), epoch=2)
         assert stats["entropy_ratio"] == pytest.approx(1.0)
     assert [r.getMessage()[:32] for r in caplog.records] == ["iteration 140: uniform collapse:"]
+
+
+def test_stage2_keeps_its_own_normalisation_and_test_feature_over_a_pretrained_exports(tmp_path):
+    """TransReID-SSL pre-trains with ImageNet mean/std and fine-tunes with 0.5/0.5: the stage-1 export's own
+    normalisation must not replace aug.mean/std in the model (whose spec evaluation and extraction then read)."""
+    from dino_recog.checkpoint import save_backbone
+    from dino_recog.config import IMAGENET_MEAN, IMAGENET_STD
+    from dino_recog.models import BackboneSpec
+    from dino_recog.tasks.reid import model_spec
+
+    export = BackboneSpec("vit_small", (32, 16), 8, 2, 32, 2, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    save_backbone(export.build()[0], export, tmp_path / "teacher_backbone.pth")
+    cfg = recog_cfg(f"model.pretrained={tmp_path / 'teacher_backbone.pth'}", "aug.mean=[0.5,0.5,0.5]",
+                    "aug.std=[0.5,0.5,0.5]", "model.test_feature=before_neck")  # fmt: skip
+    spec = model_spec(cfg, 5)
+    assert (spec["mean"], spec["std"], spec["test_feature"]) == ([0.5] * 3, [0.5] * 3, "before_neck")

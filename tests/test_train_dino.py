@@ -98,14 +98,13 @@ def test_accumulated_steps_scale_the_lr_and_resume_mid_epoch_bit_identically(sma
 
 
 @pytest.mark.slow
-def test_two_cpu_processes_with_accumulated_steps_keep_teacher_and_centre_identical(small_demo, tmp_path):
+def test_two_cpu_processes_with_accumulated_steps_keep_teacher_and_centre_identical(dino_2proc_accum):
     """accumulate_steps 2 on 2 processes (DDP's no_sync on the first micro-batch of each step): the run finishes with
-    3 optimiser steps an epoch (6 batches of 8 per process) and identical teachers and centres on both ranks."""
-    r = launch_two_processes(small_demo, tmp_path, "train.accumulate_steps=2")
-    assert r.returncode == 0, r.stderr[-3000:]
-    state = ckpt.load_checkpoint(tmp_path / "checkpoint_0002.pth")
+    3 optimiser steps an epoch (6 batches of 8 per process) and identical teachers and centres on both ranks
+    (conftest's dino_2proc_accum, shared with the FSDP accumulation test)."""
+    state = ckpt.load_checkpoint(dino_2proc_accum / "checkpoint_0002.pth")
     assert state["iteration"] == 6 and torch.equal(state["fingerprints"][0], state["fingerprints"][1])
-    logged = (tmp_path / "log.txt").read_text()
+    logged = (dino_2proc_accum / "log.txt").read_text()
     assert "effective batch 32 (8 per process x 2 processes x 2 accumulation steps)" in logged
 
 

@@ -7,7 +7,7 @@ value and the expected type, and impossible values are refused here rather than 
 - `loader`: the generic part (load, from_dict, save, dump); `yaml_file`: reading the YAML file;
 - `constraints`: the value checks declared next to the fields (`positive(...)`, `choice(...)`) and `validate`;
 - `common`: what both stages share (DatasetSpec, RunConfig, architecture and data set names);
-- `dino`, `recog`: the two stages' schemas.
+- `dino`, `recog`: the two stages' schemas; `usl`: stage 2 without labels (reuses recog's sections).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from .recog import (
     RecogTrainConfig,
     ReIDAugConfig,
 )
+from .usl import UslClusterConfig, UslConfig, UslDataConfig, UslLossConfig, UslTrainConfig
 
 __all__ = [
     "ARCHS",
@@ -71,6 +72,11 @@ __all__ = [
     "RecogTrainConfig",
     "ReIDAugConfig",
     "RunConfig",
+    "UslClusterConfig",
+    "UslConfig",
+    "UslDataConfig",
+    "UslLossConfig",
+    "UslTrainConfig",
     "dump",
     "from_dict",
     "load",

@@ -128,6 +128,8 @@ class DatasetSpec:
     root: str = "data/Market-1501-v15.09.15"  # directory of the data set (demo: generated there on first use)
     version: str = choice("auto", "V1", "V2")  # MSMT17 only: V1, V2 or auto (detected from the folders)
     use_val: bool = True  # MSMT17 only: list_val.txt joins training (TransReID, PASS, TransReID-SSL do)
+    # training sets only: text file of the image paths (relative to root) or LMDB keys to keep, one a line; "" = all
+    keep_list: str = ""
 
     def validate(self, path: str) -> None:
         if not self.root and self.name != "demo":
@@ -165,6 +167,9 @@ class RunConfig:
     # several processes: ddp (each holds the whole model) or fsdp (student and teacher sharded per ViT block, FSDP2)
     parallel: str = choice("ddp", "fsdp")
     fsdp_cpu_offload: bool = False  # fsdp: sharded weights, gradients and optimiser state live in CPU memory
+    # training checkpoints: full (one file, gathered to rank 0), sharded (a directory every rank writes its shards to,
+    # torch.distributed.checkpoint), auto (sharded under fsdp with several processes, else full); both resume anywhere
+    checkpoint_format: str = choice("auto", "full", "sharded")
 
 
 def check_heads(path: str, model: Any) -> None:

@@ -17,6 +17,7 @@ SAFE_TO_CHANGE = (
     "run.output_dir", "run.resume", "run.resume_changed", "run.log_every", "run.keep_last", "run.save_every_steps",
     "run.skip_nonfinite_steps", "run.device", "run.amp", "run.fused_attn", "run.fused_optimizer", "run.compile",
     "run.channels_last", "run.grad_checkpointing", "run.parallel", "run.fsdp_cpu_offload",
+    "run.checkpoint_format",
     "data.num_workers", "data.test_batch_size", "data.test",
     "data.eval_set", "eval", "model.pretrained",
 )  # fmt: skip

@@ -62,6 +62,9 @@ class DinoDataConfig:
         check(path + ".train.name", self.train.name, one_of(*DATASETS_UNLABELED))
         if self.eval_set is not None:
             check(path + ".eval_set.name", self.eval_set.name, one_of(*DATASETS_LABELED))
+            if self.eval_set.keep_list:
+                raise ConfigError(f"{path}.eval_set.keep_list: {self.eval_set.keep_list}; a keep list selects "
+                                  "training images, expected it empty here")  # fmt: skip
 
 
 @dataclass
@@ -126,6 +129,9 @@ class MultiCropConfig:
     mean: tuple[float, float, float] = norm_mean()  # normalisation mean (ImageNet)
     std: tuple[float, float, float] = norm_std()  # normalisation std (ImageNet)
     gpu_augment: bool = False  # workers return uint8 crops; jitter, grayscale, blur, solarise run batched on the device
+    # cpu: workers decode and crop | gpu: workers send JPEG bytes + crop boxes; decode (nvJPEG), crop, resize and the
+    # gpu_augment colour ops run on the device
+    decode: str = choice("cpu", "gpu")
 
     def validate(self, path: str) -> None:
         gh, gw = self.global_crops_size

@@ -88,6 +88,9 @@ class RecogDataConfig:
                                   "each training set once")  # fmt: skip
             seen[where] = i
         check(path + ".test.name", self.test.name, one_of(*DATASETS_LABELED))
+        if self.test.keep_list:
+            raise ConfigError(f"{path}.test.keep_list: {self.test.keep_list}; a keep list selects training images, "
+                              "expected it empty here (the query/gallery protocol is fixed)")  # fmt: skip
 
 
 @dataclass
@@ -118,6 +121,9 @@ class RecogModelConfig:
     last_stride: int = choice(1, 2)  # ResNet last-stage stride (BoT 1)
     embedding_dim: int = non_negative(0, MAX_WIDTH)  # optional linear embedding before the BN neck; 0 = none
     neck: str = choice("bnneck", "none")  # bnneck (BN before the classifier, bias frozen; Luo et al. 2019) | none
+    # the embedding evaluated, extracted and exported (saved in model.pth): after_neck (BN output; BoT) | before_neck
+    # (the feature entering the BN; TEST.NECK_FEAT before: TransReID-SSL, PASS, SOLIDER-REID)
+    test_feature: str = choice("after_neck", "before_neck")
 
     def validate(self, path: str) -> None:
         check_heads(path, self)
@@ -262,8 +268,13 @@ class RecogConfig:
 
     def validate(self, path: str = "") -> None:
         if self.run.parallel == "fsdp":
-            raise ConfigError("run.parallel: fsdp is implemented for stage 1 (train_dino.py) only so far; stage 2 "
-                              "trains with run.parallel=ddp")
+            # both rescale or copy the weights FSDP shards through the original parameters, which it replaces
+            for key, why in (("center_weight", "the centres' own SGD (loss.center_lr) rescales their gradient with a "
+                              "hook on the parameter"), ("dino_aux_weight", "the auxiliary DINO teacher follows the "
+                              "backbone's parameters by EMA")):  # fmt: skip
+                if getattr(self.loss, key) > 0:
+                    raise ConfigError(f"loss.{key}: {getattr(self.loss, key)} with run.parallel fsdp: {why}, which "
+                                      f"FSDP replaces by shards; set loss.{key}=0 or run.parallel=ddp")  # fmt: skip
         check_input_sizes(self.model, {"aug.size": self.aug.size})
         if self.loss.triplet_weight > 0 or self.loss.center_weight > 0:
             # Batch-hard mining needs a positive (another image of the anchor's identity) and a negative in the batch.

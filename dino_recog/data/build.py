@@ -10,7 +10,9 @@ from .. import distributed as dist
 from ..config import DatasetSpec
 from . import datasets as ds
 from .demo import ensure_demo
+from .keep_list import keep_positions, relative_names
 from .labeled_lmdb import LabeledLMDB, keep_identities
+from .parsers import _relabel as relabel
 from .transforms import reid_test_transform
 
 __all__ = ["labeled_data", "query_gallery", "train_records", "unlabeled_items"]
@@ -55,12 +57,14 @@ def train_records(specs: list[DatasetSpec], min_images_per_id: int = 0) -> list[
     """The labeled training images of one or several data sets, identities and cameras offset per set, without the
     identities that have fewer than `min_images_per_id` images (pids then relabelled 0..N-1, in order).
 
-    A labeled LMDB (luperson_nl, labeled_lmdb; alone, the config makes sure) comes as a `LabeledLMDB`."""
+    A labeled LMDB (luperson_nl, labeled_lmdb; alone, the config makes sure) comes as a `LabeledLMDB`. A set's
+    `keep_list` keeps only the images it names (before identities are counted and relabelled)."""
     if specs[0].name in ("luperson_nl", "labeled_lmdb"):
         # Rank 0 reads the label file and writes the shared cache; the other ranks then map it.
-        data = dist.run_on_main(lambda: LabeledLMDB(specs[0].root, min_images_per_id))
+        spec = specs[0]
+        data = dist.run_on_main(lambda: LabeledLMDB(spec.root, min_images_per_id, spec.keep_list))
         dist.barrier()
-        data = data or LabeledLMDB(specs[0].root, min_images_per_id)
+        data = data or LabeledLMDB(spec.root, min_images_per_id, spec.keep_list)
         log.info("%s %s: %d identities, %d images%s", specs[0].name, specs[0].root, data.num_identities, len(data),
                  _dropped(data.dropped, min_images_per_id))  # fmt: skip
         return data
@@ -74,7 +78,7 @@ def train_records(specs: list[DatasetSpec], min_images_per_id: int = 0) -> list[
                      len(records))  # fmt: skip
         else:
             records = labeled_data(spec).train
-        sets.append(records)
+        sets.append(_kept_records(records, spec))
     combined = ds.combine_train_sets(sets)
     if len(specs) > 1:
         log.info("combined %d train sets: %d identities, %d images", len(specs), len({r.pid for r in combined}),
@@ -90,6 +94,14 @@ def train_records(specs: list[DatasetSpec], min_images_per_id: int = 0) -> list[
     return combined
 
 
+def _kept_records(records: list[ds.Record], spec: DatasetSpec) -> list[ds.Record]:
+    """The records `spec.keep_list` names (all without one), identities relabelled 0..N-1 in order."""
+    if not spec.keep_list:
+        return records
+    kept = keep_positions(relative_names([r.path for r in records], spec.root), spec.keep_list, spec.root)
+    return relabel([records[i] for i in kept])
+
+
 def _dropped(dropped: dict[str, int], minimum: int) -> str:
     if not dropped["identities"]:
         return ""
@@ -99,10 +111,15 @@ def _dropped(dropped: dict[str, int], minimum: int) -> str:
 
 def unlabeled_items(spec: DatasetSpec, keys_file: str = "") -> list[str] | list[ds.Record] | ds.LMDBImages:
     """The training images of a stage-1 data set; labels, where a set has them, are not used."""
-    if spec.name == "demo":
-        return ds.list_image_folder(ensure_demo(spec.root) / "lup" / "images")
-    if spec.name in ("luperson", "image_folder"):
-        return ds.list_image_folder(spec.root)
+    if spec.name in ("demo", "luperson", "image_folder"):
+        folder = ensure_demo(spec.root) / "lup" / "images" if spec.name == "demo" else spec.root
+        paths = ds.list_image_folder(folder)
+        if spec.keep_list:  # paths relative to `root`, as for every set
+            paths = [paths[i] for i in keep_positions(relative_names(paths, spec.root), spec.keep_list, spec.root)]
+        return paths
     if spec.name == "luperson_lmdb":
-        return ds.LMDBImages(spec.root, keys_file or None)
+        images = ds.LMDBImages(spec.root, keys_file or None)
+        if spec.keep_list:
+            images.keys = [images.keys[i] for i in keep_positions(images.keys, spec.keep_list, spec.root)]
+        return images
     return train_records([spec])

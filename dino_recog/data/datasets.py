@@ -295,8 +295,8 @@ class ImageDataset(Dataset):
             name = self.items.name(i) if hasattr(self.items, "name") else item
         else:
             name, pid, camid = os.fspath(item), -1, -1
-        try:
-            img = read_image(item, name)
+        try:  # a transform with its own `read` takes the image in another form (crops.decode: gpu, encoded bytes)
+            img = getattr(self.transform, "read", read_image)(item, name)
         except CorruptImageError as e:
             if not self.train:
                 raise

@@ -28,7 +28,8 @@ import numpy as np
 from ..atomic import atomic_write
 from .parsers import DatasetLayoutError
 
-__all__ = ["LabeledLMDB", "keep_identities", "read_keys_pickle", "read_labels_txt", "write_labels_txt"]
+__all__ = ["LabeledLMDB", "keep_identities", "read_keys_pickle", "read_labels_txt", "read_string_list_pickle",
+           "write_labels_txt"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,33 @@ class _PlainUnpickler(pickle.Unpickler):
                                  "needs; nothing in it was run")  # fmt: skip
 
 
+def _load_plain(path: str) -> object:
+    """A pickle's content through `_PlainUnpickler`: built-in containers and scalars only, nothing imported or run."""
+    try:
+        with open(path, "rb") as fh:
+            return _PlainUnpickler(fh, path).load()
+    except DatasetLayoutError:
+        raise
+    except Exception as e:  # truncated or not a pickle
+        raise DatasetLayoutError(f"{path}: not a readable key file ({type(e).__name__}: {e})") from None
+
+
+def read_string_list_pickle(path: str | os.PathLike) -> list[str]:
+    """A pickled list (or tuple) of plain strings, such as TransReID-SSL's released CFS list of LUPerson images, safely.
+
+    Raises:
+        DatasetLayoutError: an object that needs an import (refused unread), or not a list of strings.
+    """
+    path = os.fspath(path)
+    data = _load_plain(path)
+    if not isinstance(data, (list, tuple)):
+        raise DatasetLayoutError(f"{path}: holds a {type(data).__name__}; expected a list of image names")
+    bad = next((i for i, v in enumerate(data) if not isinstance(v, str)), None)
+    if bad is not None:
+        raise DatasetLayoutError(f"{path}: entry {bad} is {data[bad]!r}; expected a list of image names (strings)")
+    return list(data)
+
+
 def read_keys_pickle(path: str | os.PathLike) -> tuple[list[str], list[int]]:
     """LUPerson-NL's `keys.pkl` ({"keys": [...], "pids": [...]}, as `convert_lmdb.py` writes it), safely.
 
@@ -58,13 +86,7 @@ def read_keys_pickle(path: str | os.PathLike) -> tuple[list[str], list[int]]:
         DatasetLayoutError: an object that needs an import (refused unread), or not that dict of two equal lists.
     """
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as fh:
-            data = _PlainUnpickler(fh, path).load()
-    except DatasetLayoutError:
-        raise
-    except Exception as e:  # truncated or not a pickle
-        raise DatasetLayoutError(f"{path}: not a readable key file ({type(e).__name__}: {e})") from None
+    data = _load_plain(path)
     if not isinstance(data, dict) or not isinstance(data.get("keys"), list) or not isinstance(data.get("pids"), list):
         got = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
         raise DatasetLayoutError(f"{path}: holds {got}; expected LUPerson-NL's dict with a 'keys' and a 'pids' list")
@@ -147,17 +169,24 @@ class LabeledLMDB:
     Args:
         root: the folder (see the module docstring for what it holds).
         min_images_per_id: drop identities with fewer images; 0 or 1 keeps all.
+        keep_list: a text file of the keys to keep (data.keep_list); "" keeps all. Applied first.
     """
 
-    def __init__(self, root: str | os.PathLike, min_images_per_id: int = 0) -> None:
-        self.root, self.min_images_per_id = Path(root), min_images_per_id
+    def __init__(self, root: str | os.PathLike, min_images_per_id: int = 0, keep_list: str = "") -> None:
+        self.root, self.min_images_per_id, self.keep_list = Path(root), min_images_per_id, keep_list
         if not self.root.is_dir():
             raise DatasetLayoutError(f"{self.root}: not a folder; expected a labeled LMDB folder")
         self.path = os.fspath(_lmdb_dir(self.root).resolve())
         self.label_file = _label_file(self.root, Path(self.path))
         keys, raw_pids = _cached_labels(self.label_file)
         self._keys = keys
-        self.index, pids, self.dropped = keep_identities(raw_pids, min_images_per_id)  # index: in the label file
+        listed = np.arange(len(keys))
+        if keep_list:
+            from .keep_list import keep_positions
+
+            listed = keep_positions([k.decode("ascii", "replace") for k in keys.tolist()], keep_list, str(self.root))
+        self.index, pids, self.dropped = keep_identities(raw_pids[listed], min_images_per_id)
+        self.index = listed[self.index]  # positions in the label file
         self.pids = pids.astype(np.int32)
         self.num_identities = int(pids.max()) + 1 if len(pids) else 0
         if not len(self.index):
@@ -179,10 +208,10 @@ class LabeledLMDB:
 
     def __getstate__(self) -> dict:
         # A spawned DataLoader worker maps the cached arrays again rather than receive a pickled copy of them.
-        return {"root": self.root, "min_images_per_id": self.min_images_per_id}
+        return {"root": self.root, "min_images_per_id": self.min_images_per_id, "keep_list": self.keep_list}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["root"], state["min_images_per_id"])
+        self.__init__(state["root"], state["min_images_per_id"], state.get("keep_list", ""))
 
     def __len__(self) -> int:
         return len(self.index)

@@ -6,9 +6,10 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-from torch.utils.data import BatchSampler, Sampler
+import torch
+from torch.utils.data import BatchSampler, DistributedSampler, Sampler
 
-__all__ = ["PKSampler", "RandomPKSampler", "SeededBatches"]
+__all__ = ["PKSampler", "RandomPKSampler", "ResumableDistributedSampler", "SeededBatches"]
 
 
 class PKSampler(Sampler[list[int]]):
@@ -166,17 +167,28 @@ class SeededBatches(Sampler[list[tuple[int, int]]]):
 
     def __init__(self, batches: Sampler[list[int]], seed: int, rank: int = 0) -> None:
         self.batches, self.seed, self.rank = batches, seed, rank
-        self.epoch, self.start = 0, 0
+        self.epoch, self.start, self.by_samples = 0, 0, False
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Iterate epoch `epoch`, skipping its first `start` batches (they were trained before a checkpoint)."""
+    def set_epoch(self, epoch: int, start: int = 0, consumed: int = 0) -> None:
+        """Iterate epoch `epoch`, skipping its first `start` batches (they were trained before a checkpoint).
+
+        Args:
+            consumed: when the checkpoint was written by another number of processes, the samples of the epoch all of
+                them had trained on: a ResumableDistributedSampler starts after them (its batches then numbered from
+                `start`); other samplers skip `start` batches of this run's plan.
+        """
         self.epoch, self.start = epoch, start
         inner = self.batches.sampler if isinstance(self.batches, BatchSampler) else self.batches
         if hasattr(inner, "set_epoch"):
             inner.set_epoch(epoch)
+        self.by_samples = hasattr(inner, "set_consumed") and consumed > 0
+        if hasattr(inner, "set_consumed"):
+            inner.set_consumed(consumed)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        if hasattr(self.batches, "iter_from"):  # each batch drawn on its own: start where asked
+        if self.by_samples:  # the sampler already starts after the samples trained on
+            batches = enumerate(self.batches, self.start)
+        elif hasattr(self.batches, "iter_from"):  # each batch drawn on its own: start where asked
             batches = self.batches.iter_from(self.start)
         else:  # the plan of the whole epoch is still drawn, so the remaining batches are the same
             batches = ((b, batch) for b, batch in enumerate(self.batches) if b >= self.start)
@@ -187,3 +199,32 @@ class SeededBatches(Sampler[list[tuple[int, int]]]):
     def __len__(self) -> int:
         """Batches of a whole epoch, also when it starts later: iteration numbers stay those of the full epoch."""
         return len(self.batches)
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """A DistributedSampler (drop_last) that can start an epoch after the samples a run on another number of
+    processes already trained on.
+
+    The epoch's permutation depends on (seed, epoch) only, and rank r of W takes its positions r, r + W, ...: after
+    every rank has drawn n samples, the run has consumed exactly the first n x W of the permutation, whatever W was.
+    `set_consumed(c)` makes this run split the rest of the permutation (from position c) over its own processes, so
+    no sample of the epoch is trained twice or skipped (but those of an incomplete last batch).
+    """
+
+    def __init__(self, dataset, num_replicas: int, rank: int, seed: int = 0) -> None:
+        super().__init__(dataset, num_replicas, rank, shuffle=True, seed=seed, drop_last=True)
+        self.consumed = 0
+
+    def set_consumed(self, consumed: int) -> None:
+        """Start the epoch at position `consumed` of its permutation (0: the whole epoch)."""
+        self.consumed = consumed
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.consumed:
+            return super().__iter__()
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.dataset), generator=g).tolist()[: self.total_size]  # DistributedSampler's
+        rest = order[self.consumed :]
+        rest = rest[: len(rest) // self.num_replicas * self.num_replicas]
+        return iter(rest[self.rank :: self.num_replicas])

@@ -190,14 +190,29 @@ class MultiCropTransform:
         self.gpu_augment = gpu_augment
         self.augment = BatchAugment(mean, std, n_global=len(self.globals))
 
+    @property
+    def specs(self) -> list[_CropSpec]:
+        """Every crop's specification, in output order: the global crops, then the local crops."""
+        return self.globals + self.locals
+
+    @staticmethod
+    def draw(spec: _CropSpec, height: int, width: int) -> tuple[int, int, int, int, bool]:
+        """(top, left, height, width, flip) of one random crop of a `height` x `width` image, in image pixels: the
+        box (torchvision's draw, inside the spec's body region if any), then the horizontal flip with p 0.5.
+
+        The only random draws of a crop; `crops.decode: gpu` makes them in the worker with this same function, so
+        both decode paths cut the same boxes for the same seed."""
+        top, bottom = spec.region.rows(height) if spec.region is not None else (0, height)
+        i, j, h, w = random_resized_box(bottom - top, width, spec.scale, spec.ratio)
+        return top + i, j, h, w, torch.rand(1).item() < 0.5
+
     def crop(self, img: torch.Tensor, spec: _CropSpec) -> torch.Tensor:
         """Random resized crop (bicubic, antialiased) of a (3, H, W) uint8 image, then horizontal flip with p 0.5."""
-        top, bottom = spec.region.rows(img.shape[1]) if spec.region is not None else (0, img.shape[1])
-        i, j, h, w = random_resized_box(bottom - top, img.shape[2], spec.scale, spec.ratio)
+        i, j, h, w, flip = self.draw(spec, img.shape[1], img.shape[2])
         # uint8 in and out: PyTorch's native antialiased bicubic kernel for uint8 (torchvision's resize on uint8
         # tensors, without its per-call checks) is PIL's, about 2.5x faster than PIL itself
-        out = F.interpolate(img[None, :, top + i : top + i + h, j : j + w], spec.size, mode="bicubic", antialias=True)
-        return out[0].flip(-1) if torch.rand(1).item() < 0.5 else out[0]
+        out = F.interpolate(img[None, :, i : i + h, j : j + w], spec.size, mode="bicubic", antialias=True)
+        return out[0].flip(-1) if flip else out[0]
 
     def __call__(self, img: Image.Image) -> list[torch.Tensor]:
         keep_freed_memory()  # here rather than at construction: DataLoader workers are other processes

@@ -1,5 +1,7 @@
-"""Losses: DINO self-distillation with the DINOv2 terms (stage 1) and metric-learning losses (stage 2)."""
+"""Losses: DINO self-distillation with the DINOv2 terms (stage 1), metric-learning losses (stage 2) and cluster
+contrast (the unsupervised stage 2)."""
 
+from .cluster_contrast import ClusterMemory, cluster_centroids
 from .dino import DINOLoss, collapse_stats
 from .dinov2 import IBOTPatchLoss, KoLeoLoss, sinkhorn_knopp
 from .metric import (
@@ -14,6 +16,8 @@ from .metric import (
 from .partial_fc import PartialFC
 
 __all__ = [
+    "ClusterMemory",
+    "cluster_centroids",
     "DINOLoss",
     "collapse_stats",
     "IBOTPatchLoss",

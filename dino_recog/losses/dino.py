@@ -5,16 +5,15 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import distributed as dist
-from .dinov2 import CENTERINGS, sinkhorn_knopp
+from .center import CenteredLoss
+from .dinov2 import sinkhorn_knopp
 
 __all__ = ["DINOLoss", "collapse_stats"]
 
 
-class DINOLoss(nn.Module):
+class DINOLoss(CenteredLoss):
     """Cross-entropy between the centred, sharpened teacher and the student over pairs of different views.
 
     From "Emerging Properties in Self-Supervised Vision Transformers" (Caron et al. 2021), eq. 3 and 4:
@@ -30,11 +29,9 @@ class DINOLoss(nn.Module):
         teacher_out: (n_global * B, K), the global crops in the same order.
         returns: scalar loss.
 
-    The centre is a buffer (saved in checkpoints). With `defer_center` (gradient accumulation) the forward pass only
-    adds the teacher outputs to a running sum and `apply_center()` takes the EMA step once per optimiser step, with
-    their mean over every micro-batch: the loss of each micro-batch then uses the centre the whole batch would have,
-    and the centre moves as it would with that batch. The teacher temperature is passed in by the caller, which owns
-    its schedule. Runs in a single process without a process group.
+    The centre and its EMA, immediate or deferred to the optimiser step (`defer_center`, `apply_center()`), are
+    :class:`CenteredLoss`'s. The teacher temperature is passed in by the caller, which owns its schedule. Runs in a
+    single process without a process group.
 
     With `centering="sinkhorn_knopp"` (DINOv2's alternative) P_t is `sinkhorn_knopp(g_t(x), tau_t)` over the global
     crops of all processes instead, and the centre is neither used nor updated.
@@ -48,17 +45,9 @@ class DINOLoss(nn.Module):
         center_momentum: float = 0.9,
         centering: str = "center",
     ) -> None:
-        super().__init__()
-        if centering not in CENTERINGS:
-            raise ValueError(f"centering {centering!r}: expected one of {', '.join(CENTERINGS)}")
+        super().__init__(out_dim, center_momentum, centering)
         self.n_global_crops = n_global_crops
         self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.centering = centering
-        self.register_buffer("center", torch.zeros(1, out_dim))
-        self.defer_center = False
-        # with defer_center: this process's sum of the teacher outputs since the last EMA step, and their count
-        self.register_buffer("pending", torch.zeros(out_dim + 1), persistent=False)
 
     def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         n_global = self.n_global_crops
@@ -79,37 +68,8 @@ class DINOLoss(nn.Module):
         # sum_{v != i} H(q_i, p_v) = -q_i . (sum_v log p_v - log p_i): one pass over the crops instead of a double loop.
         total = -(q * (log_p.sum(0, keepdim=True) - log_p[:n_global])).sum(-1)  # (n_global, B)
         loss = total.mean(1).sum() / (n_crops * n_global - n_global)
-        if self.centering == "center":
-            if self.defer_center:
-                self.pending += _center_stats(teacher_out)
-            else:
-                self.update_center(teacher_out)
+        self.observe(teacher_out)
         return loss
-
-    @torch.no_grad()
-    def update_center(self, teacher_out: torch.Tensor) -> None:
-        """EMA of the batch mean of the teacher outputs, the mean taken over all processes."""
-        self._ema(_center_stats(teacher_out))
-
-    @torch.no_grad()
-    def apply_center(self) -> None:
-        """With `defer_center`: the EMA step with the mean of the teacher outputs since the last one (all processes);
-        called once per optimiser step, after at least one forward pass."""
-        if self.centering == "center" and self.defer_center:
-            stats = self.pending.clone()
-            self.pending.zero_()
-            self._ema(stats)
-
-    def _ema(self, stats: torch.Tensor) -> None:
-        stats = dist.all_reduce_sum(stats)
-        batch_center = (stats[:-1] / stats[-1]).unsqueeze(0)  # (1, K)
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
-
-
-@torch.no_grad()
-def _center_stats(teacher_out: torch.Tensor) -> torch.Tensor:
-    """(K + 1,): the sum of the teacher outputs over the batch and their number."""
-    return torch.cat([teacher_out.float().sum(0), teacher_out.new_tensor([teacher_out.shape[0]]).float()])
 
 
 @torch.no_grad()

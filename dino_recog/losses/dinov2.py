@@ -7,10 +7,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import distributed as dist
+from .center import CENTERINGS, CenteredLoss
 
 __all__ = ["CENTERINGS", "IBOTPatchLoss", "KoLeoLoss", "sinkhorn_knopp"]
-
-CENTERINGS = ("center", "sinkhorn_knopp")
 
 
 @torch.no_grad()
@@ -85,7 +84,7 @@ class KoLeoLoss(nn.Module):
             return -torch.log(distances + self.eps).mean()
 
 
-class IBOTPatchLoss(nn.Module):
+class IBOTPatchLoss(CenteredLoss):
     """Cross-entropy between teacher and student patch distributions at the patches masked in the student's input.
 
     The masked-image-modelling loss of iBOT (Zhou et al. 2022, eq. 2) with DINOv2's weighting (Oquab et al. 2023,
@@ -97,7 +96,7 @@ class IBOTPatchLoss(nn.Module):
 
     The teacher sees the unmasked image; m_i is the number of masked patches of image i, so every masked image weighs
     the same whatever its mask size, and n_images counts all images, the unmasked ones too. The centre is this loss's
-    own buffer (saved in checkpoints); with Sinkhorn-Knopp it is not used.
+    own buffer (:class:`CenteredLoss`, saved in checkpoints); with Sinkhorn-Knopp it is not used.
 
     Shapes:
         student_patch_out: (M, K) head outputs at the masked patches, image by image (the order of `masks[masks]`).
@@ -109,15 +108,8 @@ class IBOTPatchLoss(nn.Module):
     def __init__(
         self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9, centering: str = "center"
     ) -> None:
-        super().__init__()
-        if centering not in CENTERINGS:
-            raise ValueError(f"centering {centering!r}: expected one of {', '.join(CENTERINGS)}")
+        super().__init__(out_dim, center_momentum, centering)
         self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.centering = centering
-        self.register_buffer("center", torch.zeros(1, out_dim))
-        self.defer_center = False  # as DINOLoss's: sum here, one EMA step per optimiser step (`apply_center`)
-        self.register_buffer("pending", torch.zeros(out_dim + 1), persistent=False)
 
     def forward(
         self,
@@ -142,35 +134,5 @@ class IBOTPatchLoss(nn.Module):
         ce = -(q * log_p).sum(dim=-1)  # (M,)
         weights = (1.0 / per_image.clamp_min(1).float()).unsqueeze(1).expand_as(masks)[masks]  # (M,): 1 / m_i
         loss = (ce * weights).sum() / masks.shape[0]
-        if self.centering == "center":
-            if self.defer_center:
-                self.pending += self._stats(t)
-            else:
-                self.update_center(t)
+        self.observe(t)
         return loss
-
-    @staticmethod
-    def _stats(teacher_patch_out: torch.Tensor) -> torch.Tensor:
-        return torch.cat(
-            [teacher_patch_out.float().sum(0), teacher_patch_out.new_tensor([teacher_patch_out.shape[0]])]
-        ).float()
-
-    @torch.no_grad()
-    def update_center(self, teacher_patch_out: torch.Tensor) -> None:
-        """EMA of the mean teacher output over the masked patches of all processes; unchanged when there are none."""
-        self._ema(self._stats(teacher_patch_out))
-
-    @torch.no_grad()
-    def apply_center(self) -> None:
-        """With `defer_center`: the EMA step with the mean over the masked patches since the last one."""
-        if self.centering == "center" and self.defer_center:
-            stats = self.pending.clone()
-            self.pending.zero_()
-            self._ema(stats)
-
-    def _ema(self, stats: torch.Tensor) -> None:
-        stats = dist.all_reduce_sum(stats)
-        count = stats[-1]
-        batch_center = (stats[:-1] / count.clamp_min(1)).unsqueeze(0)  # (1, K)
-        updated = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
-        self.center.copy_(torch.where(count > 0, updated, self.center))

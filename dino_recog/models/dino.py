@@ -106,10 +106,12 @@ class MaskedMultiCropNet(MultiCropNet):
         cls, masked = torch.cat(feats), patch_tokens[masks]  # (n_crops * B, D), (M, D)
         if self.ibot_head is None:  # one head call for both, as DINOv2 does with a shared head
             out = self.head(torch.cat([cls, masked]))
-            cls_out, patch_out = out[: cls.shape[0]], out[cls.shape[0] :]
+            # copies, not views of `out`: FSDP2 hooks its backward on what a sharded network returns, and an in-place
+            # op on a returned view would drop that hook (torch warns at every forward)
+            cls_out, patch_out = (t.clone() for t in out.split([cls.shape[0], masked.shape[0]]))
         else:
             cls_out, patch_out = self.head(cls), self.ibot_head(masked)
-        return {"cls": cls_out, "cls_features": tokens[:, 0], "patch": patch_out}
+        return {"cls": cls_out, "cls_features": tokens[:, 0].clone(), "patch": patch_out}  # a copy, as above
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -136,5 +138,6 @@ def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> N
         if getattr(s, "placements", None) is not None and _local(s).shape != t.shape:
             raise ValueError(f"student and teacher are not sharded alike ({name}: this rank holds "
                              f"{tuple(_local(s).shape)} of the student, {tuple(t.shape)} of the teacher)")
-    torch._foreach_mul_(t_params, momentum)
-    torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+    # one fused multi-tensor kernel, t + (1 - m) (s - t): reads t and s once and writes t once (a foreach mul then a
+    # foreach add read and write the teacher twice)
+    torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)

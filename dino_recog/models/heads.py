@@ -7,7 +7,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
-__all__ = ["DINOHead", "GeM", "BNNeckHead"]
+__all__ = ["DINOHead", "GeM", "BNNeckHead", "TEST_FEATURES"]
+
+# The embedding a recognition model gives at test time: its BN-neck output or the feature that enters the neck.
+TEST_FEATURES = ("after_neck", "before_neck")
 
 
 class DINOHead(nn.Module):
@@ -86,14 +89,20 @@ class BNNeckHead(nn.Module):
     are not patches); ResNet maps (B, C, H, W) -> "avg" or "gem".
 
     forward(x) in train mode -> {"feat": (B, D) before the neck, "neck": (B, D) after it, "logits": (B, N) or None};
-    in eval mode -> (B, D) neck feature.
+    in eval mode -> (B, D): the neck feature ("after_neck", BoT) or the pooled (embedded) one before it
+    ("before_neck": fast-reid / TransReID `TEST.NECK_FEAT: before`, which TransReID-SSL, PASS and SOLIDER-REID test
+    with), as `test_feature` says.
     """
 
     def __init__(self, in_dim: int, num_classes: int, pool: str = "cls", embedding_dim: int = 0,
-                 neck: str = "bnneck", classifier: bool = True, prefix_tokens: int = 1) -> None:  # fmt: skip
+                 neck: str = "bnneck", classifier: bool = True, prefix_tokens: int = 1,
+                 test_feature: str = "after_neck") -> None:  # fmt: skip
         super().__init__()
         if pool not in ("cls", "cls_mean", "avg", "gem"):
             raise ValueError(f"pool {pool!r}: expected cls, cls_mean, avg or gem")
+        if test_feature not in TEST_FEATURES:
+            raise ValueError(f"test_feature {test_feature!r}: expected one of {', '.join(TEST_FEATURES)}")
+        self.test_feature = test_feature
         self.pool_name = pool
         self.prefix_tokens = prefix_tokens  # CLS + register tokens before the patches
         self.gem = GeM() if pool == "gem" else None
@@ -122,6 +131,8 @@ class BNNeckHead(nn.Module):
         feat = self.pool(x)
         if self.embedding is not None:
             feat = self.embedding(feat)
+        if not self.training and self.test_feature == "before_neck":
+            return feat  # the BN is not run: its statistics do not matter to this feature
         neck = self.neck(feat) if self.neck is not None else feat
         if not self.training:
             return neck

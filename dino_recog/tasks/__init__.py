@@ -3,6 +3,7 @@
 
 from .dino import DinoStep, DinoTask, DinoV2Terms, build_dino_task, dino_schedule
 from .reid import INPUTS, LossTerm, ReIDNet, ReIDStep, ReIDTask, build_model, build_reid_task, model_spec, reid_schedule
+from .usl import PseudoLabels, USLTask, build_usl_task, pseudo_label
 
 __all__ = [
     "DinoStep",
@@ -19,4 +20,8 @@ __all__ = [
     "build_reid_task",
     "model_spec",
     "reid_schedule",
+    "PseudoLabels",
+    "USLTask",
+    "build_usl_task",
+    "pseudo_label",
 ]

@@ -24,6 +24,7 @@ from .. import parallel
 from .. import weights as ckpt
 from ..checkpoint import load_checkpoint
 from ..data.batch_augment import BatchAugment
+from ..data.device_decode import DeviceCrops, EncodedBatch
 from ..data.masking import BlockMaskGenerator, sample_batch_masks
 from ..losses.dino import DINOLoss, collapse_stats
 from ..losses.dinov2 import IBOTPatchLoss, KoLeoLoss
@@ -72,13 +73,18 @@ class DinoTask(nn.Module):
         loss: the DINO loss with its centre.
         v2: the DINOv2 terms, or None for DINO v1.
         augment: the photometric half of the augmentation run on the device (`crops.gpu_augment`), or None.
+        decode: with `crops.decode: gpu`, what decodes, crops and resizes the images on the device (the batch's first
+            field is then an :class:`EncodedBatch`); needs `augment`.
     """
 
     name = "DINO"  # in messages
 
     def __init__(self, student: MultiCropNet, teacher: MultiCropNet, loss: DINOLoss, v2: DinoV2Terms | None = None,
-                 augment: BatchAugment | None = None) -> None:  # fmt: skip
+                 augment: BatchAugment | None = None, decode: DeviceCrops | None = None) -> None:  # fmt: skip
         super().__init__()
+        if decode is not None and augment is None:
+            raise ValueError("decode (crops.decode: gpu) makes uint8 crops: it needs the device-side augment")
+        self.decode = decode
         self.student, self.teacher, self.dino_loss = student, teacher, loss
         self.ibot_loss = v2.ibot_loss if v2 is not None else None
         self.koleo_loss = KoLeoLoss()
@@ -118,7 +124,10 @@ class DinoTask(nn.Module):
             (loss, {}) for v1; (loss, {"dino", "ibot", "koleo"} unweighted) for v2.
         """
         device = self.dino_loss.center.device
-        crops = [c.to(device, non_blocking=True) for c in batch[0]]
+        if isinstance(batch[0], EncodedBatch):  # crops.decode: gpu
+            crops = self.decode(batch[0], device)
+        else:
+            crops = [c.to(device, non_blocking=True) for c in batch[0]]
         if self.augment is not None:
             crops = self.augment(crops, step.iteration)
         student = parallel.ddp_module(self)
@@ -184,7 +193,12 @@ class DinoTask(nn.Module):
         return {"weight_decay": step.weight_decay, "momentum": step.momentum, "teacher_temp": temp, **stats}
 
     def epoch_stats(self) -> dict[str, float]:
-        return {}
+        """With `crops.decode: gpu`: the images the device could not decode this epoch (`skipped_on_device`; those
+        the workers could not read are in the loop's `skipped_images`)."""
+        if self.decode is None:
+            return {}
+        skipped, self.decode.skipped = self.decode.skipped, 0
+        return {"skipped_on_device": skipped}
 
 
 # A collapse is a state, not a value: one log interval near ln K can be noise (the first epochs of a healthy run pass
@@ -292,8 +306,8 @@ def load_pretrained(net: MultiCropNet, spec: BackboneSpec, path: str) -> None:
 def build_dino_task(cfg: C.DinoConfig) -> DinoTask:
     """Student (with stochastic depth) and teacher (without, starting as a copy of the student; both from
     `model.pretrained` when set), the DINO loss, with v2 the iBOT loss, KoLeo and the mask sampler over the global
-    crops' patch grid, and with `crops.gpu_augment` the device-side photometric augmentation (seeded by seed + rank
-    and the iteration only)."""
+    crops' patch grid, and with `crops.gpu_augment` (or `crops.decode: gpu`) the device-side photometric augmentation
+    (seeded by seed + rank and the iteration only), with `crops.decode: gpu` the device-side decoding and cropping."""
     d = cfg.dino
     spec = BackboneSpec.from_dino_config(cfg)
     student, teacher = _net(cfg, spec, cfg.model.drop_path_rate), _net(cfg, spec, 0.0)
@@ -309,10 +323,10 @@ def build_dino_task(cfg: C.DinoConfig) -> DinoTask:
         v2 = DinoV2Terms(IBOTPatchLoss(cfg.model.out_dim, d.student_temp, d.center_momentum, d.centering),
                          BlockMaskGenerator(grid), tuple(d.mask_ratio_min_max), d.mask_sample_probability,
                          d.ibot_weight, d.koleo_weight)  # fmt: skip
-    augment = None
-    if cfg.crops.gpu_augment:
+    augment, on_device = None, cfg.crops.decode == "gpu"
+    if cfg.crops.gpu_augment or on_device:  # decode: gpu makes uint8 crops on the device: their colours are done there
         augment = BatchAugment(cfg.crops.mean, cfg.crops.std, seed=cfg.run.seed + dist.get_rank())
-    return DinoTask(student, teacher, loss, v2, augment)
+    return DinoTask(student, teacher, loss, v2, augment, DeviceCrops() if on_device else None)
 
 
 def effective_batch(cfg: C.DinoConfig) -> int:

@@ -2,9 +2,9 @@
 
 `ReIDTask` owns what stage 2 trains: the recognition model (backbone + BN-neck head) and the weighted loss terms with
 their own weights (CosFace / ArcFace classes, centre-loss centres, the auxiliary DINO head) in one module that DDP
-wraps (`ReIDNet`), so DDP averages every gradient; the frozen distillation teacher and the EMA teacher of the
-auxiliary DINO term stay outside it, and so do the classifiers that `loss.partial_fc` shards over the processes
-(`sharded` terms: each rank trains its own part, with an optimiser of its own; `shards()`).
+wraps or FSDP shards (`ReIDNet`), so every gradient is averaged; the frozen distillation teacher and the EMA teacher
+of the auxiliary DINO term stay outside it, and so do the classifiers that `loss.partial_fc` shards over the
+processes (`sharded` terms: each rank trains its own part, with an optimiser of its own; `shards()`).
 `engine.train_one_epoch` runs it like any other task.
 """
 
@@ -98,6 +98,9 @@ class ReIDNet(nn.Module):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None):
         out = self.model(images)  # {"feat", "neck", "logits"}
+        # copies of views (the backbone's feature is its CLS token or pooled map): FSDP2 hooks its backward on what a
+        # sharded network returns, and an in-place op on a returned view would drop that hook (torch warns)
+        out = {k: v.clone() if v is not None and v._is_view() else v for k, v in out.items()}
         inputs = {**out, "labels": labels, "images": images, "teacher_logits": teacher_logits}
         return inputs, {t.name: t(inputs) for t in self.terms}
 
@@ -152,6 +155,12 @@ class ReIDTask(nn.Module):
     @property
     def trainable(self) -> nn.Module:
         return self.net  # what DDP wraps (`parallel.wrap_ddp`)
+
+    def fsdp_roots(self) -> tuple[nn.Module]:
+        """What `parallel.wrap_fsdp` shards: the model with the loss terms' weights (per ViT block or ResNet stage,
+        then the rest: stem, BN neck, classifier, CosFace / ArcFace classes). The Partial FC shards stay rank-local
+        outside it (no gradient reduction, as under DDP) and the distillation teacher stays whole on every rank."""
+        return (self.net,)
 
     @property
     def terms(self) -> dict[str, LossTerm]:
@@ -233,21 +242,24 @@ class ReIDTask(nn.Module):
 # From the config
 
 
-def model_spec(cfg: C.RecogConfig, num_classes: int) -> dict:
+def model_spec(cfg: C.RecogConfig, num_classes: int, classifier: bool | None = None) -> dict:
     """The model's flat spec: `model.*` / `aug.*`, with the architecture of a `model.pretrained` file that carries
-    its own (a stage-1 export or checkpoint, a stage-2 model; logged when it replaces `model.*`)."""
+    its own (a stage-1 export or checkpoint, a stage-2 model; logged when it replaces `model.*`). `classifier`: None
+    = whether `loss.*` reads logits (the unsupervised stage, which has no classes, says False)."""
     m = cfg.model
     backbone = BackboneSpec.from_recog_config(cfg)
     if m.pretrained and Path(m.pretrained).is_file():
         backbone = ckpt.pretrained_backbone_spec(backbone, m.pretrained, "model.pretrained")
+    if classifier is None:
+        classifier = (cfg.loss.ce_weight > 0 and not cfg.loss.partial_fc) or cfg.loss.distill_weight > 0
     return reid_spec(backbone, num_classes, embedding_dim=m.embedding_dim, neck=m.neck, drop_path_rate=m.drop_path_rate,
-                     classifier=(cfg.loss.ce_weight > 0 and not cfg.loss.partial_fc)
-                     or cfg.loss.distill_weight > 0)  # fmt: skip
+                     test_feature=m.test_feature, classifier=classifier)
 
 
-def build_model(cfg: C.RecogConfig, num_classes: int) -> ReIDModel:
-    """The recognition model, its backbone loaded from `model.pretrained` (any supported file) or from scratch."""
-    model = build_reid_model(model_spec(cfg, num_classes))
+def build_model(cfg: C.RecogConfig, num_classes: int, classifier: bool | None = None) -> ReIDModel:
+    """The recognition model, its backbone loaded from `model.pretrained` (any supported file) or from scratch
+    (`classifier`: as in `model_spec`)."""
+    model = build_reid_model(model_spec(cfg, num_classes, classifier))
     if cfg.model.pretrained:
         if not Path(cfg.model.pretrained).is_file():
             raise FileNotFoundError(
