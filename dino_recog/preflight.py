@@ -5,7 +5,8 @@ and the paths it names (data roots, the pretrained weights, a resume checkpoint)
 
 Without it, a mistake is printed once per worker and then buried under torchrun's report of the failed workers.
 Only the training scripts are checked; any other script (an evaluation, your own) passes through unchanged. This
-module imports no torch, so the check costs a fraction of a second.
+module imports no torch, so the check costs a fraction of a second (a `timm:<name>` model.arch imports timm to
+check the name and the input sizes).
 """
 
 from __future__ import annotations
@@ -65,7 +66,11 @@ def _missing_path(cfg) -> str | None:
     resume = cfg.run.resume if cfg.run.resume not in ("auto", "") else ""
     if resume and not Path(resume).is_file():
         return f"run.resume: {resume} not found; expected a checkpoint file, auto (the newest in run.output_dir) or ''"
-    pretrained = getattr(cfg.model, "pretrained", "")  # stage 2 only
+    pretrained = getattr(cfg.model, "pretrained", "")
+    if pretrained and not Path(pretrained).is_file() and isinstance(cfg, C.DinoConfig):
+        # continued pre-training; the words of dino_recog.tasks.dino.load_pretrained
+        return (f"model.pretrained: {pretrained} not found; point it at a checkpoint or set model.pretrained='' to "
+                "start from random weights")  # fmt: skip
     if pretrained and not Path(pretrained).is_file():  # the words of dino_recog.tasks.reid.build_model
         return (
             f"model.pretrained: {pretrained} not found; run stage 1 first (train_dino.py exports "

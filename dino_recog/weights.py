@@ -11,8 +11,9 @@ architecture flags:
 - stage-1 training checkpoint: `teacher` / `student` networks and the run's `config`, from which the spec is made.
 
 Read as well, without a spec (the architecture then comes from the caller, e.g. the config's `model.*`): the older
-export (a bare state dict), official DINO checkpoints (`teacher` / `student`, `module.` / `backbone.` prefixes) and
-timm / torchvision state dicts; stage-2 specs written before the BackboneSpec (no register / LayerScale fields).
+export (a bare state dict), official DINO checkpoints (`teacher` / `student`, `module.` / `backbone.` prefixes),
+DINOv2 files (registers, LayerScale, chunked blocks) and timm / torchvision state dicts (their key layouts:
+`weight_formats`); stage-2 specs written before the BackboneSpec (no register / LayerScale fields).
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 
 from .checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
+from .models.backbones import ARCH_HELP
 from .models.reid import ReIDModel, backbone_spec_of_reid, build_reid_model
 from .models.spec import BackboneSpec
+from .weight_formats import extract_backbone_state, to_model_layout
 
 __all__ = [
     "extract_backbone_state",
@@ -49,7 +52,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_ARCH_HELP = "vit_tiny | vit_small | vit_base | resnet18 | resnet50 | resnet101"
+_ARCH_HELP = ARCH_HELP
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -123,43 +126,14 @@ def save_backbone(backbone: nn.Module, spec: BackboneSpec, path: str | os.PathLi
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Backbone weights from our checkpoints and exports, official DINO checkpoints and timm state dicts
-
-
-def extract_backbone_state(obj: Mapping, key: str = "teacher") -> dict[str, torch.Tensor]:
-    """The backbone's state dict out of any supported container.
-
-    Accepts: our stage-1 checkpoint (`teacher` / `student` networks with `backbone.` and `head.` keys), an official
-    DINO checkpoint (`teacher` / `student`, `module.` and `backbone.` prefixes), a stage-2 model (`backbone.`
-    prefix), our backbone export and other `{"state_dict": ...}` or `{"model": ...}` wrappers, or a plain timm /
-    torchvision state dict (our older export).
-
-    Args:
-        obj: the loaded file.
-        key: which network of a student/teacher checkpoint to take.
-    """
-    if key in obj and isinstance(obj[key], Mapping):
-        obj = obj[key]
-    else:
-        for wrapper in ("model", "state_dict", "backbone"):
-            if wrapper in obj and isinstance(obj[wrapper], Mapping):
-                obj = obj[wrapper]
-                break
-    state = {}
-    for k, v in obj.items():
-        if not isinstance(v, torch.Tensor):
-            continue
-        k = k.removeprefix("module.")
-        if k.startswith(("head.", "ibot_head.", "neck.", "classifier.")) or k == "mask_token":
-            continue  # the DINO / iBOT head, DINOv2's mask token or a recognition head, not backbone weights
-        state[k.removeprefix("backbone.")] = v
-    return state
+# Backbone weights from our checkpoints and exports, official DINO / DINOv2 checkpoints and timm state dicts
+# (their key layouts: weight_formats)
 
 
 def _resize_pos_embed(pos_embed: torch.Tensor, model: nn.Module) -> torch.Tensor:
     """Interpolate a ViT position embedding to the model's patch grid (e.g. 224x224 DINO weights to 256x128)."""
     grid = tuple(model.patch_embed.grid_size)  # (gh, gw) of the model
-    prefix = model.num_prefix_tokens
+    prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens  # prefix tokens' slots
     n_old = pos_embed.shape[1] - prefix
     side = math.isqrt(n_old)
     if side * side == n_old:
@@ -243,6 +217,7 @@ def load_backbone_weights(
         CheckpointError: missing keys (unless allowed), mismatched shapes, no shared key, other register tokens.
     """
     state = extract_backbone_state(load_checkpoint(path), key)
+    to_model_layout(state, model)
     own = model.state_dict()
     if "pos_embed" in own:
         n_file = state["reg_token"].shape[1] if "reg_token" in state else 0

@@ -164,7 +164,8 @@ def test_backbone_weights(tmp_path, images):
     assert str(e.value) == (
         f"{tmp_path / 'teacher_backbone.pth'}: backbone weights without a description of the architecture; pass "
         "backbone=dict(name=..., img_size=(H, W), ...) with the keyword arguments of dino_recog.models.build_backbone "
-        "(missing: name, one of vit_tiny | vit_small | vit_base | resnet18 | resnet50 | resnet101)"
+        "(missing: name, one of vit_tiny | vit_small | vit_base | resnet18 | resnet50 | resnet101 | resnet50_ibn_a | "
+        "timm:<name>)"
     )
     arch = dict(name="vit_small", img_size=(32, 16), patch_size=8, depth=2, embed_dim=32, num_heads=2)
     feats = FeatureExtractor(tmp_path / "teacher_backbone.pth", "cpu", backbone=arch)(paths)

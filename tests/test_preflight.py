@@ -30,6 +30,9 @@ def test_a_good_command_passes_and_other_scripts_are_not_checked(small_demo):
                         "model.pretrained={tmp}/t.pth"],
      "model.pretrained: {tmp}/t.pth not found; run stage 1 first (train_dino.py exports teacher_backbone.pth), point "
      "it at other weights, or set model.pretrained='' to start from scratch"),
+    ("train_dino.py", ["data.train={{name: demo, root: {tmp}/d}}", "model.pretrained={tmp}/dino.pth"],
+     "model.pretrained: {tmp}/dino.pth not found; point it at a checkpoint or set model.pretrained='' to start from "
+     "random weights"),
     ("train_dino.py", ["data.train={{name: demo, root: {tmp}/d}}", "run.resume={tmp}/c.pth"],
      "run.resume: {tmp}/c.pth not found; expected a checkpoint file, auto (the newest in run.output_dir) or ''"),
 ])  # fmt: skip

@@ -35,7 +35,11 @@ __all__ = [
     "MAX_SIDE",
     "MAX_WIDTH",
     "MAX_WORKERS",
+    "TIMM_PREFIX",
     "VIT_ARCHS",
+    "arch",
+    "arch_is_vit",
+    "check_input_sizes",
     "DatasetSpec",
     "RunConfig",
     "check_heads",
@@ -47,7 +51,10 @@ __all__ = [
 ]
 
 VIT_ARCHS = ("vit_tiny", "vit_small", "vit_base")
-ARCHS = VIT_ARCHS + ("resnet18", "resnet50", "resnet101")
+ARCHS = VIT_ARCHS + ("resnet18", "resnet50", "resnet101", "resnet50_ibn_a")
+TIMM_PREFIX = "timm:"  # model.arch `timm:<name>`: any timm model (dino_recog.models.timm_backbones)
+# a timm model's sizes come from its name: these model.* keys must stay 0 with it
+_TIMM_FIXED = ("depth", "embed_dim", "num_heads", "layerscale", "num_register_tokens")
 # Besides our names, those torchreid and fast-reid (lowercased) use for the same sets: dukemtmcreid / dukemtmc read
 # like market1501 (the same layout, 8 cameras), msmt17_v1 / msmt17_v2 are msmt17 with `version` V1 / V2.
 DATASET_ALIASES = ("dukemtmcreid", "dukemtmc", "msmt17_v1", "msmt17_v2")
@@ -169,6 +176,48 @@ def check_heads(path: str, model: Any) -> None:
     """A ViT's width splits evenly over its attention heads (0 = the architecture's, checked when built)."""
     if model.embed_dim and model.num_heads and model.embed_dim % model.num_heads:
         raise ConfigError(f"{path}.embed_dim: {model.embed_dim} is not divisible by num_heads {model.num_heads}")
+
+
+def arch(default: str = "vit_small") -> Any:
+    """A `model.arch` field: one of ARCHS or `timm:<name>` (the name is checked against timm by `arch_is_vit`)."""
+    names = ", ".join(map(repr, ARCHS))
+    return declare(default, Constraint(lambda v: v in ARCHS or (isinstance(v, str) and v.startswith(TIMM_PREFIX)
+                                                                and len(v) > len(TIMM_PREFIX)),
+                                       "{value} is not one of " + names + " or 'timm:<name>'"))  # fmt: skip
+
+
+def arch_is_vit(path: str, model: Any) -> bool:
+    """Whether `model.arch` is a ViT (CLS and patch tokens) rather than a pooled feature map; for `timm:<name>`, the
+    name must be timm's (the error lists close names) and the ViT size keys must stay 0."""
+    if not model.arch.startswith(TIMM_PREFIX):
+        return model.arch in VIT_ARCHS
+    from ..models.timm_backbones import timm_info  # here: the models package imports this one
+
+    try:
+        info = timm_info(model.arch)
+    except ValueError as e:
+        raise ConfigError(f"{path}.arch: {e}") from None
+    for name in _TIMM_FIXED:
+        if getattr(model, name, 0):
+            raise ConfigError(f"{path}.{name}: {getattr(model, name)} with {model.arch}; a timm model's sizes come "
+                              "from its name (set 0)")  # fmt: skip
+    return info.vit
+
+
+def check_input_sizes(model: Any, sizes: dict[str, tuple[int, int]]) -> None:
+    """The input sizes (config key -> (height, width); the first is the one the model is built for) suit the
+    architecture: a whole number of patches for our ViTs, and for a timm model, sizes it takes (a meta-device
+    forward: a fixed input size or a window grid refuses others)."""
+    if model.arch in VIT_ARCHS:
+        for key, size in sizes.items():
+            check_patches(key, size, model.patch_size)
+    elif model.arch.startswith(TIMM_PREFIX):
+        from ..models.timm_backbones import check_timm_sizes
+
+        try:
+            check_timm_sizes(model.arch, next(iter(sizes.values())), sizes)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def check_patches(key: str, size: tuple[int, int], patch_size: int) -> None:

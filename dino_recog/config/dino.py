@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .common import (
-    ARCHS,
     DATASETS_LABELED,
     DATASETS_UNLABELED,
     MAX_BATCH,
@@ -17,11 +16,12 @@ from .common import (
     MAX_WIDTH,
     MAX_WORKERS,
     PATCH_SIZES,
-    VIT_ARCHS,
     DatasetSpec,
     RunConfig,
+    arch,
+    arch_is_vit,
     check_heads,
-    check_patches,
+    check_input_sizes,
     image_size,
     norm_mean,
     norm_std,
@@ -69,7 +69,8 @@ class DinoDataConfig:
 
 @dataclass
 class DinoModelConfig:
-    arch: str = choice(*ARCHS, default="vit_small")  # vit_tiny | vit_small | vit_base | resnet18 | resnet50 | resnet101
+    # vit_tiny | vit_small | vit_base | resnet18 | resnet50 | resnet101 | resnet50_ibn_a | timm:<name> (any timm model)
+    arch: str = arch()
     patch_size: int = choice(*PATCH_SIZES, default=16)  # ViT patch size (16 or 8)
     drop_path_rate: float = unit_interval(0.1, open_right=True)  # stochastic depth, student only (official 0.1)
     depth: int = non_negative(0, MAX_DEPTH)  # ViT blocks; 0 = the architecture's (12)
@@ -85,10 +86,12 @@ class DinoModelConfig:
     layerscale: float = non_negative(0.0)
     # ViT register tokens after the CLS token (Darcet et al. 2024; DINOv2 0, "reg" 4)
     num_register_tokens: int = non_negative(0)
+    # continued pre-training: start from these weights (ours, DINO, DINOv2, timm); "" = random
+    pretrained: str = ""
 
     def validate(self, path: str) -> None:
         check_heads(path, self)
-        if self.arch not in VIT_ARCHS and (self.layerscale or self.num_register_tokens):
+        if not arch_is_vit(path, self) and (self.layerscale or self.num_register_tokens):
             raise ConfigError(f"{path}.arch: {self.arch} with layerscale or num_register_tokens, which are ViT options")
 
 
@@ -194,10 +197,10 @@ class DinoConfig:
     eval: DinoEvalConfig = field(default_factory=DinoEvalConfig)  # monitoring, checkpoints, exports
 
     def validate(self, path: str = "") -> None:
-        if self.model.arch in VIT_ARCHS:
-            check_patches("crops.global_crops_size", self.crops.global_crops_size, self.model.patch_size)
-            if self.crops.local_crops_number:
-                check_patches("crops.local_crops_size", self.crops.local_crops_size, self.model.patch_size)
+        sizes = {"crops.global_crops_size": self.crops.global_crops_size}
+        if self.crops.local_crops_number:  # multi-crop: one network takes both sizes
+            sizes["crops.local_crops_size"] = self.crops.local_crops_size
+        check_input_sizes(self.model, sizes)
         if self.dino.warmup_teacher_temp_epochs > self.train.epochs:
             raise ConfigError(
                 f"dino.warmup_teacher_temp_epochs: {self.dino.warmup_teacher_temp_epochs} is more than "
@@ -207,7 +210,7 @@ class DinoConfig:
             raise ConfigError(f"eval.eval_every: {self.eval.eval_every} with run.parallel fsdp; the monitoring "
                               "evaluation of a sharded teacher is not supported yet: set eval.eval_every=0 (and "
                               "evaluate teacher_backbone.pth with eval_knn.py / eval_reid.py)")
-        if self.dino.version == "v2" and self.model.arch not in VIT_ARCHS:
+        if self.dino.version == "v2" and not arch_is_vit("model", self.model):
             raise ConfigError(f"dino.version: v2 masks patch tokens and needs a ViT, not model.arch {self.model.arch}")
         if self.dino.version == "v2" and self.model.use_bn_in_head:
             raise ConfigError(

@@ -8,7 +8,6 @@ import os
 from dataclasses import dataclass, field
 
 from .common import (
-    ARCHS,
     DATASETS_LABELED,
     DATASETS_LMDB_LABELED,
     MAX_BATCH,
@@ -20,11 +19,12 @@ from .common import (
     MAX_WIDTH,
     MAX_WORKERS,
     PATCH_SIZES,
-    VIT_ARCHS,
     DatasetSpec,
     RunConfig,
+    arch,
+    arch_is_vit,
     check_heads,
-    check_patches,
+    check_input_sizes,
     image_size,
     norm_mean,
     norm_std,
@@ -106,7 +106,8 @@ class ReIDAugConfig:
 
 @dataclass
 class RecogModelConfig:
-    arch: str = choice(*ARCHS, default="vit_small")  # vit_tiny | vit_small | vit_base | resnet18 | resnet50 | resnet101
+    # vit_tiny | vit_small | vit_base | resnet18 | resnet50 | resnet101 | resnet50_ibn_a | timm:<name> (any timm model)
+    arch: str = arch()
     patch_size: int = choice(*PATCH_SIZES, default=16)  # ViT patch size
     drop_path_rate: float = unit_interval(0.1, open_right=True)  # stochastic depth (TransReID 0.1)
     depth: int = non_negative(0, MAX_DEPTH)  # ViT blocks; 0 = the architecture's (12)
@@ -126,7 +127,7 @@ class RecogModelConfig:
 
     def validate(self, path: str) -> None:
         check_heads(path, self)
-        allowed = ("cls", "cls_mean") if self.arch in VIT_ARCHS else ("avg", "gem")
+        allowed = ("cls", "cls_mean") if arch_is_vit(path, self) else ("avg", "gem")
         check(path + ".feature", self.feature, one_of(*allowed))
 
 
@@ -274,8 +275,7 @@ class RecogConfig:
                 if getattr(self.loss, key) > 0:
                     raise ConfigError(f"loss.{key}: {getattr(self.loss, key)} with run.parallel fsdp: {why}, which "
                                       f"FSDP replaces by shards; set loss.{key}=0 or run.parallel=ddp")  # fmt: skip
-        if self.model.arch in VIT_ARCHS:
-            check_patches("aug.size", self.aug.size, self.model.patch_size)
+        check_input_sizes(self.model, {"aug.size": self.aug.size})
         if self.loss.triplet_weight > 0 or self.loss.center_weight > 0:
             # Batch-hard mining needs a positive (another image of the anchor's identity) and a negative in the batch.
             if self.data.num_instances < 2:

@@ -15,10 +15,9 @@ from .common import (
     MAX_BATCH,
     MAX_NEIGHBOURS,
     MAX_WORKERS,
-    VIT_ARCHS,
     DatasetSpec,
     RunConfig,
-    check_patches,
+    check_input_sizes,
 )
 from .constraints import ConfigError, Constraint, check, choice, declare, non_negative, one_of, positive, unit_interval
 from .recog import _MILESTONES, RecogEvalConfig, RecogModelConfig, RecogTrainConfig, ReIDAugConfig
@@ -106,5 +105,4 @@ class UslConfig:
         if self.run.parallel == "fsdp":
             raise ConfigError("run.parallel: fsdp is implemented for stage 1 (train_dino.py) only so far; the "
                               "unsupervised stage trains with run.parallel=ddp")  # fmt: skip
-        if self.model.arch in VIT_ARCHS:
-            check_patches("aug.size", self.aug.size, self.model.patch_size)
+        check_input_sizes(self.model, {"aug.size": self.aug.size})

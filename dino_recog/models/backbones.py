@@ -1,8 +1,10 @@
-"""Backbones: timm Vision Transformers and torchvision ResNets, as feature extractors.
+"""Backbones: timm Vision Transformers, torchvision ResNets (ResNet-50-IBN-a included) and any timm model
+(`timm:<name>`, see `timm_backbones`), as feature extractors.
 
 Every backbone returned by `build_backbone` maps (B, 3, H, W) images to (B, D) global features with `forward` and to
 the spatial features with `forward_features`: (B, 1 + N, D) tokens for a ViT (CLS first, after the final norm),
-(B, C, h, w) maps for a ResNet. Parameter names are those of timm / torchvision, so their weights load directly.
+(B, C, h, w) maps for a ResNet and the other pooled models. Parameter names are those of timm / torchvision, so
+their weights load directly.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import torch.nn as nn
 import torchvision
 from timm.models.vision_transformer import VisionTransformer
 
-__all__ = ["build_backbone", "configure_speed", "VIT_SPECS", "ResNetBackbone", "is_vit"]
+from .ibn import add_ibn_a
+from .timm_backbones import TIMM_PREFIX, build_timm, timm_info
+
+__all__ = ["ARCH_HELP", "build_backbone", "configure_speed", "VIT_SPECS", "ResNetBackbone", "is_vit"]
 
 # name -> (embed_dim, depth, num_heads), as in DINO's vision_transformer.py and timm
 VIT_SPECS: dict[str, tuple[int, int, int]] = {
@@ -22,10 +27,20 @@ VIT_SPECS: dict[str, tuple[int, int, int]] = {
     "vit_small": (384, 12, 6),
     "vit_base": (768, 12, 12),
 }
-RESNETS = ("resnet18", "resnet50", "resnet101")
+RESNETS = ("resnet18", "resnet50", "resnet101", "resnet50_ibn_a")
+ARCH_HELP = " | ".join([*VIT_SPECS, *RESNETS, TIMM_PREFIX + "<name>"])
 
 
 def is_vit(name: str) -> bool:
+    """A ViT (CLS + patch tokens), ours or timm's; False for the pooled models (ResNets, Swin, ConvNeXt, ...).
+
+    Raises:
+        ValueError: an unknown name (for `timm:` names, with the close names timm has).
+    """
+    if name.startswith(TIMM_PREFIX):
+        return timm_info(name).vit
+    if name not in VIT_SPECS and name not in RESNETS:
+        raise ValueError(f"unknown backbone {name!r}; expected one of {ARCH_HELP}")
     return name in VIT_SPECS
 
 
@@ -45,8 +60,11 @@ def _resnet(name: str, last_stride: int) -> tuple[nn.Module, int]:
         "resnet18": (torchvision.models.resnet.BasicBlock, [2, 2, 2, 2]),
         "resnet50": (torchvision.models.resnet.Bottleneck, [3, 4, 6, 3]),
         "resnet101": (torchvision.models.resnet.Bottleneck, [3, 4, 23, 3]),
+        "resnet50_ibn_a": (torchvision.models.resnet.Bottleneck, [3, 4, 6, 3]),
     }[name]
     model = ResNetBackbone(block, layers)
+    if name.endswith("_ibn_a"):
+        add_ibn_a(model)
     dim = model.fc.in_features
     model.fc = nn.Identity()
     if last_stride == 1:
@@ -72,7 +90,8 @@ def build_backbone(
     """Build a backbone by name.
 
     Args:
-        name: vit_tiny | vit_small | vit_base | resnet18 | resnet50 | resnet101.
+        name: vit_tiny | vit_small | vit_base | resnet18 | resnet50 | resnet101 | resnet50_ibn_a | timm:<name> (any
+            timm model, built by timm with its own sizes: the ViT size arguments do not apply).
         img_size: (height, width) the ViT position embeddings are made for; other sizes are interpolated at run time
             (global and local crops go through the same network).
         patch_size: ViT patch size (16 or 8).
@@ -106,11 +125,13 @@ def build_backbone(
             reg_tokens=num_register_tokens,
         )
         return model, dim
+    if name.startswith(TIMM_PREFIX):
+        return build_timm(name, tuple(img_size), drop_path_rate)
     if name in RESNETS:
         if layerscale or num_register_tokens:
             raise ValueError(f"{name}: layerscale and num_register_tokens are ViT options")
         return _resnet(name, last_stride)
-    raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(list(VIT_SPECS) + list(RESNETS))}")
+    raise ValueError(f"unknown backbone {name!r}; expected one of {ARCH_HELP}")
 
 
 def configure_speed(

@@ -127,5 +127,13 @@ def build_reid_model(spec: Mapping[str, Any] | BackboneSpec, num_classes: int | 
                              classifier=spec.get("classifier", True),
                              prefix_tokens=1 + backbone_spec.num_register_tokens,
                              test_feature=spec.get("test_feature", "after_neck"))  # fmt: skip
+    if backbone_spec.is_timm:
+        # The re-ID head pools `forward_features` itself (cls / cls_mean / avg / GeM, then the neck): timm's own
+        # pooling head (ConvNeXt's LayerNorm after the pool, a ViT's fc_norm or attention pool) is off the path;
+        # frozen, so that DDP waits for no gradient of it.
+        for name in ("head", "fc_norm", "attn_pool"):
+            module = getattr(backbone, name, None)
+            if isinstance(module, nn.Module):
+                module.requires_grad_(False)
     # older files lack test_feature: they were tested on the BN-neck output, which the spec now says
     return ReIDModel(backbone, head_module, {"test_feature": "after_neck", **spec, **backbone_spec.to_dict()})

@@ -18,7 +18,8 @@ from typing import Any
 import torch.nn as nn
 
 from ..config import IMAGENET_MEAN, IMAGENET_STD
-from .backbones import RESNETS, VIT_SPECS, build_backbone
+from .backbones import ARCH_HELP, RESNETS, VIT_SPECS, build_backbone
+from .timm_backbones import TIMM_PREFIX, timm_info
 
 __all__ = ["ARCH_FIELDS", "BackboneSpec"]
 
@@ -51,7 +52,9 @@ class BackboneSpec:
     architecture's default global feature: "cls" for a ViT, "avg" for a ResNet.
 
     Attributes:
-        arch: vit_tiny | vit_small | vit_base | resnet18 | resnet50 | resnet101.
+        arch: vit_tiny | vit_small | vit_base | resnet18 | resnet50 | resnet101 | resnet50_ibn_a | timm:<name>. A timm
+            model's ViT fields are read from the model (patch size, depth, width, heads, register tokens); its
+            LayerScale is the model's own (0 here).
         img_size: (height, width) the network was trained at (ViT position embeddings are made for it).
         patch_size, depth, embed_dim, num_heads: the ViT's size.
         num_register_tokens: ViT register tokens after the CLS token (Darcet et al. 2024).
@@ -78,9 +81,11 @@ class BackboneSpec:
         def put(name: str, value: Any) -> None:
             object.__setattr__(self, name, value)
 
-        if self.arch not in VIT_SPECS and self.arch not in RESNETS:
-            raise ValueError(f"BackboneSpec.arch: {self.arch!r} is not one of {', '.join([*VIT_SPECS, *RESNETS])}")
         put("img_size", self._numbers("img_size", self.img_size, 2, int))
+        if self.is_timm:
+            self._resolve_timm(put)
+        elif self.arch not in VIT_SPECS and self.arch not in RESNETS:
+            raise ValueError(f"BackboneSpec.arch: {self.arch!r} is not one of {ARCH_HELP}")
         put("mean", self._numbers("mean", self.mean, 3, float))
         put("std", self._numbers("std", self.std, 3, float))
         if min(self.img_size) <= 0 or min(self.std) <= 0:
@@ -94,7 +99,9 @@ class BackboneSpec:
         put("layerscale", float(self.layerscale))
         if self.last_stride not in (1, 2):
             raise ValueError(f"BackboneSpec.last_stride: {self.last_stride}; expected 1 or 2")
-        if self.arch in VIT_SPECS:
+        if self.is_timm and self.is_vit:
+            allowed = VIT_FEATURES
+        elif self.arch in VIT_SPECS:
             dim, depth, heads = VIT_SPECS[self.arch]
             put("depth", self.depth or depth)
             put("embed_dim", self.embed_dim or dim)
@@ -117,6 +124,24 @@ class BackboneSpec:
             raise ValueError(f"BackboneSpec.feature: {self.feature!r} is not one of {', '.join(allowed)} for "
                              f"{self.arch}")  # fmt: skip
 
+    def _resolve_timm(self, put: Any) -> None:
+        """A timm model's sizes are the model's: a value given that differs from it is an error (another model was
+        meant), 0 takes it."""
+        try:
+            info = timm_info(self.arch, self.img_size)
+        except ValueError as e:
+            raise ValueError(f"BackboneSpec.arch: {e}") from None
+        if self.layerscale:
+            raise ValueError(f"BackboneSpec.layerscale: {self.layerscale} with {self.arch}; a timm model has its own")
+        own = {"depth": info.depth, "embed_dim": info.dim if info.vit else 0, "num_heads": info.num_heads,
+               "num_register_tokens": max(0, info.num_prefix_tokens - 1)}  # fmt: skip
+        for name, value in own.items():
+            if getattr(self, name) not in (0, value):
+                raise ValueError(f"BackboneSpec.{name}: {getattr(self, name)} for {self.arch}, which has {value}; "
+                                 "set 0 (a timm model's sizes come from its name)")  # fmt: skip
+            put(name, value)
+        put("patch_size", info.patch_size)  # the model's (configs default to 16, which need not be it)
+
     @staticmethod
     def _numbers(name: str, value: Any, n: int, kind: type) -> tuple:
         if isinstance(value, str | bytes) or not hasattr(value, "__len__") or len(value) != n:
@@ -128,8 +153,13 @@ class BackboneSpec:
     # -- use -----------------------------------------------------------------------------------------------------------
 
     @property
+    def is_timm(self) -> bool:
+        return self.arch.startswith(TIMM_PREFIX)
+
+    @property
     def is_vit(self) -> bool:
-        return self.arch in VIT_SPECS
+        """CLS + patch tokens (cls / cls_mean features); False: a pooled feature map (avg / gem)."""
+        return self.arch in VIT_SPECS or (self.is_timm and timm_info(self.arch, self.img_size).vit)
 
     def build(self, drop_path_rate: float = 0.0) -> tuple[nn.Module, int]:
         """The backbone (random weights) and its feature dimension, as `build_backbone` makes it.
@@ -200,7 +230,7 @@ class BackboneSpec:
         if unknown:
             raise ValueError(f"backbone: unknown key(s) {', '.join(unknown)} (expected name or {', '.join(names)})")
         if "arch" not in values:
-            raise ValueError(f"backbone: missing name (one of {' | '.join([*VIT_SPECS, *RESNETS])})")
+            raise ValueError(f"backbone: missing name (one of {ARCH_HELP})")
         return cls(**values)
 
     # -- from the configs ----------------------------------------------------------------------------------------------

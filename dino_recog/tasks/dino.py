@@ -13,6 +13,7 @@ import random
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -20,6 +21,8 @@ import torch.nn as nn
 from .. import config as C
 from .. import distributed as dist
 from .. import parallel
+from .. import weights as ckpt
+from ..checkpoint import load_checkpoint
 from ..data.batch_augment import BatchAugment
 from ..data.device_decode import DeviceCrops, EncodedBatch
 from ..data.masking import BlockMaskGenerator, sample_batch_masks
@@ -28,6 +31,7 @@ from ..losses.dinov2 import IBOTPatchLoss, KoLeoLoss
 from ..models import BackboneSpec, DINOHead, MaskedMultiCropNet, MultiCropNet, update_teacher
 from ..optim import param_groups
 from ..schedules import cosine_schedule, linear_warmup, scaled_lr
+from ..weight_formats import extract_head_states
 
 __all__ = [
     "DinoStep", "DinoTask", "DinoV2Terms", "build_dino_task", "collapse_warning", "dino_schedule", "effective_batch",
@@ -248,9 +252,9 @@ def collapse_warning(history: Sequence[Mapping[str, float]], out_dim: int, windo
 # From the config
 
 
-def _net(cfg: C.DinoConfig, drop_path: float) -> MultiCropNet:
+def _net(cfg: C.DinoConfig, spec: BackboneSpec, drop_path: float) -> MultiCropNet:
     m = cfg.model
-    backbone, dim = BackboneSpec.from_dino_config(cfg).build(drop_path)  # what the export describes, exactly
+    backbone, dim = spec.build(drop_path)  # what the export describes, exactly
     head = DINOHead(dim, m.out_dim, m.use_bn_in_head, m.norm_last_layer, hidden_dim=m.hidden_dim,
                     bottleneck_dim=m.bottleneck_dim)  # fmt: skip
     if cfg.dino.version == "v1":
@@ -260,19 +264,61 @@ def _net(cfg: C.DinoConfig, drop_path: float) -> MultiCropNet:
     return MaskedMultiCropNet(backbone, head, ibot_head)
 
 
+def load_pretrained(net: MultiCropNet, spec: BackboneSpec, path: str) -> None:
+    """Continued pre-training: `net` starts from the weights in `path` (ours, official DINO / DINOv2, timm; the
+    teacher network of a student/teacher checkpoint). The backbone must load whole (a missing tensor is an error);
+    each head and DINOv2's mask token load when the file has them with the same shapes, and start fresh otherwise,
+    which the log says.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: the file's own description (ours carry one) is another architecture than `model.*`, or
+            the weights do not fit the backbone.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"model.pretrained: {path} not found; point it at a checkpoint or set "
+                                "model.pretrained='' to start from random weights")  # fmt: skip
+    own = ckpt.read_backbone_spec(path)
+    if own is not None and own.architecture() != spec.architecture():
+        theirs, ours = own.architecture(), spec.architecture()
+        diff = ", ".join(f"model.{k}={theirs[k]} (now {ours[k]})" for k in theirs if theirs[k] != ours[k])
+        raise ckpt.CheckpointError(f"model.pretrained: {path} holds another backbone; set {diff}")
+    ckpt.load_backbone_weights(net.backbone, path, key="teacher", switch=None)
+    found = extract_head_states(load_checkpoint(path), "teacher")
+    for name in ("head", "ibot_head", "mask_token"):
+        target = getattr(net, name, None)
+        if target is None:
+            continue
+        own_state = {"": target} if name == "mask_token" else target.state_dict()
+        state = {"": found[name]} if name == "mask_token" and name in found else found.get(name, {})
+        if set(state) == set(own_state) and all(state[k].shape == v.shape for k, v in own_state.items()):
+            if name == "mask_token":
+                with torch.no_grad():
+                    target.copy_(state[""])
+            else:
+                target.load_state_dict(state)
+            log.info("model.pretrained: %s loaded from %s", name, path)
+        else:
+            why = "not in the file" if not state else "of another shape in the file"
+            log.info("model.pretrained: %s starts fresh (%s)", name, why)
+
+
 def build_dino_task(cfg: C.DinoConfig) -> DinoTask:
-    """Student (with stochastic depth) and teacher (without, starting as a copy of the student), the DINO loss,
-    with v2 the iBOT loss, KoLeo and the mask sampler over the global crops' patch grid, and with
-    `crops.gpu_augment` (or `crops.decode: gpu`) the device-side photometric augmentation (seeded by seed + rank and
-    the iteration only), with `crops.decode: gpu` the device-side decoding and cropping."""
+    """Student (with stochastic depth) and teacher (without, starting as a copy of the student; both from
+    `model.pretrained` when set), the DINO loss, with v2 the iBOT loss, KoLeo and the mask sampler over the global
+    crops' patch grid, and with `crops.gpu_augment` (or `crops.decode: gpu`) the device-side photometric augmentation
+    (seeded by seed + rank and the iteration only), with `crops.decode: gpu` the device-side decoding and cropping."""
     d = cfg.dino
-    student, teacher = _net(cfg, cfg.model.drop_path_rate), _net(cfg, 0.0)
+    spec = BackboneSpec.from_dino_config(cfg)
+    student, teacher = _net(cfg, spec, cfg.model.drop_path_rate), _net(cfg, spec, 0.0)
+    if cfg.model.pretrained:
+        load_pretrained(student, spec, cfg.model.pretrained)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
     loss = DINOLoss(cfg.model.out_dim, 2, d.student_temp, d.center_momentum, d.centering)
     v2 = None
     if d.version == "v2":
-        patch = cfg.model.patch_size
+        patch = spec.patch_size  # a timm model's own
         grid = (cfg.crops.global_crops_size[0] // patch, cfg.crops.global_crops_size[1] // patch)  # (h, w) patches
         v2 = DinoV2Terms(IBOTPatchLoss(cfg.model.out_dim, d.student_temp, d.center_momentum, d.centering),
                          BlockMaskGenerator(grid), tuple(d.mask_ratio_min_max), d.mask_sample_probability,
