@@ -27,7 +27,7 @@ from dino_recog import distributed as dist
 from dino_recog import parallel
 from dino_recog.cli import apply_speed_options, load_config, start_run
 from dino_recog.data import datasets as ds
-from dino_recog.data.build import labeled_data, query_gallery, train_records
+from dino_recog.data.build import kept_records, labeled_data, query_gallery, train_records
 from dino_recog.data.samplers import PKSampler, RandomPKSampler, SeededBatches
 from dino_recog.data.transforms import reid_test_transform, reid_train_transform
 from dino_recog.models.backbones import is_vit
@@ -70,12 +70,17 @@ def steps_per_epoch(cfg: C.UslConfig, num_target: int) -> int:
     return d.iters_per_epoch or max(num_target // (d.num_identities * d.num_instances * dist.get_world_size()), 1)
 
 
+def target_records(spec: C.DatasetSpec) -> list[ds.Record]:
+    """The unlabeled target's training images, `keep_list` applied; their identities only measure the clustering."""
+    return kept_records(labeled_data(spec).train, spec)
+
+
 def main(cfg: C.UslConfig) -> dict[str, float]:
     out = Path(cfg.run.output_dir)
     with dist.session(cfg.run.device) as device:
         start_run(cfg, out)
         a, d, t = cfg.aug, cfg.data, cfg.train
-        target = labeled_data(d.train).train  # the identities only measure the clustering
+        target = target_records(d.train)
         source = train_records(d.source) if d.source else []
         test_tf = reid_test_transform(a.size, a.mean, a.std)
 

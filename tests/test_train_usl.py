@@ -59,6 +59,15 @@ def test_the_config_checks_its_keys_and_preflight_knows_the_script(small_demo, t
         f"data.source[0].root: {tmp_path / 'none'} does not exist; expected the directory of the msmt17 data set")
 
 
+def test_the_target_keeps_only_the_images_its_keep_list_names(small_demo, tmp_path):
+    market = small_demo / "market"
+    chosen = ds.load_market1501(market).train[::7]
+    (tmp_path / "keep.txt").write_text("".join(f"{Path(r.path).relative_to(market)}\n" for r in chosen))
+    cfg = usl_cfg(market, tmp_path / "out", "", f"data.train.keep_list={tmp_path / 'keep.txt'}")
+    assert [r.path for r in train_usl.target_records(cfg.data.train)] == [r.path for r in chosen]
+    assert len(train_usl.target_records(usl_cfg(market, tmp_path / "out", "").data.train)) > len(chosen)
+
+
 def test_a_step_is_cluster_nce_on_the_bn_neck_and_updates_the_memory_after_it(small_demo, tmp_path):
     task = build_usl_task(usl_cfg(small_demo / "market", tmp_path, ""))
     assert task.model.head.classifier is None  # no classes: the model has no classifier

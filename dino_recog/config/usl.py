@@ -103,6 +103,6 @@ class UslConfig:
 
     def validate(self, path: str = "") -> None:
         if self.run.parallel == "fsdp":
-            raise ConfigError("run.parallel: fsdp is implemented for stage 1 (train_dino.py) only so far; the "
-                              "unsupervised stage trains with run.parallel=ddp")  # fmt: skip
+            raise ConfigError("run.parallel: fsdp is implemented for stages 1 and 2 (train_dino.py, train_recog.py) "
+                              "only so far; the unsupervised stage trains with run.parallel=ddp")  # fmt: skip
         check_input_sizes(self.model, {"aug.size": self.aug.size})

@@ -78,7 +78,7 @@ def train_records(specs: list[DatasetSpec], min_images_per_id: int = 0) -> list[
                      len(records))  # fmt: skip
         else:
             records = labeled_data(spec).train
-        sets.append(_kept_records(records, spec))
+        sets.append(kept_records(records, spec))
     combined = ds.combine_train_sets(sets)
     if len(specs) > 1:
         log.info("combined %d train sets: %d identities, %d images", len(specs), len({r.pid for r in combined}),
@@ -94,7 +94,7 @@ def train_records(specs: list[DatasetSpec], min_images_per_id: int = 0) -> list[
     return combined
 
 
-def _kept_records(records: list[ds.Record], spec: DatasetSpec) -> list[ds.Record]:
+def kept_records(records: list[ds.Record], spec: DatasetSpec) -> list[ds.Record]:
     """The records `spec.keep_list` names (all without one), identities relabelled 0..N-1 in order."""
     if not spec.keep_list:
         return records
