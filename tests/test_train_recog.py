@@ -186,7 +186,8 @@ def test_partial_fc_on_an_lmdb_learns_on_two_processes_and_resumes_exactly(demo_
     r = train_sh("cpu", 2, "train_recog.py", *recog_args(demo_set / "market", ref, *extra))
     assert r.returncode == 0, r.stderr[-3000:]
     start, end = read_jsonl(ref / "log.jsonl", "eval")
-    # seed 0: rank-1 11.3 -> 23.0 %, mAP 6.5 -> 13.4 %
+    # seed 0: rank-1 11.3 -> 23.0 %, mAP 6.5 -> 13.4 %; seed 1: 13.3 -> 21.4 %, 7.5 -> 13.1 %. At 4 epochs seed 1
+    # only just passes (rank-1 +5.6 points, mAP x1.61, 2026-12-08): the 6 epochs stay.
     assert end["rank1"] > start["rank1"] + 0.05 and end["mAP"] > 1.5 * start["mAP"], (start, end)
     main = ckpt.load_checkpoint(ref / "checkpoint_0006.pth")
     assert main["shard_world_size"] == 2 and sorted(main["shard_names"]) == ["arcface", "ce", "cosface"]
